@@ -1,0 +1,154 @@
+"""Compare a backend with the NumPy reference on shared canonical weights.
+
+Every number here is a relative error: the largest absolute difference divided by the
+largest magnitude of the reference, per tensor for gradients and updates (the worst tensor
+is reported). A tensor's scale is never taken below 1/1000 of the largest gradient in the
+network: conv biases followed by train-mode BatchNorm have a true gradient of exactly zero,
+which would otherwise turn rounding noise into an infinite relative error.
+
+The checks run twice. In float32, the precision people train in, the forward pass is
+well conditioned and its tolerances are tight. Its gradients are not: a DenseNet with
+train-mode BatchNorm is not smooth at float32 scale (a ReLU input within rounding error of
+zero switches a gradient path on or off, and batch statistics spread the change), so the
+reference's own gradients move by up to ~30% when its input moves by one part in a million
+(measured on BC-100-12 and densenet121; docs/numerics.md). Float32 gradients are therefore
+held only to a coarse tolerance that catches gross errors (wrong sign, scale, layout, a
+missing path), and the same checks run again in float64, where every backend must match the
+reference to near machine precision.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import reference
+from .specs import get_spec, is_running_stat, to_layout
+from .weights import init_state
+
+DTYPES = ("float32", "float64")
+TOLERANCES = {
+    "float32": {
+        "forward_eval": 1e-5,
+        "forward_train": 1e-4,
+        "loss": 1e-5,
+        "running_stats_update": 1e-4,
+        "gradients": 0.5,
+        "sgd_update": 0.5,
+    },
+    "float64": {
+        "forward_eval": 1e-12,
+        "forward_train": 1e-12,
+        "loss": 1e-12,
+        "running_stats_update": 1e-12,
+        "gradients": 1e-10,
+        "sgd_update": 1e-10,
+    },
+}
+LR = 0.1  # one plain SGD step; compared as the update (new - old), not as the new value
+SCALE_FLOOR = 1e-3  # a tensor's scale is at least this fraction of the largest gradient
+
+
+def relative_error(actual, expected, scale: float | None = None) -> float:
+    actual, expected = np.asarray(actual, dtype=np.float64), np.asarray(expected, dtype=np.float64)
+    if actual.shape != expected.shape:
+        return float("inf")
+    if expected.size == 0:
+        return 0.0
+    scale = max(np.abs(expected).max(), scale or 0.0, 1e-30)
+    return float(np.abs(actual - expected).max() / scale)
+
+
+def worst_error(actual: dict, expected: dict) -> tuple[float, str]:
+    """The largest per-tensor relative error and its key (inf if a key is missing or mis-shaped)."""
+    floor = SCALE_FLOOR * max((np.abs(v).max() for v in expected.values() if np.size(v)), default=0.0)
+    worst, worst_key = -1.0, ""
+    for key, value in expected.items():
+        error = relative_error(actual[key], value, floor) if key in actual else float("inf")
+        if error > worst:
+            worst, worst_key = error, key
+    return worst, worst_key
+
+
+def make_batch(spec, size: int, batch: int, seed: int):
+    """A float32 NCHW batch and labels drawn from `seed`."""
+    rng = np.random.default_rng(seed + 1)
+    x = rng.standard_normal((batch, spec.in_channels, size, size)).astype(np.float32)
+    y = rng.integers(0, spec.num_classes, batch).astype(np.int64)
+    return x, y
+
+
+def measurement(error: float, tolerance: float, **details) -> dict:
+    return {"error": error, "tolerance": tolerance, "passed": bool(error <= tolerance), **details}
+
+
+def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int = 0,
+                           dtypes=DTYPES) -> dict:
+    """{dtype: {check: measurement}} for `backend` against the float64 reference.
+
+    The state has random BatchNorm parameters and statistics (so gamma, beta, mean and
+    variance cannot be confused unnoticed); the input is in the backend's own layout. Each
+    check starts from a freshly loaded state, since train-mode passes move running statistics.
+    """
+    spec = get_spec(arch).replace(drop_rate=0.0)
+    state = init_state(spec, seed, randomize_bn=True)
+    x, y = make_batch(spec, size, batch, seed)
+    ref_eval = reference.forward(spec, state, x, train=False)
+    ref = reference.loss_and_gradients(spec, state, x, y, running_var=backend.running_var)
+    other = reference.update_running_stats(state, ref.batch_stats, other_convention(backend.running_var))
+    return {dtype: _compare(backend, spec, state, to_layout(x, backend.layout).astype(dtype), y,
+                            ref_eval, ref, other, TOLERANCES[dtype], dtype)
+            for dtype in dtypes}
+
+
+def other_convention(running_var: str) -> str:
+    return "biased" if running_var == "unbiased" else "unbiased"
+
+
+def _compare(backend, spec, state, x, y, ref_eval, ref, other_stats, tolerances, dtype):
+    model = backend.build(spec, dtype)
+    results = {}
+
+    backend.load_state(model, state)
+    results["forward_eval"] = measurement(
+        relative_error(backend.forward(model, x, train=False), ref_eval), tolerances["forward_eval"])
+
+    backend.load_state(model, state)
+    results["forward_train"] = measurement(
+        relative_error(backend.forward(model, x, train=True), ref.logits), tolerances["forward_train"])
+
+    backend.load_state(model, state)
+    loss, grads = backend.gradients(model, x, y)
+    results["loss"] = measurement(relative_error(loss, ref.loss), tolerances["loss"], value=loss, reference=ref.loss)
+    error, key = worst_error(grads, ref.grads)
+    results["gradients"] = measurement(error, tolerances["gradients"], worst_key=key, tensors=len(ref.grads))
+
+    backend.load_state(model, state)
+    backend.make_trainer(model, LR).train_step(x, y)
+    new = backend.export_state(model)
+    results.update(_compare_step(backend, state, new, ref, other_stats, tolerances))
+    return results
+
+
+def _compare_step(backend, old, new, ref, other_stats, tolerances):
+    """The SGD step's parameter updates and running-statistic updates against the reference's.
+    The running statistics are also compared under the other variance convention, which
+    shows how large the PyTorch-versus-the-rest difference is at this batch."""
+    trainable = [key for key in old if not is_running_stat(key)]
+    running = [key for key in old if is_running_stat(key)]
+
+    def deltas(keys, after):
+        return {key: np.asarray(after[key], np.float64) - np.asarray(old[key], np.float64) for key in keys}
+
+    update_error, update_key = worst_error(deltas(trainable, new), {k: -LR * ref.grads[k] for k in trainable})
+    stats_error, stats_key = worst_error(deltas(running, new), deltas(running, ref.running_stats))
+    other_error, _ = worst_error(deltas(running, new), deltas(running, other_stats))
+    return {
+        "sgd_update": measurement(update_error, tolerances["sgd_update"], worst_key=update_key),
+        "running_stats_update": measurement(
+            stats_error, tolerances["running_stats_update"], worst_key=stats_key,
+            convention=backend.running_var, error_under_other_convention=other_error),
+    }
+
+
+def all_passed(results: dict) -> bool:
+    return all(item["passed"] for checks in results.values() for item in checks.values())

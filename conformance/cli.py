@@ -1,0 +1,137 @@
+"""The `densenet-xf` command line.
+
+Every subcommand takes `--backend` (torch, mxnet, tf, jax; `reference` for the NumPy
+oracle where that makes sense) and imports only that backend's framework.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+
+import numpy as np
+
+from . import backends, checks, specs
+from .backends import BackendUnavailable
+from .reference import gradient_check
+from .specs import InputError, SpecError
+from .weights import CheckpointError
+
+FD_TOLERANCE = 1e-3  # finite differences vs. the reference's backward (see reference.gradient_check)
+
+
+def _arch(name):
+    try:
+        return specs.get_spec(name)
+    except SpecError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _backend_name(name):
+    try:
+        backends.check_backend_name(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
+def _device(name):
+    name = "gpu" if name == "cuda" else name
+    try:
+        backends.check_device(name)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return name
+
+
+def to_json(payload) -> str:
+    """Indented JSON with short lists (shapes) kept on one line."""
+    text = json.dumps(payload, indent=2)
+    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + ", ".join(p.strip() for p in m.group(1).split(",")) + "]"
+                  if m.group(1).strip() else "[]", text)
+
+
+def add_model_args(parser, size=False):
+    parser.add_argument("--backend", type=_backend_name, required=True, help=", ".join(backends.backend_names(True)))
+    parser.add_argument("--arch", type=_arch, required=True, help=", ".join(specs.ARCHS))
+    parser.add_argument("--device", type=_device, default="cpu", help="cpu (default) or gpu/cuda")
+    if size:
+        parser.add_argument("--size", type=int, required=True, help="input height and width")
+        parser.add_argument("--batch", type=int, default=2)
+
+
+def cmd_params(args):
+    backend = backends.load_backend(args.backend, args.device)
+    model = backend.build(args.arch)
+    trainable, non_trainable = backend.count_params(model)
+    expected = specs.count_params(args.arch)
+    print(f"backend: {backend.name}  arch: {args.arch.name}")
+    print(f"trainable: {trainable:,}  non-trainable (BatchNorm running statistics): {non_trainable:,}")
+    print(f"spec: {expected[0]:,} trainable, {expected[1]:,} non-trainable"
+          + ("" if (trainable, non_trainable) == expected else "  <-- MISMATCH"))
+    print(trainable)
+    return 0 if (trainable, non_trainable) == expected else 1
+
+
+def cmd_shapes(args):
+    backend = backends.load_backend(args.backend, args.device)
+    expected = specs.stage_shapes(args.arch, args.size, args.batch, backend.layout)
+    x = specs.to_layout(np.zeros((args.batch, args.arch.in_channels, args.size, args.size), np.float32), backend.layout)
+    model = backend.build(args.arch)
+    shapes = backend.stage_shapes(model, x)
+    matches = {stage: tuple(shape) for stage, shape in shapes.items()} == dict(expected)
+    print(to_json({"backend": backend.name, "arch": args.arch.name, "layout": backend.layout,
+                      "input": list(x.shape), "stages": {k: list(v) for k, v in shapes.items()},
+                      "matches_spec": matches}))
+    return 0 if matches else 1
+
+
+def cmd_check(args):
+    if args.backend == backends.REFERENCE:  # the oracle is checked against finite differences
+        worst, where = gradient_check(args.arch, args.size, args.batch, args.seed)
+        print(to_json({"backend": "reference", "arch": args.arch.name, "size": args.size,
+                          "finite_differences": checks.measurement(worst, FD_TOLERANCE, worst_at=where)}))
+        return 0 if worst <= FD_TOLERANCE else 1
+    backend = backends.load_backend(args.backend, args.device)
+    dtypes = checks.DTYPES if args.dtype == "both" else (args.dtype,)
+    results = checks.compare_with_reference(backend, args.arch, args.size, args.batch, args.seed, dtypes)
+    print(to_json({"backend": backend.name, "device": backend.device_name, "arch": args.arch.name,
+                      "size": args.size, "batch": args.batch, "seed": args.seed, "results": results,
+                      "passed": checks.all_passed(results)}))
+    return 0 if checks.all_passed(results) else 1
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="densenet-xf", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("params", help="print the trainable parameter count (last line)")
+    add_model_args(p)
+    p.set_defaults(run=cmd_params)
+
+    p = sub.add_parser("shapes", help="print every stage's output shape as JSON")
+    add_model_args(p, size=True)
+    p.set_defaults(run=cmd_shapes)
+
+    p = sub.add_parser("check", help="compare a backend with the NumPy reference; non-zero exit on failure")
+    add_model_args(p, size=True)
+    p.set_defaults(batch=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
+    p.set_defaults(run=cmd_check)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (SpecError, InputError, CheckpointError, BackendUnavailable, ValueError) as error:
+        print(f"densenet-xf {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,173 @@
+"""Canonical weights: one safetensors format for all four backends.
+
+PyTorch layout (conv OIHW, linear (out, in)) and torchvision's key names, float32. A
+state is a plain dict of NumPy arrays; `parameter_table(spec)` says which keys and shapes
+it must hold. Initial weights are drawn here, in NumPy, from a seed, so every backend starts
+from the same point.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .specs import DenseNetSpec, get_spec, is_running_stat, parameter_table
+
+FORMAT = "densenet-xf canonical v1"
+# torchvision state dicts carry a BatchNorm batch counter that no other framework has and
+# that plays no part at momentum 0.1; it is accepted on load and dropped.
+IGNORED_SUFFIXES = (".num_batches_tracked",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not fit the architecture, or a file that is not a checkpoint."""
+
+
+def init_state(spec: DenseNetSpec, seed: int = 0, randomize_bn: bool = False) -> dict[str, np.ndarray]:
+    """Seeded initial weights in torchvision's scheme.
+
+    Convs: Kaiming normal (fan-in, gain sqrt 2); conv biases and the classifier: PyTorch's
+    default uniform(+-1/sqrt(fan_in)), classifier bias 0; BatchNorm weight 1, bias 0, running
+    mean 0, running var 1. `randomize_bn` draws BatchNorm parameters and statistics at random
+    instead, so that a conformance check can tell gamma from beta and mean from variance.
+    """
+    rng = np.random.default_rng(seed)
+    state = {}
+    for key, shape in parameter_table(spec).items():
+        module, kind = key.rsplit(".", 1)
+        is_norm = module.rsplit(".", 1)[-1].startswith("norm")
+        if is_norm:
+            state[key] = _init_norm(rng, kind, shape, randomize_bn)
+        elif key == "classifier.bias":
+            state[key] = np.zeros(shape)
+        elif kind == "bias":
+            fan_in = int(np.prod(state[f"{module}.weight"].shape[1:]))
+            state[key] = rng.uniform(-1, 1, shape) / np.sqrt(fan_in)
+        elif module == "classifier":
+            state[key] = rng.uniform(-1, 1, shape) / np.sqrt(shape[1])
+        else:
+            fan_in = int(np.prod(shape[1:]))
+            state[key] = rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+    return {key: value.astype(np.float32) for key, value in state.items()}
+
+
+def _init_norm(rng, kind, shape, randomize):
+    if not randomize:
+        return np.ones(shape) if kind in ("weight", "running_var") else np.zeros(shape)
+    if kind == "weight":
+        return rng.uniform(0.5, 1.5, shape)
+    if kind == "running_var":
+        return rng.uniform(0.5, 2.0, shape)
+    return rng.uniform(-0.5, 0.5, shape)
+
+
+def validate_state(state: dict, spec: DenseNetSpec, *, source: str = "checkpoint") -> dict[str, np.ndarray]:
+    """Return the state's canonical entries; raise CheckpointError naming every missing,
+    unexpected and mis-shaped key."""
+    table = parameter_table(spec)
+    present = {key: value for key, value in state.items() if not key.endswith(IGNORED_SUFFIXES)}
+    missing = [key for key in table if key not in present]
+    unexpected = [key for key in present if key not in table]
+    misshaped = [f"{key}: expected {table[key]}, got {tuple(np.shape(present[key]))}"
+                 for key in table if key in present and tuple(np.shape(present[key])) != table[key]]
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items) - 8} more)" if len(items) > 8 else "")
+            problems.append(f"{len(items)} {title} key(s): {shown}")
+    if problems:
+        raise CheckpointError(f"{source} does not fit {spec.name}: " + "; ".join(problems))
+    return {key: np.asarray(present[key]) for key in table}
+
+
+def trainable_keys(spec: DenseNetSpec) -> list[str]:
+    return [key for key in parameter_table(spec) if not is_running_stat(key)]
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path`: a reader never
+    sees half a file, and an interrupted write leaves the old file in place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_state(path: str | os.PathLike, state: dict[str, np.ndarray], spec: DenseNetSpec,
+               extra_metadata: dict[str, str] | None = None) -> None:
+    """Validate and write a canonical checkpoint atomically, with the spec in its metadata."""
+    from safetensors.numpy import save
+
+    state = validate_state(state, spec, source="state to save")
+    metadata = {"format": FORMAT, "arch": spec.name, "spec": spec.to_json(), **(extra_metadata or {})}
+    tensors = {key: np.ascontiguousarray(value, dtype=np.float32) for key, value in state.items()}
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def read_metadata(path: str | os.PathLike) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.metadata() or {}
+    except Exception as error:  # safetensors raises its own error types for corrupt headers
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+
+
+def spec_of_checkpoint(path: str | os.PathLike) -> DenseNetSpec:
+    metadata = read_metadata(path)
+    if "spec" in metadata:
+        return DenseNetSpec.from_json(metadata["spec"])
+    if "arch" in metadata:
+        return get_spec(metadata["arch"])
+    raise CheckpointError(f"{path} names no architecture in its metadata; pass --arch")
+
+
+def load_state(path: str | os.PathLike, spec: DenseNetSpec | None = None) -> dict[str, np.ndarray]:
+    """Read and validate a canonical checkpoint (float32 arrays). `spec` defaults to the
+    architecture recorded in the file."""
+    from safetensors.numpy import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
+    spec = spec or spec_of_checkpoint(path)
+    state = validate_state(tensors, spec, source=str(path))
+    return {key: value.astype(np.float32, copy=False) for key, value in state.items()}
+
+
+def state_digest(state: dict[str, np.ndarray]) -> str:
+    """A short fingerprint of a state, for reports: equal digests mean bit-identical states."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(state[key], dtype=np.float32).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def dumps_metadata(metadata: dict) -> dict[str, str]:
+    """safetensors metadata holds strings only."""
+    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}

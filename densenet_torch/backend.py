@@ -1,0 +1,76 @@
+"""The PyTorch backend as the conformance suite sees it: NumPy in, NumPy out."""
+
+import torch
+
+from conformance import backends
+
+from .model import DenseNet
+from .train import Trainer, loss_and_gradients, to_device
+from .weights import export_canonical, load_canonical
+
+
+def stage_modules(model):
+    """(stage, the module whose output ends it): the stem's last layer, each block and transition."""
+    children = list(model.features.named_children())
+    first_block = [name for name, _ in children].index("denseblock1")
+    yield "stem", children[first_block - 1][1]
+    yield from ((name, m) for name, m in children if name.startswith(("denseblock", "transition")))
+
+
+class Backend(backends.BackendBase):
+    name = "torch"
+    layout = "NCHW"
+    running_var = "unbiased"  # PyTorch's running_var takes the unbiased batch variance
+
+    def __init__(self, device="cpu"):
+        super().__init__(device)
+        # Numeric checks need full float32: TF32 matmuls and convolutions would round to 10 bits.
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        if device == "gpu" and not torch.cuda.is_available():
+            self.device_note = "PyTorch sees no CUDA device; ran on the CPU"
+        self.device = torch.device("cuda" if device == "gpu" and torch.cuda.is_available() else "cpu")
+
+    @property
+    def device_name(self):
+        if self.device.type == "cuda":
+            return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+        return "cpu"
+
+    def build(self, spec, dtype="float32"):
+        return DenseNet(spec).to(self.device, getattr(torch, dtype))
+
+    def load_state(self, model, state):
+        load_canonical(model, state)
+
+    def export_state(self, model):
+        return export_canonical(model)
+
+    def count_params(self, model):
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        non_trainable = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
+        return trainable, non_trainable
+
+    @torch.no_grad()
+    def stage_shapes(self, model, x):
+        shapes = {}
+        hooks = [module.register_forward_hook(lambda m, i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+                 for name, module in stage_modules(model)]
+        model.eval()
+        try:
+            shapes["logits"] = tuple(model(to_device(model, x)).shape)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return shapes
+
+    def forward(self, model, x, train):
+        model.train(train)
+        with torch.no_grad():
+            return model(to_device(model, x)).cpu().numpy()
+
+    def gradients(self, model, x, y):
+        return loss_and_gradients(model, x, y)
+
+    def make_trainer(self, model, lr, momentum=0.0):
+        return Trainer(model, lr, momentum)

@@ -1,0 +1,107 @@
+"""DenseNet in PyTorch (NCHW).
+
+The d2l chapter's conv_block, DenseBlock, transition_block and DenseNet, grown to any
+`DenseNetSpec` (bottleneck or not, compression, ImageNet or CIFAR stem). Module names are
+torchvision's, so `state_dict()` keys are the canonical checkpoint keys.
+"""
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from conformance.specs import channel_plan, get_spec, validate_input
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.1  # PyTorch's convention: weight of the new batch statistic
+
+
+def dtype_name(dtype):
+    return str(dtype).removeprefix("torch.")
+
+
+def batch_norm(num_channels):
+    return nn.BatchNorm2d(num_channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+
+
+def conv_block(input_channels, num_channels, bn_size=None, bias=True):
+    """BN-ReLU-Conv(3x3); with `bn_size`, the bottleneck BN-ReLU-Conv(1x1)-BN-ReLU-Conv(3x3)."""
+    if bn_size is None:
+        return nn.Sequential(OrderedDict(
+            norm1=batch_norm(input_channels),
+            relu1=nn.ReLU(),
+            conv1=nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, bias=bias),
+        ))
+    width = bn_size * num_channels
+    return nn.Sequential(OrderedDict(
+        norm1=batch_norm(input_channels),
+        relu1=nn.ReLU(),
+        conv1=nn.Conv2d(input_channels, width, kernel_size=1, bias=bias),
+        norm2=batch_norm(width),
+        relu2=nn.ReLU(),
+        conv2=nn.Conv2d(width, num_channels, kernel_size=3, padding=1, bias=bias),
+    ))
+
+
+class DenseBlock(nn.Module):
+    """`num_convs` conv blocks; each one's output is concatenated to its input."""
+
+    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0):
+        super().__init__()
+        self.drop_rate = drop_rate
+        for i in range(num_convs):
+            layer = conv_block(input_channels + i * num_channels, num_channels, bn_size, bias)
+            self.add_module(f"denselayer{i + 1}", layer)
+
+    def forward(self, X):
+        for layer in self.children():
+            Y = F.dropout(layer(X), p=self.drop_rate, training=self.training)
+            X = torch.cat((X, Y), dim=1)
+        return X
+
+
+def transition_block(input_channels, num_channels, bias=True):
+    """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
+    return nn.Sequential(OrderedDict(
+        norm=batch_norm(input_channels),
+        relu=nn.ReLU(),
+        conv=nn.Conv2d(input_channels, num_channels, kernel_size=1, bias=bias),
+        pool=nn.AvgPool2d(kernel_size=2, stride=2),
+    ))
+
+
+def stem(spec):
+    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv."""
+    if spec.stem == "cifar":
+        return [("conv0", nn.Conv2d(spec.in_channels, spec.num_init_features, 3, padding=1, bias=spec.conv_bias))]
+    return [
+        ("conv0", nn.Conv2d(spec.in_channels, spec.num_init_features, 7, stride=2, padding=3, bias=spec.conv_bias)),
+        ("norm0", batch_norm(spec.num_init_features)),
+        ("relu0", nn.ReLU()),
+        ("pool0", nn.MaxPool2d(kernel_size=3, stride=2, padding=1)),
+    ]
+
+
+class DenseNet(nn.Module):
+    def __init__(self, spec):
+        super().__init__()
+        self.spec = spec = get_spec(spec)
+        features = stem(spec)
+        for stage in channel_plan(spec)[1:]:
+            if stage.name.startswith("denseblock"):
+                block = DenseBlock(len(stage.layers), stage.in_channels, spec.growth_rate,
+                                   spec.bn_size, spec.conv_bias, spec.drop_rate)
+            else:
+                block = transition_block(stage.in_channels, stage.out_channels, spec.conv_bias)
+            features.append((stage.name, block))
+        num_features = channel_plan(spec)[-1].out_channels
+        features.append(("norm5", batch_norm(num_features)))
+        self.features = nn.Sequential(OrderedDict(features))
+        self.classifier = nn.Linear(num_features, spec.num_classes)
+
+    def forward(self, X):
+        validate_input(self.spec, X.shape, dtype_name(X.dtype), "NCHW", dtype_name(self.classifier.weight.dtype))
+        X = F.relu(self.features(X))
+        X = torch.flatten(F.adaptive_avg_pool2d(X, 1), 1)
+        return self.classifier(X)

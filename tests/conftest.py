@@ -1,0 +1,22 @@
+import numpy as np
+import pytest
+
+from conformance.backends import BACKENDS, BackendUnavailable, load_backend
+
+
+def backend_or_skip(name, device="cpu"):
+    """The backend's adapter, or a skip that says why its framework is unavailable."""
+    try:
+        return load_backend(name, device)
+    except BackendUnavailable as error:
+        pytest.skip(str(error))
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request):
+    return backend_or_skip(request.param)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)

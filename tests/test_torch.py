@@ -1,0 +1,66 @@
+"""PyTorch-specific behaviour; the shared contract is in test_backends.py."""
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch", reason="PyTorch is not installed")
+
+from conformance import specs, weights  # noqa: E402
+from conformance.specs import ARCHS, InputError  # noqa: E402
+from densenet_torch import DenseBlock, DenseNet, conv_block, export_canonical, load_canonical, transition_block  # noqa: E402
+
+
+def test_d2l_dense_block_and_transition_shapes():
+    blk = DenseBlock(2, 3, 10)
+    Y = blk(torch.randn(4, 3, 8, 8))
+    assert Y.shape == (4, 23, 8, 8)
+    assert transition_block(23, 10)(Y).shape == (4, 10, 4, 4)
+
+
+def test_conv_block_is_bn_relu_conv():
+    block = conv_block(3, 10)
+    assert [type(m).__name__ for m in block] == ["BatchNorm2d", "ReLU", "Conv2d"]
+    assert block.conv1.padding == (1, 1)
+    bottleneck = conv_block(3, 10, bn_size=4)
+    assert bottleneck.conv1.out_channels == 40 and bottleneck.conv2.kernel_size == (3, 3)
+
+
+def test_state_dict_keys_are_the_canonical_keys():
+    for arch in ("d2l", "densenet121", "densenet40_k12"):
+        keys = [k for k in DenseNet(arch).state_dict() if not k.endswith("num_batches_tracked")]
+        assert keys == list(specs.parameter_table(ARCHS[arch]))
+
+
+def test_batch_norm_settings_are_explicit():
+    bn = DenseNet("tiny").features.norm0
+    assert bn.eps == 1e-5 and bn.momentum == 0.1
+
+
+def test_load_torchvision_style_state_dict_with_batch_counters():
+    model = DenseNet("tiny")
+    state = {k: torch.from_numpy(v) for k, v in weights.init_state(ARCHS["tiny"], randomize_bn=True).items()}
+    state["features.norm0.num_batches_tracked"] = torch.tensor(3)
+    load_canonical(model, {k: v.numpy() for k, v in state.items()})
+    assert export_canonical(model)["features.norm0.weight"].tobytes() == state["features.norm0.weight"].numpy().tobytes()
+
+
+def test_module_call_validates_input():
+    model = DenseNet("d2l").eval()
+    with pytest.raises(InputError, match="too small for d2l.*29x29"):
+        model(torch.zeros(1, 1, 28, 28))
+    with pytest.raises(InputError, match="looks like NHWC"):
+        model(torch.zeros(1, 96, 96, 1))
+    with pytest.raises(InputError, match="expects float64 input, got float32"):
+        model.double()(torch.zeros(1, 1, 96, 96))
+
+
+def test_dropout_is_active_only_in_training():
+    model = DenseNet(ARCHS["tiny"].replace(drop_rate=0.5))
+    x = torch.randn(2, 3, 19, 19)
+    model.eval()
+    assert torch.equal(model(x), model(x))
+    model.train()
+    torch.manual_seed(0)
+    a = model(x)
+    torch.manual_seed(1)
+    assert not torch.equal(a, model(x))
