@@ -9,6 +9,7 @@ dicts, so that everything else (checks, CLI, training loop, report) stays framew
 from __future__ import annotations
 
 import importlib
+import os
 from abc import ABC, abstractmethod
 
 import numpy as np
@@ -21,6 +22,14 @@ BACKENDS = {
 }
 REFERENCE = "reference"
 DEVICES = ("cpu", "gpu")
+# More backends, "name=module,name=module", e.g. a deliberately broken one in the tests.
+EXTRA_BACKENDS_ENV = "DENSENET_XF_BACKENDS"
+
+
+def registered_backends() -> dict[str, str]:
+    extra = os.environ.get(EXTRA_BACKENDS_ENV, "")
+    pairs = (item.split("=", 1) for item in extra.split(",") if "=" in item)
+    return {**BACKENDS, **{name.strip(): module.strip() for name, module in pairs}}
 
 
 class BackendUnavailable(RuntimeError):
@@ -28,7 +37,7 @@ class BackendUnavailable(RuntimeError):
 
 
 def backend_names(with_reference: bool = False) -> list[str]:
-    return ([REFERENCE] if with_reference else []) + list(BACKENDS)
+    return ([REFERENCE] if with_reference else []) + list(registered_backends())
 
 
 def check_backend_name(name: str, with_reference: bool = True) -> None:
@@ -50,9 +59,12 @@ def load_backend(name: str, device: str = "cpu") -> "BackendBase":
         from .reference_backend import Backend
         return Backend(device)
     check_backend_name(name)
+    module_name = registered_backends()[name]
     try:
-        module = importlib.import_module(BACKENDS[name])
-    except ImportError as error:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] == module_name.split(".")[0]:
+            raise  # our own package is broken or missing: a bug, not a missing framework
         raise BackendUnavailable(f"backend {name!r} is not available: {error}") from error
     return module.Backend(device)
 

@@ -150,5 +150,19 @@ def _compare_step(backend, old, new, ref, other_stats, tolerances):
     }
 
 
+def gradient_sensitivity(arch, size: int, batch: int = 4, seed: int = 0, relative: float = 1e-6) -> dict:
+    """How far the reference's own float64 gradients move when its input moves by `relative`
+    (one part in a million, about the accumulated rounding of a float32 forward pass): the
+    error floor any float32 gradient comparison at this point can expect."""
+    spec = get_spec(arch).replace(drop_rate=0.0)
+    state = init_state(spec, seed, randomize_bn=True)
+    x, y = make_batch(spec, size, batch, seed)
+    base = reference.loss_and_gradients(spec, state, x, y)
+    noise = np.random.default_rng(seed + 2).standard_normal(x.shape)
+    moved = reference.loss_and_gradients(spec, state, x.astype(np.float64) * (1 + relative * noise), y)
+    error, key = worst_error(moved.grads, base.grads)
+    return {"relative_input_change": relative, "gradient_change": error, "worst_key": key}
+
+
 def all_passed(results: dict) -> bool:
     return all(item["passed"] for checks in results.values() for item in checks.values())

@@ -15,8 +15,10 @@ import numpy as np
 
 from . import backends, checks, specs
 from .backends import BackendUnavailable
+from .data import DataError
 from .reference import gradient_check
 from .specs import InputError, SpecError
+from .training import TrainingError
 from .weights import CheckpointError
 
 FD_TOLERANCE = 1e-3  # finite differences vs. the reference's backward (see reference.gradient_check)
@@ -103,6 +105,50 @@ def cmd_check(args):
     return 0 if checks.all_passed(results) else 1
 
 
+def cmd_train(args):
+    from . import training
+
+    recipe = training.get_recipe(args.recipe).replace(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, size=args.size,
+        train_examples=args.train_examples, test_examples=args.test_examples, seed=args.seed)
+    backend = backends.load_backend(args.backend, args.device)
+    if backend.device_note:
+        print(f"note: {backend.device_note}", file=sys.stderr)
+    out = args.out or f"build/train/{backend.name}-{args.arch.name}-{recipe.name}"
+    record = training.train(backend, args.arch, recipe, out, args.data_dir, args.resume, progress=not args.quiet)
+    last = record["epochs"][-1] if record["epochs"] else {}
+    print(to_json({"out": str(out), "backend": backend.name, "device": backend.device_name,
+                   "epochs": len(record["epochs"]), "test_acc": last.get("test_acc"),
+                   "examples_per_s": last.get("examples_per_s")}))
+    return 0
+
+
+def cmd_evaluate(args):
+    from . import training
+
+    backend = backends.load_backend(args.backend, args.device)
+    result = training.evaluate_checkpoint(backend, args.checkpoint, args.size, args.data_dir,
+                                          args.batch_size, args.test_examples)
+    print(to_json(result))
+    return 0
+
+
+def cmd_conformance(args):
+    from . import runner
+
+    names = args.backends.split(",") if args.backends else None
+    for name in names or []:
+        backends.check_backend_name(name, with_reference=False)
+    recipe = None if args.recipe is None else ("" if args.recipe == "none" else training_recipe(args.recipe))
+    return runner.run(args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish)
+
+
+def training_recipe(name):
+    from . import training
+
+    return training.get_recipe(name).name
+
+
 def build_parser():
     parser = argparse.ArgumentParser(prog="densenet-xf", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -121,6 +167,42 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
     p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("train", help="train on Fashion-MNIST with a recipe (quick, d2l); resumable")
+    p.add_argument("--backend", type=_backend_name, required=True)
+    p.add_argument("--arch", type=_arch, default=specs.get_spec("d2l"), help="default d2l")
+    p.add_argument("--recipe", default="quick", help="quick (minutes on a CPU) or d2l (the book's: 10 epochs at 96x96)")
+    p.add_argument("--device", type=_device, default="cpu")
+    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--momentum", float),
+                       ("--size", int), ("--train-examples", int), ("--test-examples", int), ("--seed", int)):
+        p.add_argument(flag, type=kind, help="override the recipe's value")
+    p.add_argument("--data-dir", help="directory with the Fashion-MNIST .gz files")
+    p.add_argument("--out", help="run directory (default build/train/BACKEND-ARCH-RECIPE)")
+    p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("evaluate", help="test accuracy of a canonical checkpoint in any backend")
+    p.add_argument("--backend", type=_backend_name, required=True)
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--size", type=int, help="input size (default: the one recorded in the checkpoint)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--test-examples", type=int, help="evaluate on the first N test images")
+    p.add_argument("--data-dir")
+    p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("conformance", help="every backend in its own process against the reference; writes a report")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--backends", help="comma-separated (default: all)")
+    p.add_argument("--matrix", choices=("default", "tiny"), default="default")
+    p.add_argument("--recipe", help="training recipe for the accuracy check: quick, d2l or none "
+                                    "(default: quick on the CPU, d2l on a GPU)")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", default="build/conformance")
+    p.add_argument("--require-all", action="store_true", help="a skipped (not installed) backend fails the run")
+    p.add_argument("--publish", help="also copy the report and plots to this directory (docs/results)")
+    p.set_defaults(run=cmd_conformance)
     return parser
 
 
@@ -128,7 +210,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (SpecError, InputError, CheckpointError, BackendUnavailable, ValueError) as error:
+    except (SpecError, InputError, CheckpointError, BackendUnavailable, ValueError, DataError, TrainingError) as error:
         print(f"densenet-xf {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,355 @@
+"""Merge the backends' measurements into report.json, report.md and PNG plots."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+from importlib import metadata
+from pathlib import Path
+
+from . import checks, specs, training
+from .weights import atomic_write_bytes, atomic_write_text
+
+DISTRIBUTIONS = ("numpy", "torch", "mxnet", "tensorflow", "tensorflow-cpu", "keras", "jax", "jaxlib", "flax", "optax")
+# Two backends reading the same weights each land within forward_eval of the reference.
+CROSS_TOLERANCE = 2 * checks.TOLERANCES["float32"]["forward_eval"]
+PLOTS = ("errors.png", "cross_backend.png", "learning_curves.png")
+
+
+def load_results(out_dir: Path, backends) -> dict:
+    results = {}
+    for name in backends:
+        path = Path(out_dir) / f"{name}.json"
+        results[name] = json.loads(path.read_text()) if path.is_file() else {"status": "error", "reason": "no result"}
+    return results
+
+
+def machine_info() -> dict:
+    cpu = platform.processor()
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    memory = ""
+    try:
+        kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        memory = f"{kib / 2**20:.0f} GiB"
+    except (OSError, StopIteration, ValueError):
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "memory": memory, "os": platform.platform(),
+            "python": platform.python_version()}
+
+
+def framework_versions() -> dict:
+    versions = {}
+    for name in DISTRIBUTIONS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+def _key(row) -> str:
+    return " ".join(part for part in (row["config"], row.get("dtype", ""), row["check"]) if part)
+
+
+def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_all, seconds) -> dict:
+    results = load_results(out_dir, backends)
+    failures = []
+    status = {}
+    for name, data in results.items():
+        status[name] = {k: data.get(k) for k in ("status", "reason", "device", "device_note", "layout", "running_var")}
+        status[name]["seconds"] = (data.get("seconds_checks") or 0) + (data.get("seconds_cross") or 0)
+        if data.get("status") == "error":
+            failures.append(f"{name}: {data.get('phase', '')} failed: {data.get('reason')}")
+        elif data.get("status") == "skipped" and require_all:
+            failures.append(f"{name}: skipped ({data.get('reason')}), but every backend is required")
+
+    rows = {}
+    for name, data in results.items():
+        for row in data.get("rows", []):
+            if row["check"] == "seconds":
+                continue
+            entry = rows.setdefault(_key(row), {"config": row["config"], "dtype": row.get("dtype"), "check": row["check"],
+                                                "tolerance": row.get("tolerance"), "results": {}})
+            entry["results"][name] = {k: row[k] for k in ("error", "value", "passed", "worst_key", "convention",
+                                                          "error_under_other_convention") if k in row}
+            if not row["passed"]:
+                detail = (f"error {row['error']:.3g} > tolerance {row['tolerance']:.3g}"
+                          + (f" (worst: {row['worst_key']})" if row.get("worst_key") else "")
+                          if "error" in row else f"got {row.get('value')}, expected {row.get('expected')}")
+                failures.append(f"{name}: {_key(row)}: {detail}")
+    for entry in rows.values():  # the same tensor in NCHW and NHWC backends
+        if entry["check"] == "stage shapes":
+            as_nchw = {name: {stage: list(specs.shape_to_nchw(shape, results[name]["layout"]))
+                              for stage, shape in r["value"].items()} for name, r in entry["results"].items()}
+            entry["same_tensor_across_layouts"] = len({json.dumps(v, sort_keys=True) for v in as_nchw.values()}) <= 1
+            if not entry["same_tensor_across_layouts"]:
+                failures.append(f"{entry['config']}: NCHW and NHWC stage shapes are not the same tensors transposed")
+
+    cross = {name: data["cross"] for name, data in results.items() if "cross" in data}
+    for loader, errors in cross.items():
+        for source, error in errors.items():
+            if error > CROSS_TOLERANCE:
+                failures.append(f"{loader}: logits on weights exported by {source}: error {error:.3g} > {CROSS_TOLERANCE:.3g}")
+
+    train = _training_summary(results, recipe_name, failures)
+    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "machine": machine_info(), "frameworks": framework_versions(), "device": device,
+            "matrix": [list(c) for c in configs], "seconds": seconds, "backends": status,
+            "rows": list(rows.values()), "cross": {"tolerance": CROSS_TOLERANCE, "errors": cross},
+            "float32_gradient_sensitivity": sensitivity, "training": train,
+            "failures": failures, "passed": not failures}
+
+
+def _training_summary(results, recipe_name, failures) -> dict | None:
+    if not recipe_name:
+        return None
+    recipe = training.get_recipe(recipe_name)
+    runs = {name: data["training"] for name, data in results.items() if data.get("training")}
+    final = {}
+    for name, record in runs.items():
+        last = record["epochs"][-1]
+        final[name] = {k: last[k] for k in ("test_acc", "train_acc", "loss", "examples_per_s")}
+        final[name].update(device=record["device"], seconds=sum(e["seconds"] for e in record["epochs"]),
+                           recipe=record["recipe"]["name"])
+        if last["test_acc"] < recipe.min_test_acc:
+            failures.append(f"{name}: training ({recipe.name}): test accuracy {last['test_acc']:.4f} "
+                            f"< {recipe.min_test_acc}")
+    accuracies = [f["test_acc"] for f in final.values()]
+    spread = max(accuracies) - min(accuracies) if accuracies else 0.0
+    if spread > recipe.max_spread:
+        failures.append(f"training ({recipe.name}): test accuracies differ by {spread:.4f} > {recipe.max_spread}")
+    return {"recipe": recipe.name, "min_test_acc": recipe.min_test_acc, "max_spread": recipe.max_spread,
+            "spread": spread, "final": final,
+            "curves": {name: {"test_acc": [e["test_acc"] for e in r["epochs"]],
+                              "batch_losses": [l for e in r["epochs"] for l in e.get("batch_losses", [])]}
+                       for name, r in runs.items()}}
+
+
+# ---------------------------------------------------------------------------------------
+# Markdown
+
+
+def _cell(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    mark = "✓" if result["passed"] else "✗ FAIL"
+    if "error" in result:
+        return f"{result['error']:.1e} {mark}"
+    value = result.get("value")
+    if isinstance(value, list) and value and isinstance(value[0], int):
+        return f"{value[0]:,} + {value[1]:,} {mark}"
+    return mark
+
+
+def markdown(result: dict) -> str:
+    names = list(result["backends"])
+    out = [f"# densenet-xf conformance report", "",
+           f"- date: {result['date']}",
+           f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['memory']}, "
+           f"{result['machine']['os']}, Python {result['machine']['python']}",
+           f"- requested device: {result['device']}",
+           f"- frameworks: " + ", ".join(f"{k} {v}" for k, v in result["frameworks"].items()),
+           f"- total time: {result['seconds']:.0f} s", "",
+           f"## Verdict: {'PASSED' if result['passed'] else 'FAILED'}", ""]
+    out += [f"- {failure}" for failure in result["failures"]] or ["Every check of every backend is within its tolerance."]
+    out += ["", "## Backends", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for field in ("status", "device", "layout", "running_var", "seconds"):
+        values = [result["backends"][n].get(field) for n in names]
+        values = [f"{v:.0f}" if isinstance(v, float) else str(v if v is not None else "-") for v in values]
+        out.append(f"| {field.replace('_', ' ')} | " + " | ".join(values) + " |")
+    notes = [f"- {n}: {b['reason'] or b['device_note']}" for n, b in result["backends"].items() if b.get("reason") or b.get("device_note")]
+    out += [""] + notes if notes else []
+
+    out += ["", "## Checks against the NumPy float64 reference", "",
+            "Relative errors (largest difference / largest reference magnitude; per tensor for gradients "
+            "and updates, worst tensor shown). Parameter counts are trainable + non-trainable. The float32 "
+            "gradient tolerance is coarse on purpose: see the conditioning table below and docs/numerics.md.", "",
+            "| check | tolerance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for row in result["rows"]:
+        tolerance = f"{row['tolerance']:.0e}" if row.get("tolerance") is not None else "exact"
+        out.append(f"| {_key(row)} | {tolerance} | " + " | ".join(_cell(row["results"].get(n)) for n in names) + " |")
+
+    out += ["", "## BatchNorm running variance", "",
+            "PyTorch folds the unbiased batch variance (n/(n-1) times the biased one) into its running variance; "
+            "MXNet, Keras and Flax the biased one. Each backend is compared with the reference under its own "
+            "convention; the last column shows what the error would be under the other one.", "",
+            "| config | backend | convention | error | error under the other convention |", "|---|---|---|---|---|"]
+    for row in result["rows"]:
+        if row["check"] == "running_stats_update" and row["dtype"] == "float64":
+            for n, r in row["results"].items():
+                out.append(f"| {row['config']} | {n} | {r.get('convention')} | {r['error']:.1e} | {r['error_under_other_convention']:.1e} |")
+
+    cross = result["cross"]["errors"]
+    if cross:
+        sources = list(next(iter(cross.values())))
+        out += ["", "## Weights exported by one backend, loaded into another", "",
+                f"Each backend takes one SGD step from shared weights and exports a canonical checkpoint; every "
+                f"backend loads every export and computes eval-mode logits on the same batch. Relative error "
+                f"against the exporting backend's own logits (tolerance {result['cross']['tolerance']:.0e}).", "",
+                "| exported by \\ loaded into | " + " | ".join(cross) + " |", "|---" * (len(cross) + 1) + "|"]
+        for source in sources:
+            out.append(f"| {source} | " + " | ".join(f"{cross[l].get(source, float('nan')):.1e}" for l in cross) + " |")
+        out += ["", "![cross-backend errors](cross_backend.png)"]
+
+    out += ["", "## Float32 conditioning of the reference", "",
+            "How far the reference's own float64 gradients move when its input moves by one part in a million "
+            "(about the rounding a float32 forward pass accumulates). Where this is large, no float32 "
+            "implementation can match the reference's gradients more closely.", "",
+            "| config | gradient change | worst tensor |", "|---|---|---|"]
+    for config, s in result["float32_gradient_sensitivity"].items():
+        out.append(f"| {config} | {s['gradient_change']:.1e} | {s['worst_key']} |")
+    out += ["", "![errors relative to tolerances](errors.png)"]
+
+    train = result.get("training")
+    if train:
+        out += ["", f"## Training: recipe `{train['recipe']}`", "",
+                f"Same initial weights, same batches in the same order. Every backend must reach test accuracy "
+                f"{train['min_test_acc']}; the spread between backends may be at most {train['max_spread']}. "
+                f"Measured spread: {train['spread']:.4f}.", "",
+                "| backend | device | test accuracy | train accuracy | train loss | examples/s | seconds |", "|---|---|---|---|---|---|---|"]
+        for n, f in train["final"].items():
+            out.append(f"| {n} | {f['device']} | {f['test_acc']:.4f} | {f['train_acc']:.4f} | {f['loss']:.4f} | "
+                       f"{f['examples_per_s']:.0f} | {f['seconds']:.0f} |")
+        out += ["", "![learning curves](learning_curves.png)"]
+    return "\n".join(out) + "\n"
+
+
+def summary_text(result: dict) -> str:
+    names = list(result["backends"])
+    width = max(len(_key(r)) for r in result["rows"]) if result["rows"] else 20
+    lines = [f"{'check':<{width}}  " + "  ".join(f"{n:>14}" for n in names)]
+    for field in ("status", "seconds"):
+        lines.append(f"{field:<{width}}  " + "  ".join(
+            f"{(f'{v:.0f}' if isinstance(v, float) else str(v)):>14}"
+            for v in (result["backends"][n].get(field) for n in names)))
+    for row in result["rows"]:
+        lines.append(f"{_key(row):<{width}}  " + "  ".join(f"{_cell(row['results'].get(n)):>14}" for n in names))
+    if result.get("training"):
+        for n, f in result["training"]["final"].items():
+            lines.append(f"training {n}: test accuracy {f['test_acc']:.4f}, {f['examples_per_s']:.0f} examples/s on {f['device']}")
+    lines.append(f"VERDICT: {'PASSED' if result['passed'] else 'FAILED'}")
+    lines += [f"  - {failure}" for failure in result["failures"]]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
+# Files and plots
+
+
+def write(out_dir, result: dict) -> None:
+    out_dir = Path(out_dir)
+    atomic_write_text(out_dir / "report.json", json.dumps(result, indent=2, default=float))
+    atomic_write_text(out_dir / "report.md", markdown(result))
+    plot_errors(result, out_dir / "errors.png")
+    plot_cross(result, out_dir / "cross_backend.png")
+    plot_training(result, out_dir / "learning_curves.png")
+
+
+def _save(figure, path) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_errors(result, path) -> None:
+    """Every measured error divided by its tolerance, per backend: below 1 passes."""
+    plt = _pyplot()
+    rows = [r for r in result["rows"] if r.get("tolerance")]
+    if not rows:
+        return
+    names = list(result["backends"])
+    figure, axis = plt.subplots(figsize=(max(8, 0.28 * len(rows)), 4.5))
+    for i, name in enumerate(names):
+        xs, ys = [], []
+        for j, row in enumerate(rows):
+            r = row["results"].get(name)
+            if r and "error" in r:
+                xs.append(j + (i - len(names) / 2) * 0.12)
+                ys.append(max(r["error"] / row["tolerance"], 1e-8))
+        axis.scatter(xs, ys, label=name, s=18)
+    axis.axhline(1.0, color="red", linewidth=1, label="tolerance")
+    axis.set_yscale("log")
+    axis.set_xticks(range(len(rows)), [_key(r) for r in rows], rotation=90, fontsize=7)
+    axis.set_ylabel("error / tolerance")
+    axis.set_title("Each backend against the NumPy reference (below the red line passes)")
+    axis.legend(fontsize=8)
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_cross(result, path) -> None:
+    import numpy as np
+
+    cross = result["cross"]["errors"]
+    if not cross:
+        return
+    plt = _pyplot()
+    loaders = list(cross)
+    sources = list(next(iter(cross.values())))
+    matrix = np.array([[cross[l].get(s, np.nan) for l in loaders] for s in sources])
+    figure, axis = plt.subplots(figsize=(5.5, 4.5))
+    image = axis.imshow(np.log10(np.maximum(matrix, 1e-12)), cmap="viridis", vmin=-12,
+                        vmax=max(-3, np.log10(result["cross"]["tolerance"]) + 1))
+    for i in range(len(sources)):
+        for j in range(len(loaders)):
+            axis.text(j, i, f"{matrix[i, j]:.1e}", ha="center", va="center", color="white", fontsize=8)
+    axis.set_xticks(range(len(loaders)), loaders)
+    axis.set_yticks(range(len(sources)), sources)
+    axis.set_xlabel("loaded into")
+    axis.set_ylabel("exported by")
+    axis.set_title("Logit error on another backend's weights")
+    figure.colorbar(image, label="log10 relative error")
+    _save(figure, path)
+    plt.close(figure)
+
+
+def plot_training(result, path) -> None:
+    train = result.get("training")
+    if not train or not train["curves"]:
+        return
+    plt = _pyplot()
+    import numpy as np
+
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, curve in train["curves"].items():
+        losses = np.asarray(curve["batch_losses"])
+        window = max(1, len(losses) // 25)
+        smooth = np.convolve(losses, np.ones(window) / window, mode="valid")
+        left.plot(np.arange(len(smooth)) + window, smooth, label=name)
+        right.plot(range(1, len(curve["test_acc"]) + 1), curve["test_acc"], marker="o", label=name)
+    left.set_xlabel("step")
+    left.set_ylabel(f"training loss (moving average of {window})")
+    right.set_xlabel("epoch")
+    right.set_ylabel("test accuracy")
+    right.axhline(train["min_test_acc"], color="gray", linestyle="--", linewidth=1, label="required")
+    for axis in (left, right):
+        axis.legend(fontsize=8)
+        axis.grid(alpha=0.3)
+    figure.suptitle(f"Fashion-MNIST, recipe {train['recipe']}, same weights and batches in every backend")
+    _save(figure, path)
+    plt.close(figure)
+
+
+def publish(out_dir, dest: Path) -> None:
+    """Copy the report and its plots to `dest` (docs/results), each file atomically."""
+    for name in ("report.md", "report.json", *PLOTS):
+        source = Path(out_dir) / name
+        if source.is_file():
+            atomic_write_bytes(dest / name, source.read_bytes())

@@ -1,0 +1,103 @@
+"""`densenet-xf conformance`: every backend in its own process, then one report.
+
+Each backend runs `python -m conformance.worker` twice (checks, then loading the other
+backends' exports), so frameworks never share a process, their CUDA libraries or their GPU
+memory. A backend that crashes or times out is reported as failed, and the others go on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from . import checks, report
+from .backends import backend_names, check_device
+
+MATRICES = {
+    # The d2l net at the book's 96x96, a bottleneck net, and densenet121 at a size two CPU cores afford.
+    "default": [("d2l", 96, 4), ("densenet_bc100_k12", 32, 4), ("densenet121", 64, 2)],
+    "tiny": [("tiny", 19, 4), ("tiny_d2l", 13, 4)],
+}
+WORKER_TIMEOUT_S = 1800
+
+
+def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[str]) -> tuple[int, str]:
+    log = out_dir / "logs" / f"{backend}.{phase}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "conformance.worker", "--backend", backend, "--phase", phase,
+               "--out", str(out_dir), "--device", device, *extra]
+    with open(log, "w") as stream:
+        try:
+            code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            code = -1
+    return code, str(log)
+
+
+def _record_failure(out_dir: Path, backend: str, phase: str, code: int, log: str) -> None:
+    """A worker that died without saying why (crash, timeout) is recorded here."""
+    path = out_dir / f"{backend}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    if data.get("status") in ("error", "skipped"):
+        return
+    tail = Path(log).read_text(errors="replace")[-2000:] if Path(log).is_file() else ""
+    reason = f"timed out after {WORKER_TIMEOUT_S} s" if code == -1 else f"worker exited with code {code}"
+    data.update({"status": "error", "phase": phase, "reason": f"{reason} in phase {phase}; log: {log}",
+                 "traceback": tail})
+    path.write_text(json.dumps(data, indent=2))
+
+
+def run(out_dir="build/conformance", device="cpu", backends=None, matrix="default", recipe=None,
+        data_dir=None, require_all=False, publish=None) -> int:
+    check_device(device)
+    out_dir = Path(out_dir)
+    backends = list(backends or backend_names())
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    configs = MATRICES[matrix]
+    recipe = ("d2l" if device == "gpu" else "quick") if recipe is None else recipe
+    started = time.time()
+
+    print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}")
+    sensitivity = {f"{arch}@{size}": checks.gradient_sensitivity(arch, size, batch) for arch, size, batch in configs}
+    extra = ["--matrix", json.dumps(configs), "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
+    for name in backends:
+        t = time.time()
+        print(f"  {name}: shapes, parameters, reference checks" + (", training" if recipe else "") + " ...", flush=True)
+        code, log = _worker(name, "checks", out_dir, device, extra)
+        if code != 0:
+            _record_failure(out_dir, name, "checks", code, log)
+        print(f"  {name}: {_status(out_dir, name)} ({time.time() - t:.0f} s)", flush=True)
+
+    exports = {name: data["export"] for name, data in report.load_results(out_dir, backends).items()
+               if data.get("status") == "ok" and "export" in data}
+    for name in exports:
+        code, log = _worker(name, "cross", out_dir, device, ["--exports", json.dumps(exports)])
+        if code != 0:
+            _record_failure(out_dir, name, "cross", code, log)
+
+    result = report.build(out_dir, backends, configs, device, recipe, sensitivity, require_all,
+                          seconds=time.time() - started)
+    report.write(out_dir, result)
+    print(report.summary_text(result))
+    print(f"report: {out_dir / 'report.md'} (and report.json, *.png)")
+    if publish:
+        report.publish(out_dir, Path(publish))
+        print(f"published to {publish}")
+    return 0 if result["passed"] else 1
+
+
+def _status(out_dir: Path, name: str) -> str:
+    data = report.load_results(out_dir, [name]).get(name, {})
+    if data.get("status") != "ok":
+        return f"{data.get('status', 'error')}: {data.get('reason', 'no result')}"
+    failed = [f"{row['config']} {row.get('dtype', '')} {row['check']}".replace("  ", " ")
+              for row in data.get("rows", []) if not row["passed"]]
+    return "all checks passed" if not failed else f"FAILED: {', '.join(failed)}"

@@ -1,0 +1,141 @@
+"""One backend's part of `make conformance`, run in a Python process of its own.
+
+    python -m conformance.worker --backend B --phase checks|cross --out DIR [--device D] ...
+
+Phase `checks` measures shapes, parameter counts and the reference comparison over the
+matrix, exports a trained-one-step canonical checkpoint for the cross-backend matrix, and
+trains the accuracy recipe; phase `cross` loads every other backend's export. Each phase
+merges its results into DIR/B.json. A backend whose framework is missing writes
+status "skipped" with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import numpy as np
+
+from . import checks, specs, weights
+from .backends import BackendUnavailable, load_backend
+
+CROSS_ARCH, CROSS_SIZE, CROSS_BATCH = "d2l", 64, 4
+
+
+def cross_batch():
+    """The fixed batch every backend steps on once, then evaluates exported weights on."""
+    return checks.make_batch(specs.get_spec(CROSS_ARCH), CROSS_SIZE, CROSS_BATCH, seed=11)
+
+
+def run_matrix(backend, matrix) -> list[dict]:
+    rows = []
+    for arch, size, batch in matrix:
+        spec = specs.get_spec(arch)
+        label = f"{arch}@{size}"
+        start = time.perf_counter()
+        model = backend.build(spec)
+        x = specs.to_layout(np.zeros((batch, spec.in_channels, size, size), np.float32), backend.layout)
+        shapes = {k: list(v) for k, v in backend.stage_shapes(model, x).items()}
+        expected = {k: list(v) for k, v in specs.stage_shapes(spec, size, batch, backend.layout).items()}
+        rows.append({"config": label, "check": "stage shapes", "passed": shapes == expected,
+                     "value": shapes, "expected": expected})
+        counts = list(backend.count_params(model))
+        rows.append({"config": label, "check": "parameter counts", "passed": counts == list(specs.count_params(spec)),
+                     "value": counts, "expected": list(specs.count_params(spec))})
+        results = checks.compare_with_reference(backend, spec, size, batch)
+        for dtype, items in results.items():
+            for name, item in items.items():
+                rows.append({"config": label, "dtype": dtype, "check": name, **item})
+        rows.append({"config": label, "check": "seconds", "passed": True, "value": time.perf_counter() - start})
+    return rows
+
+
+def export_for_cross(backend, out_dir: Path) -> dict:
+    """One SGD step from shared weights (so the export carries this backend's arithmetic),
+    exported canonically, with this backend's own eval logits on the fixed batch."""
+    spec = specs.get_spec(CROSS_ARCH)
+    x, y = cross_batch()
+    model = backend.build(spec)
+    backend.load_state(model, weights.init_state(spec, seed=11, randomize_bn=True))
+    backend.make_trainer(model, checks.LR).train_step(specs.to_layout(x, backend.layout), y)
+    path = out_dir / "exports" / f"{backend.name}.safetensors"
+    weights.save_state(path, backend.export_state(model), spec, {"backend": backend.name})
+    logits = backend.forward(model, specs.to_layout(x, backend.layout), train=False)
+    return {"path": str(path), "logits": logits.tolist()}
+
+
+def cross_load(backend, exports: dict) -> dict:
+    """Relative error of this backend's logits on each other backend's export, against the
+    exporting backend's own logits."""
+    spec = specs.get_spec(CROSS_ARCH)
+    x, _ = cross_batch()
+    errors = {}
+    for source, export in exports.items():
+        model = backend.build(spec)
+        backend.load_state(model, weights.load_state(export["path"], spec))
+        logits = backend.forward(model, specs.to_layout(x, backend.layout), train=False)
+        errors[source] = checks.relative_error(logits, np.asarray(export["logits"]))
+    return errors
+
+
+def train_recipe(backend, recipe_name: str, out_dir: Path, data_dir) -> dict:
+    from . import training
+
+    recipe = training.get_recipe(recipe_name)
+    run_dir = out_dir / "train" / backend.name
+    if run_dir.exists():
+        import shutil
+        shutil.rmtree(run_dir)  # conformance always trains from the start
+    return training.train(backend, "d2l", recipe, run_dir, data_dir, progress=False)
+
+
+def merge_json(path: Path, update: dict) -> None:
+    current = json.loads(path.read_text()) if path.is_file() else {}
+    current.update(update)
+    weights.atomic_write_text(path, json.dumps(current, indent=2, default=float))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--backend", required=True)
+    parser.add_argument("--phase", choices=("checks", "cross"), required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--matrix", default="[]", help="JSON list of [arch, size, batch]")
+    parser.add_argument("--recipe", default="", help="training recipe; empty: no training")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--exports", default="{}", help="JSON {backend: export} for phase cross")
+    args = parser.parse_args(argv)
+    out_dir = Path(args.out)
+    path = out_dir / f"{args.backend}.json"
+    start = time.perf_counter()
+    try:
+        backend = load_backend(args.backend, args.device)
+    except BackendUnavailable as error:
+        merge_json(path, {"status": "skipped", "reason": str(error)})
+        return 0
+    merge_json(path, {"status": "ok", "device": backend.device_name, "device_note": backend.device_note,
+                      "layout": backend.layout, "running_var": backend.running_var})
+    try:
+        if args.phase == "checks":  # each part is saved as soon as it is measured
+            merge_json(path, {"rows": run_matrix(backend, json.loads(args.matrix))})
+            merge_json(path, {"export": export_for_cross(backend, out_dir)})
+            if args.recipe:
+                merge_json(path, {"training": train_recipe(backend, args.recipe, out_dir, args.data_dir)})
+            merge_json(path, {"seconds_checks": time.perf_counter() - start})
+        else:
+            merge_json(path, {"cross": cross_load(backend, json.loads(args.exports)),
+                              "seconds_cross": time.perf_counter() - start})
+    except Exception as error:  # reported for this backend; the others go on
+        merge_json(path, {"status": "error", "phase": args.phase, "reason": f"{type(error).__name__}: {error}",
+                          "traceback": traceback.format_exc()})
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

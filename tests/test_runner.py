@@ -1,0 +1,43 @@
+"""`densenet-xf conformance` end to end, on the tiny matrix without training."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conformance import backends, runner
+
+pytest.importorskip("torch", reason="the runner test uses the PyTorch backend")
+
+
+@pytest.fixture
+def with_broken_backend(monkeypatch):
+    monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "broken=broken_backend")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + ":" + str(Path(__file__).parents[1]))
+
+
+def test_broken_backend_fails_the_run_naming_backend_and_check(tmp_path, with_broken_backend, capsys):
+    code = runner.run(tmp_path, backends=["torch", "broken"], matrix="tiny", recipe="")
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 1 and not report["passed"]
+    assert any(f.startswith("broken: tiny@19 float32 forward_eval: error") for f in report["failures"])
+    assert not any(f.startswith("torch:") for f in report["failures"])
+    assert "broken: tiny@19 float32 forward_eval" in out and "VERDICT: FAILED" in out
+    assert report["cross"]["errors"]["torch"]["torch"] == 0.0
+    assert report["cross"]["errors"]["broken"]["torch"] > report["cross"]["tolerance"]  # broken loads torch's export
+    for name in ("report.md", "errors.png", "cross_backend.png", "torch.json", "broken.json"):
+        assert (tmp_path / name).is_file(), name
+
+
+def test_missing_and_crashing_backends_are_reported_not_passed(tmp_path, with_broken_backend, monkeypatch):
+    monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "ghost=ghost_backend,crash=conformance.no_such_module")
+    code = runner.run(tmp_path, backends=["crash", "ghost", "torch"], matrix="tiny", recipe="")
+    report = json.loads((tmp_path / "report.json").read_text())
+    status = {name: b["status"] for name, b in report["backends"].items()}
+    assert code == 1 and status == {"crash": "error", "ghost": "skipped", "torch": "ok"}
+    assert "no_such_framework_xyz" in report["backends"]["ghost"]["reason"]
+    assert report["failures"] == [f for f in report["failures"] if f.startswith("crash: checks failed")] != []
+
+    code = runner.run(tmp_path / "all", backends=["ghost"], matrix="tiny", recipe="", require_all=True)
+    assert code == 1

@@ -1,0 +1,111 @@
+"""Training: a short run per backend, resume after a kill mid-epoch, cross-backend evaluation."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from conformance import data, training, weights
+from conformance.training import Recipe, TrainingError
+
+pytestmark = pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR),
+                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+
+# Small enough for seconds per backend on two cores; momentum so that resuming must restore
+# the optimiser state as well as the weights.
+RECIPE = Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.9, epochs=3,
+                train_examples=1024, test_examples=500)
+ARCH = "tiny_d2l"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def resized_cache(tmp_path_factory):
+    """One resize of Fashion-MNIST to 16x16 for the whole module, in a private cache."""
+    cache = tmp_path_factory.mktemp("cache")
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(cache))
+    data.load_resized(RECIPE.size)
+    yield
+    patch.undo()
+
+
+def test_short_run_learns_and_writes_every_epoch(backend, tmp_path):
+    record = training.train(backend, ARCH, RECIPE, tmp_path, progress=False)
+    epochs = record["epochs"]
+    assert [e["epoch"] for e in epochs] == [1, 2, 3]
+    assert epochs[-1]["loss"] < epochs[0]["loss"]
+    assert epochs[-1]["test_acc"] > 0.4  # chance is 0.1
+    assert json.loads((tmp_path / "metrics.json").read_text()) == record
+    for epoch in (1, 2, 3):
+        state = weights.load_state(tmp_path / f"checkpoints/epoch-{epoch:03d}.safetensors")
+        assert set(state) == set(weights.init_state(training.fashion_mnist_spec(ARCH)))
+    final = weights.load_state(tmp_path / "model.safetensors")
+    last = weights.load_state(tmp_path / "checkpoints/epoch-003.safetensors")
+    assert all(np.array_equal(final[k], last[k]) for k in final)
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys
+    from conformance import training
+    from conformance.backends import load_backend
+    recipe = training.Recipe(**__RECIPE__)
+    def kill_mid_epoch_2(epoch, step):
+        if epoch == 2 and step == 5:
+            os.kill(os.getpid(), signal.SIGKILL)
+    training.train(load_backend(sys.argv[1]), sys.argv[2], recipe, sys.argv[3], progress=False, on_step=kill_mid_epoch_2)
+""")
+
+
+def test_resume_after_kill_mid_epoch_loses_no_completed_epoch(backend, tmp_path):
+    import dataclasses
+
+    script = KILLER.replace("__RECIPE__", repr(dataclasses.asdict(RECIPE)))
+    killed = subprocess.run([sys.executable, "-c", script, backend.name, ARCH, str(tmp_path / "run")],
+                            capture_output=True, text=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    partial = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert [e["epoch"] for e in partial["epochs"]] == [1]
+
+    with pytest.raises(TrainingError, match="already holds a run.*--resume"):
+        training.train(backend, ARCH, RECIPE, tmp_path / "run", progress=False)
+    resumed = training.train(backend, ARCH, RECIPE, tmp_path / "run", resume=True, progress=False)
+    straight = training.train(backend, ARCH, RECIPE, tmp_path / "straight", progress=False)
+
+    assert resumed["epochs"][0] == partial["epochs"][0]
+    a = weights.load_state(tmp_path / "run" / "model.safetensors")
+    b = weights.load_state(tmp_path / "straight" / "model.safetensors")
+    for key in a:  # same batches, same state: the interruption changes nothing
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+    assert [e["test_acc"] for e in resumed["epochs"]] == [e["test_acc"] for e in straight["epochs"]]
+
+
+def test_resume_refuses_another_recipe(tmp_path):
+    from conformance.backends import load_backend
+
+    backend = load_backend("reference")
+    tiny = RECIPE.replace(epochs=1, train_examples=32, test_examples=32)
+    training.train(backend, ARCH, tiny, tmp_path, progress=False)
+    with pytest.raises(TrainingError, match="another architecture or recipe"):
+        training.train(backend, ARCH, tiny.replace(lr=0.5), tmp_path, resume=True, progress=False)
+
+
+@pytest.fixture(scope="module")
+def torch_checkpoint(tmp_path_factory):
+    from conftest import backend_or_skip
+
+    backend = backend_or_skip("torch")
+    out = tmp_path_factory.mktemp("torch-run")
+    record = training.train(backend, ARCH, RECIPE.replace(epochs=1), out, progress=False)
+    return out / "model.safetensors", record["epochs"][-1]["test_acc"]
+
+
+def test_checkpoint_from_torch_evaluates_the_same_in_every_backend(backend, torch_checkpoint):
+    path, torch_acc = torch_checkpoint
+    result = training.evaluate_checkpoint(backend, path, batch_size=RECIPE.batch_size,
+                                          test_examples=RECIPE.test_examples)
+    assert result["size"] == RECIPE.size and result["examples"] == RECIPE.test_examples
+    # Float32 logits agree to ~1e-6 across backends; an argmax could flip only on a near-tie.
+    assert abs(result["test_acc"] - torch_acc) <= 1 / RECIPE.test_examples
