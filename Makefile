@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 FRAMEWORKS := torch==2.13.0 tensorflow-cpu==2.21.0 jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8
 MXNET      := mxnet==1.9.1 graphviz==0.8.4
 
-.PHONY: setup test test-all conformance bench clean
+.PHONY: setup test test-all conformance results clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,13 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
+# Every backend in its own process; fails if any check fails or any backend is missing.
 conformance: setup
-	$(VENV)/bin/densenet-xf conformance --device $(DEVICE)
+	$(VENV)/bin/densenet-xf conformance --device $(DEVICE) --require-all
+
+# The same, and the report is copied to docs/results/ (commit it to publish it).
+results: setup
+	$(VENV)/bin/densenet-xf conformance --device $(DEVICE) --require-all --publish docs/results
 
 clean:
 	rm -rf build .pytest_cache

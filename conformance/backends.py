@@ -99,6 +99,10 @@ class BackendBase(ABC):
     name: str
     layout: str  # "NCHW" or "NHWC"
     running_var: str  # "unbiased" (PyTorch) or "biased" (MXNet, Keras, Flax)
+    # MXNet hands the learning rate and the BatchNorm momentum to its kernels as 32-bit
+    # floats, even for a float64 model; the float64 checks then expect the step that the
+    # rounded values give.
+    float32_hyperparameters = False
 
     def __init__(self, device: str = "cpu"):
         self.requested_device = device
@@ -134,7 +138,8 @@ class BackendBase(ABC):
 
     @abstractmethod
     def forward(self, model, x: np.ndarray, train: bool) -> np.ndarray:
-        """Logits; in train mode BatchNorm uses batch statistics and updates its running ones."""
+        """Logits; in train mode BatchNorm normalises with batch statistics (whether a forward
+        pass alone also moves the running statistics differs between frameworks)."""
 
     @abstractmethod
     def gradients(self, model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:

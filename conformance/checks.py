@@ -19,6 +19,8 @@ reference to near machine precision.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import numpy as np
 
 from . import reference
@@ -93,18 +95,35 @@ def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int =
     state = init_state(spec, seed, randomize_bn=True)
     x, y = make_batch(spec, size, batch, seed)
     ref_eval = reference.forward(spec, state, x, train=False)
-    ref = reference.loss_and_gradients(spec, state, x, y, running_var=backend.running_var)
-    other = reference.update_running_stats(state, ref.batch_stats, other_convention(backend.running_var))
+    ref = reference.loss_and_gradients(spec, state, x, y)
+    lr, bn_momentum = effective_hyperparameters(backend)
+    expected = Expected(
+        update={key: -lr * grad for key, grad in ref.grads.items()},
+        stats=reference.update_running_stats(state, ref.batch_stats, backend.running_var, bn_momentum),
+        other_stats=reference.update_running_stats(state, ref.batch_stats, other_convention(backend.running_var), bn_momentum))
     return {dtype: _compare(backend, spec, state, to_layout(x, backend.layout).astype(dtype), y,
-                            ref_eval, ref, other, TOLERANCES[dtype], dtype)
+                            ref_eval, ref, expected, TOLERANCES[dtype], dtype)
             for dtype in dtypes}
+
+
+class Expected(NamedTuple):
+    update: dict  # the reference's parameter update for one SGD step
+    stats: dict  # running statistics after the step, under the backend's variance convention
+    other_stats: dict  # the same under the other convention
+
+
+def effective_hyperparameters(backend) -> tuple[float, float]:
+    """The learning rate and BatchNorm momentum (PyTorch's convention) the backend really uses."""
+    if backend.float32_hyperparameters:
+        return float(np.float32(LR)), 1.0 - float(np.float32(1.0 - reference.BN_MOMENTUM))
+    return LR, reference.BN_MOMENTUM
 
 
 def other_convention(running_var: str) -> str:
     return "biased" if running_var == "unbiased" else "unbiased"
 
 
-def _compare(backend, spec, state, x, y, ref_eval, ref, other_stats, tolerances, dtype):
+def _compare(backend, spec, state, x, y, ref_eval, ref, expected, tolerances, dtype):
     model = backend.build(spec, dtype)
     results = {}
 
@@ -125,11 +144,11 @@ def _compare(backend, spec, state, x, y, ref_eval, ref, other_stats, tolerances,
     backend.load_state(model, state)
     backend.make_trainer(model, LR).train_step(x, y)
     new = backend.export_state(model)
-    results.update(_compare_step(backend, state, new, ref, other_stats, tolerances))
+    results.update(_compare_step(backend, state, new, expected, tolerances))
     return results
 
 
-def _compare_step(backend, old, new, ref, other_stats, tolerances):
+def _compare_step(backend, old, new, expected, tolerances):
     """The SGD step's parameter updates and running-statistic updates against the reference's.
     The running statistics are also compared under the other variance convention, which
     shows how large the PyTorch-versus-the-rest difference is at this batch."""
@@ -139,9 +158,9 @@ def _compare_step(backend, old, new, ref, other_stats, tolerances):
     def deltas(keys, after):
         return {key: np.asarray(after[key], np.float64) - np.asarray(old[key], np.float64) for key in keys}
 
-    update_error, update_key = worst_error(deltas(trainable, new), {k: -LR * ref.grads[k] for k in trainable})
-    stats_error, stats_key = worst_error(deltas(running, new), deltas(running, ref.running_stats))
-    other_error, _ = worst_error(deltas(running, new), deltas(running, other_stats))
+    update_error, update_key = worst_error(deltas(trainable, new), expected.update)
+    stats_error, stats_key = worst_error(deltas(running, new), deltas(running, expected.stats))
+    other_error, _ = worst_error(deltas(running, new), deltas(running, expected.other_stats))
     return {
         "sgd_update": measurement(update_error, tolerances["sgd_update"], worst_key=update_key),
         "running_stats_update": measurement(

@@ -15,7 +15,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .specs import DenseNetSpec, channel_plan, get_spec, is_running_stat, validate_input
+from .specs import channel_plan, get_spec, is_running_stat, validate_input
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.1  # PyTorch's convention: new = (1 - m) * running + m * batch
@@ -91,7 +91,7 @@ def batch_norm(x, state, key, train, tape, grads, batch_stats):
     return xhat * gamma.reshape(shape) + beta.reshape(shape)
 
 
-def update_running_stats(state, batch_stats, running_var="unbiased"):
+def update_running_stats(state, batch_stats, running_var="unbiased", momentum=BN_MOMENTUM):
     """New running statistics from one train pass's batch statistics (mean, biased var, count).
 
     PyTorch folds in the unbiased variance, var * n / (n - 1); MXNet, Keras and Flax the
@@ -104,8 +104,8 @@ def update_running_stats(state, batch_stats, running_var="unbiased"):
     for key, (mean, var, count) in batch_stats.items():
         if running_var == "unbiased":
             var = var * count / (count - 1)
-        updates[f"{key}.running_mean"] = (1 - BN_MOMENTUM) * np.asarray(state[f"{key}.running_mean"], np.float64) + BN_MOMENTUM * mean
-        updates[f"{key}.running_var"] = (1 - BN_MOMENTUM) * np.asarray(state[f"{key}.running_var"], np.float64) + BN_MOMENTUM * var
+        updates[f"{key}.running_mean"] = (1 - momentum) * np.asarray(state[f"{key}.running_mean"], np.float64) + momentum * mean
+        updates[f"{key}.running_var"] = (1 - momentum) * np.asarray(state[f"{key}.running_var"], np.float64) + momentum * var
     return updates
 
 

@@ -149,12 +149,12 @@ def _cell(result: dict | None) -> str:
 
 def markdown(result: dict) -> str:
     names = list(result["backends"])
-    out = [f"# densenet-xf conformance report", "",
+    out = ["# densenet-xf conformance report", "",
            f"- date: {result['date']}",
            f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['memory']}, "
            f"{result['machine']['os']}, Python {result['machine']['python']}",
            f"- requested device: {result['device']}",
-           f"- frameworks: " + ", ".join(f"{k} {v}" for k, v in result["frameworks"].items()),
+           "- frameworks: " + ", ".join(f"{k} {v}" for k, v in result["frameworks"].items()),
            f"- total time: {result['seconds']:.0f} s", "",
            f"## Verdict: {'PASSED' if result['passed'] else 'FAILED'}", ""]
     out += [f"- {failure}" for failure in result["failures"]] or ["Every check of every backend is within its tolerance."]

@@ -1,6 +1,5 @@
 """PyTorch-specific behaviour; the shared contract is in test_backends.py."""
 
-import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch", reason="PyTorch is not installed")

@@ -1,0 +1,7 @@
+"""DenseNet in MXNet Gluon, NCHW, with the NumPy-compatible interface (mx.np, npx)."""
+
+from . import compat  # noqa: F401  (first: makes mxnet importable under NumPy 2)
+from .model import DenseBlock, DenseNet, conv_block, transition_block
+from .weights import export_canonical, load_canonical
+
+__all__ = ["DenseBlock", "DenseNet", "conv_block", "transition_block", "export_canonical", "load_canonical"]

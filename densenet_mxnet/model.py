@@ -1,0 +1,139 @@
+"""DenseNet in MXNet Gluon (NCHW), with the NumPy-compatible interface (mx.np, npx).
+
+The d2l chapter's conv_block, DenseBlock, transition_block and DenseNet, grown to any
+`DenseNetSpec` (bottleneck or not, compression, ImageNet or CIFAR stem). Every block is a
+HybridBlock, so `hybridize()` compiles the whole network. Children carry torchvision's
+names, so the parameters' structural names (what `save_parameters` writes) are the
+canonical keys, with BatchNorm's gamma/beta for weight/bias.
+
+Every layer is given its input width (in_channels, in_units): no deferred initialisation,
+so `initialize()` allocates everything, `cast("float64")` works and a checkpoint loads
+without a dummy forward pass.
+"""
+
+from . import compat  # noqa: F401  (before mxnet)
+
+import numpy as onp
+from mxnet import npx
+from mxnet.gluon import nn
+from mxnet.ndarray import NDArray
+
+from conformance.specs import channel_plan, get_spec, validate_input
+
+npx.set_np()  # mx.np arrays in and out; Gluon layers pick their operators when built, so switch first
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # MXNet's convention: weight of the old running statistic (PyTorch's 0.1)
+
+
+def dtype_name(dtype):
+    return onp.dtype(dtype).name
+
+
+def sequential(**layers):
+    """A HybridSequential whose children have names (norm1, conv1, ...), not 0, 1, 2."""
+    net = nn.HybridSequential()
+    for name, layer in layers.items():
+        setattr(net, name, layer)  # Gluon registers a Block attribute as a child of that name
+    return net
+
+
+def batch_norm(num_channels):
+    return nn.BatchNorm(epsilon=BN_EPS, momentum=BN_MOMENTUM, in_channels=num_channels)
+
+
+def conv(input_channels, num_channels, kernel_size, bias, strides=1, padding=0):
+    return nn.Conv2D(num_channels, kernel_size, strides=strides, padding=padding,
+                     use_bias=bias, in_channels=input_channels)
+
+
+def conv_block(input_channels, num_channels, bn_size=None, bias=True):
+    """BN-ReLU-Conv(3x3); with `bn_size`, the bottleneck BN-ReLU-Conv(1x1)-BN-ReLU-Conv(3x3)."""
+    if bn_size is None:
+        return sequential(
+            norm1=batch_norm(input_channels),
+            relu1=nn.Activation("relu"),
+            conv1=conv(input_channels, num_channels, 3, bias, padding=1),
+        )
+    width = bn_size * num_channels
+    return sequential(
+        norm1=batch_norm(input_channels),
+        relu1=nn.Activation("relu"),
+        conv1=conv(input_channels, width, 1, bias),
+        norm2=batch_norm(width),
+        relu2=nn.Activation("relu"),
+        conv2=conv(width, num_channels, 3, bias, padding=1),
+    )
+
+
+class DenseBlock(nn.HybridBlock):
+    """`num_convs` conv blocks; each one's output is concatenated to its input."""
+
+    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.layers = []
+        for i in range(num_convs):
+            layer = conv_block(input_channels + i * num_channels, num_channels, bn_size, bias)
+            setattr(self, f"denselayer{i + 1}", layer)
+            self.layers.append(layer)
+        # Active only under autograd.record() or train_mode(); at rate 0 Gluon would still copy.
+        self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else None
+
+    def hybrid_forward(self, F, X):
+        for layer in self.layers:
+            Y = layer(X)
+            if self.dropout is not None:
+                Y = self.dropout(Y)
+            X = F.np.concatenate((X, Y), axis=1)
+        return X
+
+
+def transition_block(input_channels, num_channels, bias=True):
+    """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
+    return sequential(
+        norm=batch_norm(input_channels),
+        relu=nn.Activation("relu"),
+        conv=conv(input_channels, num_channels, 1, bias),
+        pool=nn.AvgPool2D(pool_size=2, strides=2),
+    )
+
+
+def stem(spec):
+    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv."""
+    if spec.stem == "cifar":
+        return {"conv0": conv(spec.in_channels, spec.num_init_features, 3, spec.conv_bias, padding=1)}
+    return {
+        "conv0": conv(spec.in_channels, spec.num_init_features, 7, spec.conv_bias, strides=2, padding=3),
+        "norm0": batch_norm(spec.num_init_features),
+        "relu0": nn.Activation("relu"),
+        "pool0": nn.MaxPool2D(pool_size=3, strides=2, padding=1),
+    }
+
+
+class DenseNet(nn.HybridBlock):
+    def __init__(self, spec, **kwargs):
+        super().__init__(**kwargs)
+        self.spec = spec = get_spec(spec)
+        features = stem(spec)
+        for stage in channel_plan(spec)[1:]:
+            if stage.name.startswith("denseblock"):
+                block = DenseBlock(len(stage.layers), stage.in_channels, spec.growth_rate,
+                                   spec.bn_size, spec.conv_bias, spec.drop_rate)
+            else:
+                block = transition_block(stage.in_channels, stage.out_channels, spec.conv_bias)
+            features[stage.name] = block
+        num_features = channel_plan(spec)[-1].out_channels
+        features["norm5"] = batch_norm(num_features)
+        self.features = sequential(**features)
+        self.pool = nn.GlobalAvgPool2D()
+        self.classifier = nn.Dense(spec.num_classes, in_units=num_features)
+
+    def forward(self, X):
+        # Checked here, not in hybrid_forward, which sees a shapeless Symbol once hybridized.
+        if isinstance(X, NDArray):
+            validate_input(self.spec, X.shape, dtype_name(X.dtype), "NCHW", dtype_name(self.classifier.weight.dtype))
+        return super().forward(X)
+
+    def hybrid_forward(self, F, X):
+        X = F.npx.relu(self.features(X))
+        return self.classifier(self.pool(X))

@@ -1,0 +1,79 @@
+"""Training and evaluation steps in MXNet Gluon: gluon.Trainer with SGD, softmax cross-entropy.
+
+Gluon's train mode is autograd's: BatchNorm uses batch statistics and dropout is active
+inside `autograd.record()`. On the CPU, MXNet folds the batch statistics into BatchNorm's
+running ones in the backward pass, so a train-mode forward alone leaves them unchanged.
+"""
+
+import pickle
+
+from . import compat  # noqa: F401  (before mxnet)
+
+from mxnet import autograd, gluon, np
+
+from conformance import backends
+
+from .weights import from_canonical, to_canonical, trainable_params
+
+loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # one loss per example
+loss_fn.hybridize()
+
+
+def model_context(model):
+    return model.classifier.weight.list_ctx()[0]
+
+
+def to_context(model, x, y=None):
+    ctx = model_context(model)
+    X = np.array(x, dtype=x.dtype, ctx=ctx)  # keep the dtype: validation rejects what the model cannot take
+    return X if y is None else (X, np.array(y, dtype="int64", ctx=ctx))
+
+
+def loss_and_gradients(model, x, y):
+    """Train-mode mean loss and every trainable parameter's gradient (running statistics update too)."""
+    X, y = to_context(model, x, y)
+    with autograd.record():
+        loss = loss_fn(model(X), y).mean()
+    loss.backward()
+    return loss.item(), to_canonical({name: p.grad() for name, p in trainable_params(model).items()})
+
+
+class Trainer(backends.Trainer):
+    def __init__(self, model, lr, momentum=0.0):
+        self.model, self.lr = model, lr
+        self.names = list(trainable_params(model))
+        # update_on_kvstore=False: the trainer updates in place and keeps SGD's momentum in
+        # its own updater, where export/load_optimizer_state find it.
+        self.trainer = gluon.Trainer(list(trainable_params(model).values()), "sgd",
+                                     {"learning_rate": lr, "momentum": momentum}, update_on_kvstore=False)
+
+    def train_step(self, x, y):
+        X, y = to_context(self.model, x, y)
+        with autograd.record():
+            logits = self.model(X)
+            loss = loss_fn(logits, y)
+        loss.backward()
+        self.trainer.step(len(x))  # gradients of the summed loss, divided by the batch size
+        return loss.mean().item(), int((logits.argmax(axis=1) == y).sum().item())
+
+    def predict(self, x):
+        with autograd.predict_mode():
+            return self.model(to_context(self.model, x)).asnumpy()
+
+    @property
+    def updater(self):
+        # gluon.Trainer has no public accessor for optimizer state in MXNet 1.x; its updater
+        # keys each parameter's state by the parameter's index in the list given to the trainer.
+        return self.trainer._updaters[0]
+
+    # MXNet's SGD keeps mom = m * mom - lr * g and adds it (w += mom); PyTorch's buffer is
+    # buf = m * buf + g with w -= lr * buf, so buf = -mom / lr at a fixed learning rate.
+
+    def export_optimizer_state(self):
+        states = {self.names[i]: -mom / self.lr for i, mom in self.updater.states.items() if mom is not None}
+        return to_canonical(states)
+
+    def load_optimizer_state(self, state):
+        moms = from_canonical(self.model, {key: -self.lr * value for key, value in state.items()})
+        states = {self.names.index(name): mom.as_nd_ndarray() for name, mom in moms.items()}
+        self.updater.set_states(pickle.dumps(states))
