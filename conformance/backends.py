@@ -62,8 +62,8 @@ def load_backend(name: str, device: str = "cpu") -> "BackendBase":
     module_name = registered_backends()[name]
     try:
         module = importlib.import_module(module_name)
-    except ModuleNotFoundError as error:
-        if (error.name or "").split(".")[0] == module_name.split(".")[0]:
+    except ImportError as error:  # the framework is missing, or cannot be used here (Keras on another backend)
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == module_name.split(".")[0]:
             raise  # our own package is broken or missing: a bug, not a missing framework
         raise BackendUnavailable(f"backend {name!r} is not available: {error}") from error
     return module.Backend(device)
