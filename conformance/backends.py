@@ -82,7 +82,9 @@ class Trainer(ABC):
 
     @abstractmethod
     def export_optimizer_state(self) -> dict[str, np.ndarray]:
-        """Momentum buffers keyed by canonical parameter name in PyTorch layout ({} without momentum)."""
+        """Momentum buffers in PyTorch's convention (buf = m * buf + g), keyed by canonical name,
+        PyTorch layout; {} without momentum. A backend that converts from another convention
+        exports float64, so that loading the export restores its own state bit for bit."""
 
     @abstractmethod
     def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:

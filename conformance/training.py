@@ -118,7 +118,7 @@ class Run:
 def save_arrays(path, arrays: dict, metadata: dict) -> None:
     from safetensors.numpy import save
 
-    tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in arrays.items()}
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}  # float64 stays float64
     weights.atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 

@@ -7,6 +7,8 @@ running ones in the backward pass, so a train-mode forward alone leaves them unc
 
 import pickle
 
+import numpy as onp
+
 from . import compat  # noqa: F401  (before mxnet)
 
 from mxnet import autograd, gluon, np
@@ -69,11 +71,14 @@ class Trainer(backends.Trainer):
     # MXNet's SGD keeps mom = m * mom - lr * g and adds it (w += mom); PyTorch's buffer is
     # buf = m * buf + g with w -= lr * buf, so buf = -mom / lr at a fixed learning rate.
 
+    # The conversion runs in float64, so that loading what was exported gives back MXNet's
+    # state bit for bit (float32 arithmetic would not, and a resumed run would drift).
+
     def export_optimizer_state(self):
-        states = {self.names[i]: -mom / self.lr for i, mom in self.updater.states.items() if mom is not None}
-        return to_canonical(states)
+        moms = to_canonical({self.names[i]: mom for i, mom in self.updater.states.items() if mom is not None})
+        return {key: -mom.astype("float64") / self.lr for key, mom in moms.items()}
 
     def load_optimizer_state(self, state):
-        moms = from_canonical(self.model, {key: -self.lr * value for key, value in state.items()})
+        moms = from_canonical(self.model, {key: -self.lr * onp.asarray(value, "float64") for key, value in state.items()})
         states = {self.names.index(name): mom.as_nd_ndarray() for name, mom in moms.items()}
         self.updater.set_states(pickle.dumps(states))

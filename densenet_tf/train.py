@@ -3,6 +3,7 @@
 import functools
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
@@ -73,12 +74,16 @@ class Trainer(backends.Trainer):
     # Keras' SGD keeps m = momentum * m - lr * g and adds m to the weights; PyTorch's buffer
     # is buf = momentum * buf + g, subtracted times lr. So buf = -m / lr.
 
+    # The conversion runs in float64, so that loading what was exported gives back Keras'
+    # state bit for bit (float32 arithmetic would not, and a resumed run would drift).
+
     def export_optimizer_state(self):
         momentums = zip(self.model.trainable_variables, self.optimizer.momentums)
-        return to_canonical(self.model, {v.path: -m.numpy() / self.lr for v, m in momentums})
+        momentums = to_canonical(self.model, {v.path: m.numpy() for v, m in momentums})
+        return {key: -m.astype("float64") / self.lr for key, m in momentums.items()}
 
     def load_optimizer_state(self, state):
-        buffers = from_canonical(self.model, state)
+        momentums = from_canonical(self.model, {key: -self.lr * np.asarray(value, "float64") for key, value in state.items()})
         for v, m in zip(self.model.trainable_variables, self.optimizer.momentums):
-            if v.path in buffers:
-                m.assign(-self.lr * buffers[v.path])
+            if v.path in momentums:
+                m.assign(momentums[v.path])
