@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 FRAMEWORKS := torch==2.13.0 tensorflow-cpu==2.21.0 jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8
 MXNET      := mxnet==1.9.1 graphviz==0.8.4
 
-.PHONY: setup test test-all conformance results clean
+.PHONY: setup test test-all conformance results docs clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ conformance: setup
 # The same, and the report is copied to docs/results/ (commit it to publish it).
 results: setup
 	$(VENV)/bin/densenet-xf conformance --device $(DEVICE) --require-all --publish docs/results
+
+# docs/side_by_side.md, cut from the four model.py files.
+docs: setup
+	$(PY) -m conformance.listing
 
 clean:
 	rm -rf build .pytest_cache

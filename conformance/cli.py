@@ -133,6 +133,17 @@ def cmd_evaluate(args):
     return 0
 
 
+def cmd_seed_spread(args):
+    from . import training
+
+    backend = backends.load_backend(args.backend, args.device)
+    recipe = training.get_recipe(args.recipe)
+    out = args.out or f"build/seed-spread/{backend.name}-{recipe.name}"
+    summary = training.seed_spread(backend, args.arch, recipe, args.seeds, out, args.data_dir)
+    print(to_json({k: v for k, v in summary.items() if k != "recipe"}))
+    return 0
+
+
 def cmd_conformance(args):
     from . import runner
 
@@ -191,6 +202,16 @@ def build_parser():
     p.add_argument("--test-examples", type=int, help="evaluate on the first N test images")
     p.add_argument("--data-dir")
     p.set_defaults(run=cmd_evaluate)
+
+    p = sub.add_parser("seed-spread", help="train a recipe with seeds 0..N-1: how much accuracy scatters")
+    p.add_argument("--backend", type=_backend_name, required=True)
+    p.add_argument("--arch", type=_arch, default=specs.get_spec("d2l"))
+    p.add_argument("--recipe", default="quick")
+    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", help="default build/seed-spread/BACKEND-RECIPE")
+    p.set_defaults(run=cmd_seed_spread)
 
     p = sub.add_parser("conformance", help="every backend in its own process against the reference; writes a report")
     p.add_argument("--device", type=_device, default="cpu")

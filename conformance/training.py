@@ -33,10 +33,12 @@ class Recipe:
     train_examples: int | None = None  # None: all 60,000
     test_examples: int | None = None  # None: all 10,000
     seed: int = 0  # initial weights and data order
-    # Accuracy conformance: every backend must reach min_test_acc, and the final test
-    # accuracies of the backends may differ by at most max_spread.
+    # Accuracy conformance: every backend must reach min_test_acc; the backends' final test
+    # accuracies may differ by at most max_spread, their last-epoch mean training losses by
+    # at most max_loss_spread (None: not checked).
     min_test_acc: float = 0.0
     max_spread: float = 1.0
+    max_loss_spread: float | None = None
 
     def replace(self, **changes) -> "Recipe":
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
@@ -44,12 +46,20 @@ class Recipe:
 
 RECIPES = {
     # The d2l chapter's: SGD, lr 0.1, batch 256, 10 epochs, images resized to 96x96.
+    # Targets from the issue; not yet measured on a GPU here.
     "d2l": Recipe("d2l", size=96, batch_size=256, lr=0.1, momentum=0.0, epochs=10,
                   min_test_acc=0.90, max_spread=0.01),
     # Minutes on two CPU cores for all four backends: the same net at 32x32 (its smallest
-    # comfortable size is 29), a fixed subset, two epochs.
+    # comfortable size is 29), a fixed subset, two epochs. Its final test accuracy is noisy:
+    # `densenet-xf seed-spread --backend torch --recipe quick --seeds 10` measured a mean of
+    # 0.80, a standard deviation of 0.030 and a minimum of 0.743 over seeds 0-9, and a
+    # last-epoch training loss with standard deviation 0.013 (range 0.036). Hence: at least
+    # 0.70 (seven times chance); accuracies within 0.10 (3.3 seed standard deviations: the
+    # backends diverge chaotically, so their accuracies scatter almost like seeds); training
+    # losses within 0.02 (the backends share seed and batches; they measured within 0.005).
     "quick": Recipe("quick", size=32, batch_size=64, lr=0.1, momentum=0.0, epochs=2,
-                    train_examples=6000, test_examples=2000, min_test_acc=0.75, max_spread=0.03),
+                    train_examples=6000, test_examples=2000,
+                    min_test_acc=0.70, max_spread=0.10, max_loss_spread=0.02),
 }
 
 
@@ -219,3 +229,20 @@ def evaluate_checkpoint(backend, checkpoint, size: int | None = None, data_dir=N
     return {"backend": backend.name, "device": backend.device_name, "checkpoint": str(checkpoint),
             "arch": spec.name, "size": size, "examples": len(test_y),
             "test_acc": evaluate_accuracy(trainer, backend, test_x, test_y, batch_size)}
+
+
+def seed_spread(backend, arch, recipe: Recipe, seeds: int, out_dir, data_dir=None) -> dict:
+    """Train `recipe` with seeds 0..seeds-1 and summarise how much the final test accuracy and
+    training loss scatter: the yardstick for the accuracy-conformance tolerances."""
+    runs = []
+    for seed in range(seeds):
+        record = train(backend, arch, recipe.replace(seed=seed), Path(out_dir) / f"seed-{seed}", data_dir, progress=False)
+        last = record["epochs"][-1]
+        runs.append({"seed": seed, "test_acc": last["test_acc"], "loss": last["loss"]})
+    summary = {"backend": backend.name, "device": backend.device_name, "recipe": dataclasses.asdict(recipe), "runs": runs}
+    for field in ("test_acc", "loss"):
+        values = np.array([run[field] for run in runs])
+        summary[field] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if seeds > 1 else 0.0,
+                          "min": float(values.min()), "max": float(values.max())}
+    weights.atomic_write_text(Path(out_dir) / "seed-spread.json", json.dumps(summary, indent=2))
+    return summary

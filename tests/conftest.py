@@ -1,6 +1,11 @@
 import numpy as np
 import pytest
 
+try:  # before any MXNet import: densenet_mxnet then keeps torch's thread count (a torch
+    import torch  # noqa: F401  imported after MXNet would start with one thread)
+except ImportError:
+    pass
+
 from conformance.backends import BACKENDS, BackendUnavailable, load_backend
 
 

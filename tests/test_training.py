@@ -47,33 +47,42 @@ def test_short_run_learns_and_writes_every_epoch(backend, tmp_path):
     assert all(np.array_equal(final[k], last[k]) for k in final)
 
 
-KILLER = textwrap.dedent("""
+RUNNER = textwrap.dedent("""
     import os, signal, sys
     from conformance import training
     from conformance.backends import load_backend
-    recipe = training.Recipe(**__RECIPE__)
+    backend, out, resume, kill = sys.argv[1], sys.argv[2], sys.argv[3] == "resume", sys.argv[4] == "kill"
     def kill_mid_epoch_2(epoch, step):
-        if epoch == 2 and step == 5:
+        if kill and epoch == 2 and step == 5:
             os.kill(os.getpid(), signal.SIGKILL)
-    training.train(load_backend(sys.argv[1]), sys.argv[2], recipe, sys.argv[3], progress=False, on_step=kill_mid_epoch_2)
+    training.train(load_backend(backend), "__ARCH__", training.Recipe(**__RECIPE__), out, resume=resume,
+                   progress=False, on_step=kill_mid_epoch_2)
 """)
 
 
-def test_resume_after_kill_mid_epoch_loses_no_completed_epoch(backend, tmp_path):
+def run_training(backend, out, resume=False, kill=False):
+    """Each run in a fresh process, as a user would run it (and with the same thread count:
+    frameworks' CPU reductions, hence their last bits, depend on it)."""
     import dataclasses
 
-    script = KILLER.replace("__RECIPE__", repr(dataclasses.asdict(RECIPE)))
-    killed = subprocess.run([sys.executable, "-c", script, backend.name, ARCH, str(tmp_path / "run")],
-                            capture_output=True, text=True)
+    script = RUNNER.replace("__RECIPE__", repr(dataclasses.asdict(RECIPE))).replace("__ARCH__", ARCH)
+    return subprocess.run([sys.executable, "-c", script, backend.name, str(out),
+                           "resume" if resume else "fresh", "kill" if kill else "run"], capture_output=True, text=True)
+
+
+def test_resume_after_kill_mid_epoch_loses_no_completed_epoch(backend, tmp_path):
+    killed = run_training(backend, tmp_path / "run", kill=True)
     assert killed.returncode == -9, killed.stderr[-2000:]
     partial = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert [e["epoch"] for e in partial["epochs"]] == [1]
 
     with pytest.raises(TrainingError, match="already holds a run.*--resume"):
         training.train(backend, ARCH, RECIPE, tmp_path / "run", progress=False)
-    resumed = training.train(backend, ARCH, RECIPE, tmp_path / "run", resume=True, progress=False)
-    straight = training.train(backend, ARCH, RECIPE, tmp_path / "straight", progress=False)
+    for result in (run_training(backend, tmp_path / "run", resume=True), run_training(backend, tmp_path / "straight")):
+        assert result.returncode == 0, result.stderr[-2000:]
 
+    resumed = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    straight = json.loads((tmp_path / "straight" / "metrics.json").read_text())
     assert resumed["epochs"][0] == partial["epochs"][0]
     a = weights.load_state(tmp_path / "run" / "model.safetensors")
     b = weights.load_state(tmp_path / "straight" / "model.safetensors")

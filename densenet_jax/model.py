@@ -1,0 +1,140 @@
+"""DenseNet in Flax linen (NHWC).
+
+The d2l chapter's ConvBlock, DenseBlock, TransitionBlock and DenseNet, grown to any
+`DenseNetSpec` (bottleneck or not, compression, ImageNet or CIFAR stem). Submodule names
+are torchvision's (conv0, denseblock1/denselayer1/norm1, transition1/conv, norm5,
+classifier), so a variable's path in `params` or `batch_stats` spells its canonical key.
+Linen modules hold no state: `init` returns the variables and `apply` takes them.
+"""
+
+import dataclasses
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from conformance.specs import DenseNetSpec, channel_plan, get_spec, min_input_size, validate_input
+
+BN_EPS = 1e-5
+BN_MOMENTUM = 0.9  # Flax's convention: weight of the old running statistic (PyTorch's 0.1)
+
+
+def batch_norm(train, dtype, name):
+    # Flax's default momentum is 0.99. use_fast_variance=False computes the variance as
+    # mean((x - mean)^2) like the others, not as mean(x^2) - mean^2.
+    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                        use_fast_variance=False, dtype=dtype, param_dtype=dtype, name=name)
+
+
+def conv(num_channels, kernel_size, bias, dtype, name, stride=1):
+    # Explicit symmetric padding: padding='SAME' pads a stride-2 layer on one side only.
+    pad = kernel_size // 2
+    return nn.Conv(num_channels, (kernel_size, kernel_size), strides=stride, padding=((pad, pad), (pad, pad)),
+                   use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+
+
+class ConvBlock(nn.Module):
+    """BN-ReLU-Conv(3x3); with `bn_size`, the bottleneck BN-ReLU-Conv(1x1)-BN-ReLU-Conv(3x3)."""
+
+    num_channels: int
+    bn_size: int | None = None
+    bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        X = nn.relu(batch_norm(train, self.dtype, "norm1")(X))
+        if self.bn_size is None:
+            return conv(self.num_channels, 3, self.bias, self.dtype, "conv1")(X)
+        X = conv(self.bn_size * self.num_channels, 1, self.bias, self.dtype, "conv1")(X)
+        X = nn.relu(batch_norm(train, self.dtype, "norm2")(X))
+        return conv(self.num_channels, 3, self.bias, self.dtype, "conv2")(X)
+
+
+class DenseBlock(nn.Module):
+    """`num_convs` conv blocks; each one's output is concatenated to its input."""
+
+    num_convs: int
+    num_channels: int
+    bn_size: int | None = None
+    bias: bool = True
+    drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        for i in range(self.num_convs):
+            Y = ConvBlock(self.num_channels, self.bn_size, self.bias, self.dtype, name=f"denselayer{i + 1}")(X, train)
+            Y = nn.Dropout(self.drop_rate, deterministic=not train)(Y)  # draws from the 'dropout' rng
+            X = jnp.concatenate((X, Y), axis=-1)
+        return X
+
+
+class TransitionBlock(nn.Module):
+    """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
+
+    num_channels: int
+    bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        X = nn.relu(batch_norm(train, self.dtype, "norm")(X))
+        X = conv(self.num_channels, 1, self.bias, self.dtype, "conv")(X)
+        return nn.avg_pool(X, (2, 2), strides=(2, 2))
+
+
+def stem(spec, X, train, dtype):
+    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv.
+
+    Called inside DenseNet's compact __call__, so its layers become DenseNet's submodules."""
+    if spec.stem == "cifar":
+        return conv(spec.num_init_features, 3, spec.conv_bias, dtype, "conv0")(X)
+    X = conv(spec.num_init_features, 7, spec.conv_bias, dtype, "conv0", stride=2)(X)
+    X = nn.relu(batch_norm(train, dtype, "norm0")(X))
+    return nn.max_pool(X, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+class DenseNet(nn.Module):
+    """Any `DenseNetSpec` (or its name). The stem's output is sown into 'intermediates' (the
+    blocks' outputs are there too when `apply` is asked to capture_intermediates)."""
+
+    spec: DenseNetSpec | str
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        spec = get_spec(self.spec)
+        validate_input(spec, X.shape, X.dtype.name, "NHWC", jnp.dtype(self.dtype).name)
+        X = stem(spec, X, train, self.dtype)
+        self.sow("intermediates", "stem", X)
+        for stage in channel_plan(spec)[1:]:
+            if stage.name.startswith("denseblock"):
+                block = DenseBlock(len(stage.layers), spec.growth_rate, spec.bn_size, spec.conv_bias,
+                                   spec.drop_rate, self.dtype, name=stage.name)
+            else:
+                block = TransitionBlock(stage.out_channels, spec.conv_bias, self.dtype, name=stage.name)
+            X = block(X, train)
+        X = nn.relu(batch_norm(train, self.dtype, "norm5")(X))
+        X = X.mean(axis=(1, 2))
+        return nn.Dense(spec.num_classes, dtype=self.dtype, param_dtype=self.dtype, name="classifier")(X)
+
+
+def variable_shapes(module):
+    """What `module.init` would return ({'params', 'batch_stats'}), as shapes and dtypes only:
+    jax.eval_shape traces the network on the smallest input and computes nothing."""
+    spec = get_spec(module.spec)
+    size = min_input_size(spec)
+    X = jax.ShapeDtypeStruct((1, size, size, spec.in_channels), module.dtype)
+    return jax.eval_shape(partial(module.init, train=False), jax.random.key(0), X)
+
+
+@dataclasses.dataclass
+class Model:
+    """A DenseNet module and its variables, which PyTorch keeps in one object and Flax apart:
+    the module is a stateless description, `variables` holds 'params' and 'batch_stats'."""
+
+    module: DenseNet
+    variables: dict
