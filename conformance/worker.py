@@ -85,6 +85,8 @@ def cross_load(backend, exports: dict) -> dict:
 def train_recipe(backend, recipe_name: str, out_dir: Path, data_dir) -> dict:
     from . import training
 
+    if recipe_name != "quick" and backend.requested_device == "gpu" and backend.device_name.startswith("cpu"):
+        recipe_name = "quick"  # a backend that fell back to the CPU would take hours on the GPU recipe
     recipe = training.get_recipe(recipe_name)
     run_dir = out_dir / "train" / backend.name
     if run_dir.exists():

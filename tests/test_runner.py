@@ -41,3 +41,15 @@ def test_missing_and_crashing_backends_are_reported_not_passed(tmp_path, with_br
 
     code = runner.run(tmp_path / "all", backends=["ghost"], matrix="tiny", recipe="", require_all=True)
     assert code == 1
+
+
+def test_gpu_run_without_a_gpu_falls_back_with_a_note(tmp_path):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    code = runner.run(tmp_path, device="gpu", backends=["torch"], matrix="tiny", recipe="")
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert code == 0 and report["device"] == "gpu"
+    assert report["backends"]["torch"]["device"] == "cpu"
+    assert "no CUDA device; ran on the CPU" in report["backends"]["torch"]["device_note"]
+    assert "no CUDA device" in (tmp_path / "report.md").read_text()
