@@ -11,7 +11,8 @@ PYTEST_ARGS ?=
 # The pinned recipe from shared/DESIGN.md: these versions install together in one venv.
 # torch==2.13.0 resolves to a CPU build; MXNet 1.9.1 declares numpy<2, so it comes second,
 # without dependencies, and densenet_mxnet restores the NumPy names it reads.
-FRAMEWORKS := torch==2.13.0 tensorflow-cpu==2.21.0 jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8
+# setuptools: MXNet imports distutils, which Python 3.12 no longer ships.
+FRAMEWORKS := torch==2.13.0 tensorflow-cpu==2.21.0 jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 setuptools
 MXNET      := mxnet==1.9.1 graphviz==0.8.4
 
 .PHONY: setup test test-all conformance results docs clean

@@ -62,7 +62,8 @@ def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_
     failures = []
     status = {}
     for name, data in results.items():
-        status[name] = {k: data.get(k) for k in ("status", "reason", "device", "device_note", "layout", "running_var")}
+        status[name] = {k: data.get(k) for k in ("status", "reason", "device", "device_note", "layout", "running_var",
+                                                 "float32_hyperparameters")}
         status[name]["seconds"] = (data.get("seconds_checks") or 0) + (data.get("seconds_cross") or 0)
         if data.get("status") == "error":
             failures.append(f"{name}: {data.get('phase', '')} failed: {data.get('reason')}")
@@ -180,6 +181,9 @@ def markdown(result: dict) -> str:
         values = [f"{v:.0f}" if isinstance(v, float) else str(v if v is not None else "-") for v in values]
         out.append(f"| {field.replace('_', ' ')} | " + " | ".join(values) + " |")
     notes = [f"- {n}: {b['reason'] or b['device_note']}" for n, b in result["backends"].items() if b.get("reason") or b.get("device_note")]
+    notes += [f"- {n}: its kernels take the learning rate and the BatchNorm momentum as float32 even in a float64 "
+              f"model; its float64 SGD step is compared with the step those rounded values give"
+              for n, b in result["backends"].items() if b.get("float32_hyperparameters")]
     out += [""] + notes if notes else []
 
     out += ["", "## Checks against the NumPy float64 reference", "",

@@ -121,7 +121,8 @@ def main(argv=None):
         merge_json(path, {"status": "skipped", "reason": str(error)})
         return 0
     merge_json(path, {"status": "ok", "device": backend.device_name, "device_note": backend.device_note,
-                      "layout": backend.layout, "running_var": backend.running_var})
+                      "layout": backend.layout, "running_var": backend.running_var,
+                      "float32_hyperparameters": backend.float32_hyperparameters})
     try:
         if args.phase == "checks":  # each part is saved as soon as it is measured
             merge_json(path, {"rows": run_matrix(backend, json.loads(args.matrix))})
