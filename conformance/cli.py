@@ -13,7 +13,7 @@ import sys
 
 import numpy as np
 
-from . import backends, checks, specs
+from . import backends, checks, specs, training
 from .backends import BackendUnavailable
 from .data import DataError
 from .reference import gradient_check
@@ -106,8 +106,6 @@ def cmd_check(args):
 
 
 def cmd_train(args):
-    from . import training
-
     recipe = training.get_recipe(args.recipe).replace(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, size=args.size,
         train_examples=args.train_examples, test_examples=args.test_examples, seed=args.seed)
@@ -124,8 +122,6 @@ def cmd_train(args):
 
 
 def cmd_evaluate(args):
-    from . import training
-
     backend = backends.load_backend(args.backend, args.device)
     result = training.evaluate_checkpoint(backend, args.checkpoint, args.size, args.data_dir,
                                           args.batch_size, args.test_examples)
@@ -134,8 +130,6 @@ def cmd_evaluate(args):
 
 
 def cmd_seed_spread(args):
-    from . import training
-
     backend = backends.load_backend(args.backend, args.device)
     recipe = training.get_recipe(args.recipe)
     out = args.out or f"build/seed-spread/{backend.name}-{recipe.name}"
@@ -150,14 +144,8 @@ def cmd_conformance(args):
     names = args.backends.split(",") if args.backends else None
     for name in names or []:
         backends.check_backend_name(name, with_reference=False)
-    recipe = None if args.recipe is None else ("" if args.recipe == "none" else training_recipe(args.recipe))
+    recipe = None if args.recipe is None else ("" if args.recipe == "none" else training.get_recipe(args.recipe).name)
     return runner.run(args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish)
-
-
-def training_recipe(name):
-    from . import training
-
-    return training.get_recipe(name).name
 
 
 def build_parser():

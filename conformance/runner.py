@@ -17,6 +17,7 @@ from pathlib import Path
 
 from . import checks, report
 from .backends import backend_names, check_device
+from .weights import atomic_write_text
 
 MATRICES = {
     # The d2l net at the book's 96x96, a bottleneck net, and densenet121 at a size two CPU cores afford.
@@ -50,7 +51,7 @@ def _record_failure(out_dir: Path, backend: str, phase: str, code: int, log: str
     reason = f"timed out after {WORKER_TIMEOUT_S} s" if code == -1 else f"worker exited with code {code}"
     data.update({"status": "error", "phase": phase, "reason": f"{reason} in phase {phase}; log: {log}",
                  "traceback": tail})
-    path.write_text(json.dumps(data, indent=2))
+    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def run(out_dir="build/conformance", device="cpu", backends=None, matrix="default", recipe=None,

@@ -8,7 +8,6 @@ from the same point.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -155,19 +154,3 @@ def load_state(path: str | os.PathLike, spec: DenseNetSpec | None = None) -> dic
     spec = spec or spec_of_checkpoint(path)
     state = validate_state(tensors, spec, source=str(path))
     return {key: value.astype(np.float32, copy=False) for key, value in state.items()}
-
-
-def state_digest(state: dict[str, np.ndarray]) -> str:
-    """A short fingerprint of a state, for reports: equal digests mean bit-identical states."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(state[key], dtype=np.float32).tobytes())
-    return digest.hexdigest()[:16]
-
-
-def dumps_metadata(metadata: dict) -> dict[str, str]:
-    """safetensors metadata holds strings only."""
-    return {key: value if isinstance(value, str) else json.dumps(value) for key, value in metadata.items()}

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import traceback
@@ -90,7 +91,6 @@ def train_recipe(backend, recipe_name: str, out_dir: Path, data_dir) -> dict:
     recipe = training.get_recipe(recipe_name)
     run_dir = out_dir / "train" / backend.name
     if run_dir.exists():
-        import shutil
         shutil.rmtree(run_dir)  # conformance always trains from the start
     return training.train(backend, "d2l", recipe, run_dir, data_dir, progress=False)
 
