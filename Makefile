@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 FRAMEWORKS := torch==2.13.0 tensorflow-cpu==2.21.0 jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 setuptools
 MXNET      := mxnet==1.9.1 graphviz==0.8.4
 
-.PHONY: setup test test-all conformance results docs clean
+.PHONY: setup data test test-all conformance results bench docs docs-serve browser clean
 
 setup: $(STAMP)
 
@@ -27,25 +27,48 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $(STAMP)
 
+# Fashion-MNIST when missing: the Debian package (root or sudo -n), else the checked download.
+data: setup
+	$(PY) -m conformance.data --ensure
+
 # pytest exits 5 when it collected no tests: that fails the target, with a message.
-test: setup
+test: setup data browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 
-test-all: setup
+test-all: setup data
 	$(PY) -m pytest -m "slow or not slow" $(PYTEST_ARGS)
 
 # Every backend in its own process; fails if any check fails or any backend is missing.
-conformance: setup
+conformance: setup data
 	$(VENV)/bin/densenet-xf conformance --device $(DEVICE) --require-all
 
 # The same, and the report is copied to docs/results/ (commit it to publish it).
-results: setup
+results: setup data
 	$(VENV)/bin/densenet-xf conformance --device $(DEVICE) --require-all --publish docs/results
 
-# docs/side_by_side.md, cut from the four model.py files.
+# Each backend's trainer (fp32, tf32, bf16) timed against the d2l book's code for its framework
+# (bench/anchors/), in one run: build/bench/bench.md, .json, .png. BENCH_ARGS: e.g. --quick, --publish docs/results
+BENCH_ARGS ?=
+bench: setup data
+	$(VENV)/bin/densenet-xf bench --device $(DEVICE) --out build/bench $(BENCH_ARGS)
+
+# The teaching site (mkdocs.yml) into build/site; its code is cut from the backends and its
+# snippets run while it builds. docs/side_by_side.md is rewritten from the four model.py files.
 docs: setup
 	$(PY) -m conformance.listing
+	$(VENV)/bin/mkdocs build --strict
+
+docs-serve: setup
+	$(VENV)/bin/mkdocs serve --dev-addr 127.0.0.1:8000
+
+# Chromium and its driver for the site's browser test (tests/test_site.py): Debian's packages,
+# installed when missing, as root or with sudo -n; without them that test skips, saying why.
+browser:
+	@if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then exit 0; fi; \
+	  SUDO=""; [ "$$(id -u)" -eq 0 ] || SUDO="sudo -n"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium chromium-driver; } \
+	  || echo "make browser: could not install chromium and chromium-driver; the browser test will skip" >&2
 
 clean:
 	rm -rf build .pytest_cache

@@ -22,6 +22,10 @@ BACKENDS = {
 }
 REFERENCE = "reference"
 DEVICES = ("cpu", "gpu")
+# Trainer arithmetic: exact float32 (TF32 off, JAX precision 'highest', as the checks need);
+# the framework's fast float32 defaults (TF32 on Ampere and newer GPUs; on a CPU the same as
+# fp32); mixed precision with bfloat16 compute and float32 parameters.
+PRECISIONS = ("fp32", "tf32", "bf16")
 # More backends, "name=module,name=module", e.g. a deliberately broken one in the tests.
 EXTRA_BACKENDS_ENV = "DENSENET_XF_BACKENDS"
 
@@ -51,6 +55,20 @@ def check_device(device: str) -> None:
         raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)} ('cuda' is accepted for gpu)")
 
 
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+
+
+def arithmetic_words(precision: str, on_gpu: bool, mixed: str) -> str:
+    """What a trainer asked for `precision` computes in, in words; `mixed` names the
+    framework's mixed-precision mechanism. TF32 is a GPU format: a CPU computes fp32."""
+    check_precision(precision)
+    if precision == "bf16":
+        return f"bf16 ({mixed})"
+    return "fp32 (TF32 exists only on GPUs)" if precision == "tf32" and not on_gpu else precision
+
+
 def load_backend(name: str, device: str = "cpu") -> "BackendBase":
     """Import backend `name` and return its adapter; BackendUnavailable if its framework is missing."""
     device = "gpu" if device == "cuda" else device
@@ -70,7 +88,58 @@ def load_backend(name: str, device: str = "cpu") -> "BackendBase":
 
 
 class Trainer(ABC):
-    """A model with its optimiser (SGD with optional momentum), in the framework's idiom."""
+    """A model with its optimiser (SGD with optional momentum), in the framework's idiom.
+
+    Two ways to train: `train_step` takes a NumPy batch and returns its loss and accuracy at
+    once (the checks use it); the training loop's path keeps the data set on the device
+    (`set_data`), steps on index batches without waiting for the device (`step_on`) and reads
+    every step's loss and accuracy back in one transfer (`read_sums`). The defaults below run
+    that path on the host through `train_step`; the framework backends keep it on the device.
+    """
+
+    precision = "fp32"  # one of PRECISIONS: what was asked for
+    arithmetic = "fp32"  # what the steps really compute in, in words (e.g. what a CPU lacks)
+    layout = "NCHW"  # the layout train_step takes
+
+    def set_data(self, images: np.ndarray, labels: np.ndarray) -> None:
+        """The training set, uint8 (N, H, W) images and integer labels, for `step_on`."""
+        self.images, self.labels = images, labels
+        self.reset_sums()
+
+    def step_on(self, indices: np.ndarray) -> None:
+        """One optimiser step on the examples `indices` of the set given to `set_data`."""
+        from .data import to_batch
+        from .specs import to_layout
+
+        loss, correct = self.train_step(to_layout(to_batch(self.images[indices]), self.layout),
+                                        self.labels[indices].astype(np.int64))
+        self.record_step(loss, correct, len(indices))
+
+    def reset_sums(self) -> None:
+        self.step_losses, self.step_corrects, self.step_sizes = [], [], []
+
+    def record_step(self, loss, correct, size: int) -> None:
+        """Keep one step's mean loss and correct count (device values in the backends)."""
+        self.step_losses.append(loss)
+        self.step_corrects.append(correct)
+        self.step_sizes.append(size)
+
+    def fetch(self, values: list) -> np.ndarray:
+        """The per-step values kept by record_step, as one NumPy array (one device transfer)."""
+        return np.asarray(values)
+
+    def read_sums(self) -> tuple[float, int, int, list[float]]:
+        """(loss sum, correct predictions, examples seen, every step's mean loss) since the last
+        read, and start again: the only point where the training loop waits for the device."""
+        if not self.step_sizes:
+            return 0.0, 0, 0, []
+        losses = self.fetch(self.step_losses).astype(np.float64)
+        corrects = self.fetch(self.step_corrects).astype(np.int64)
+        sizes = np.asarray(self.step_sizes)
+        self.reset_sums()
+        batch_losses = [float(loss) for loss in losses]
+        loss_sum = sum(loss * size for loss, size in zip(batch_losses, sizes.tolist()))
+        return float(loss_sum), int(corrects.sum()), int(sizes.sum()), batch_losses
 
     @abstractmethod
     def train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
@@ -148,5 +217,10 @@ class BackendBase(ABC):
         """Train-mode mean cross-entropy and the gradient of every trainable parameter (canonical)."""
 
     @abstractmethod
-    def make_trainer(self, model, lr: float, momentum: float = 0.0) -> Trainer:
-        """An SGD trainer for `model` (the framework's own optimiser)."""
+    def make_trainer(self, model, lr: float, momentum: float = 0.0, precision: str = "fp32",
+                     compile: bool = False) -> Trainer:
+        """An SGD trainer for `model` (the framework's own optimiser).
+
+        `precision` (one of PRECISIONS) is the trainer's own: the backend keeps exact float32
+        for everything else in the process (the checks). `compile` asks for the framework's
+        optional compiler (torch.compile); the others always compile their steps."""

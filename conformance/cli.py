@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
 
 import numpy as np
@@ -48,6 +49,29 @@ def _device(name):
     return name
 
 
+def _at_least(kind, minimum, *, strict: bool):
+    """An argparse type: `kind` above `minimum` (or at least it, when not `strict`)."""
+    words = f"{'a positive' if strict else 'a non-negative'} {'integer' if kind is int else 'number'}"
+
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {words}") from None
+        if value < minimum or (strict and value == minimum) or value != value:
+            raise argparse.ArgumentTypeError(f"{text} is not {words}")
+        return value
+
+    parse.__name__ = words
+    return parse
+
+
+positive_int = _at_least(int, 0, strict=True)
+non_negative_int = _at_least(int, 0, strict=False)
+positive_float = _at_least(float, 0.0, strict=True)
+non_negative_float = _at_least(float, 0.0, strict=False)
+
+
 def to_json(payload) -> str:
     """Indented JSON with short lists (shapes) kept on one line."""
     text = json.dumps(payload, indent=2)
@@ -60,8 +84,8 @@ def add_model_args(parser, size=False):
     parser.add_argument("--arch", type=_arch, required=True, help=", ".join(specs.ARCHS))
     parser.add_argument("--device", type=_device, default="cpu", help="cpu (default) or gpu/cuda")
     if size:
-        parser.add_argument("--size", type=int, required=True, help="input height and width")
-        parser.add_argument("--batch", type=int, default=2)
+        parser.add_argument("--size", type=positive_int, required=True, help="input height and width")
+        parser.add_argument("--batch", type=positive_int, default=2)
 
 
 def cmd_params(args):
@@ -112,12 +136,13 @@ def cmd_train(args):
     backend = backends.load_backend(args.backend, args.device)
     if backend.device_note:
         print(f"note: {backend.device_note}", file=sys.stderr)
-    out = args.out or f"build/train/{backend.name}-{args.arch.name}-{recipe.name}"
-    record = training.train(backend, args.arch, recipe, out, args.data_dir, args.resume, progress=not args.quiet)
+    out = args.out = args.out or f"build/train/{backend.name}-{args.arch.name}-{recipe.name}"
+    record = training.train(backend, args.arch, recipe, out, args.data_dir, args.resume, progress=not args.quiet,
+                            precision=args.precision, compile=args.compile)
     last = record["epochs"][-1] if record["epochs"] else {}
     print(to_json({"out": str(out), "backend": backend.name, "device": backend.device_name,
                    "epochs": len(record["epochs"]), "test_acc": last.get("test_acc"),
-                   "examples_per_s": last.get("examples_per_s")}))
+                   "examples_per_s": last.get("examples_per_s"), "arithmetic": record["arithmetic"]}))
     return 0
 
 
@@ -138,6 +163,23 @@ def cmd_seed_spread(args):
     return 0
 
 
+def cmd_convert(args):
+    from . import zoo
+
+    spec = zoo.convert(args.src, args.dst, args.arch, args.src_format, args.dst_format)
+    print(to_json({"src": args.src, "from": zoo.detect_format(args.src, args.src_format), "dst": args.dst,
+                   "to": zoo.detect_format(args.dst, args.dst_format), "arch": spec.name, "spec": json.loads(spec.to_json())}))
+    return 0
+
+
+def cmd_export(args):
+    from . import export
+
+    backend = backends.load_backend(args.backend)
+    print(to_json(export.export_checkpoint(backend, args.checkpoint, args.format, args.out, args.size)))
+    return 0
+
+
 def cmd_conformance(args):
     from . import runner
 
@@ -145,7 +187,19 @@ def cmd_conformance(args):
     for name in names or []:
         backends.check_backend_name(name, with_reference=False)
     recipe = None if args.recipe is None else ("" if args.recipe == "none" else training.get_recipe(args.recipe).name)
-    return runner.run(args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish)
+    return runner.run(args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish,
+                      jobs=args.jobs)
+
+
+def cmd_bench(args):
+    from .bench import harness
+
+    names = args.backends.split(",") if args.backends else None
+    for name in names or []:
+        backends.check_backend_name(name, with_reference=False)
+    shapes = harness.shapes_for(args.device, args.arch, args.size, args.batch, args.examples)
+    return harness.run(args.out, args.device, names, args.warmup, args.steps, args.quick, shapes,
+                       args.compile, args.data_dir, args.publish, progress=not args.quiet)
 
 
 def build_parser():
@@ -163,7 +217,7 @@ def build_parser():
     p = sub.add_parser("check", help="compare a backend with the NumPy reference; non-zero exit on failure")
     add_model_args(p, size=True)
     p.set_defaults(batch=4)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=non_negative_int, default=0)
     p.add_argument("--dtype", choices=("float32", "float64", "both"), default="both")
     p.set_defaults(run=cmd_check)
 
@@ -172,22 +226,28 @@ def build_parser():
     p.add_argument("--arch", type=_arch, default=specs.get_spec("d2l"), help="default d2l")
     p.add_argument("--recipe", default="quick", help="quick (minutes on a CPU) or d2l (the book's: 10 epochs at 96x96)")
     p.add_argument("--device", type=_device, default="cpu")
-    for flag, kind in (("--epochs", int), ("--batch-size", int), ("--lr", float), ("--momentum", float),
-                       ("--size", int), ("--train-examples", int), ("--test-examples", int), ("--seed", int)):
+    for flag, kind in (("--epochs", positive_int), ("--batch-size", positive_int), ("--lr", positive_float),
+                       ("--momentum", non_negative_float), ("--size", positive_int), ("--train-examples", positive_int),
+                       ("--test-examples", positive_int), ("--seed", non_negative_int)):
         p.add_argument(flag, type=kind, help="override the recipe's value")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST .gz files")
     p.add_argument("--out", help="run directory (default build/train/BACKEND-ARCH-RECIPE)")
     p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
+                   help="fp32: exact float32 (default); tf32: the framework's fast float32 defaults (TF32 on "
+                        "GPUs that have it); bf16: mixed precision, bfloat16 compute with float32 weights")
+    p.add_argument("--compile", action="store_true", help="compile the model (torch.compile; the other "
+                   "backends always compile their steps)")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="test accuracy of a canonical checkpoint in any backend")
     p.add_argument("--backend", type=_backend_name, required=True)
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--size", type=int, help="input size (default: the one recorded in the checkpoint)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--test-examples", type=int, help="evaluate on the first N test images")
+    p.add_argument("--size", type=positive_int, help="input size (default: the one recorded in the checkpoint)")
+    p.add_argument("--batch-size", type=positive_int, default=256)
+    p.add_argument("--test-examples", type=positive_int, help="evaluate on the first N test images")
     p.add_argument("--data-dir")
     p.set_defaults(run=cmd_evaluate)
 
@@ -195,11 +255,30 @@ def build_parser():
     p.add_argument("--backend", type=_backend_name, required=True)
     p.add_argument("--arch", type=_arch, default=specs.get_spec("d2l"))
     p.add_argument("--recipe", default="quick")
-    p.add_argument("--seeds", type=int, default=10)
+    p.add_argument("--seeds", type=positive_int, default=10)
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--data-dir")
     p.add_argument("--out", help="default build/seed-spread/BACKEND-RECIPE")
     p.set_defaults(run=cmd_seed_spread)
+
+    p = sub.add_parser("convert", help="convert weights between model zoos: .safetensors, .pth/.pt (torchvision), "
+                                       ".h5 / .weights.h5 (Keras applications), .params (Gluon)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--arch", type=_arch, help="check that SRC holds this architecture (it is inferred from the tensors)")
+    p.add_argument("--from", dest="src_format", help="SRC's format, overriding its suffix: canonical, torchvision, "
+                                                      "keras-h5, keras, gluon")
+    p.add_argument("--to", dest="dst_format", help="DST's format, overriding its suffix")
+    p.set_defaults(run=cmd_convert)
+
+    p = sub.add_parser("export", help="write a checkpoint as ONNX or in the framework's own format")
+    p.add_argument("--backend", type=_backend_name, required=True, help=", ".join(backends.backend_names()))
+    p.add_argument("--format", choices=("onnx", "native"), default="onnx",
+                   help="onnx, or native: .keras (tf), torch.export .pt2, jax.export bytes, MXNet symbol + params")
+    p.add_argument("--size", type=int, help="input size traced (default: the one recorded in the checkpoint)")
+    p.add_argument("checkpoint", help="a canonical .safetensors checkpoint")
+    p.add_argument("out", help="output file (for MXNet native: a prefix for PREFIX-symbol.json, PREFIX-0000.params)")
+    p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("conformance", help="every backend in its own process against the reference; writes a report")
     p.add_argument("--device", type=_device, default="cpu")
@@ -211,17 +290,63 @@ def build_parser():
     p.add_argument("--out", default="build/conformance")
     p.add_argument("--require-all", action="store_true", help="a skipped (not installed) backend fails the run")
     p.add_argument("--publish", help="also copy the report and plots to this directory (docs/results)")
+    p.add_argument("--jobs", type=positive_int, default=2,
+                   help="backend worker processes at a time (default 2: one compiles while another computes)")
     p.set_defaults(run=cmd_conformance)
+
+    p = sub.add_parser("bench", help="time every backend's trainer against the d2l book's code; writes bench.md/json/png")
+    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--backends", help="comma-separated (default: all)")
+    p.add_argument("--out", default="build/bench")
+    p.add_argument("--steps", type=positive_int, help="measured steps (default 30 on a CPU, 200 on a GPU)")
+    p.add_argument("--warmup", type=positive_int, help="warm-up steps, the first timed apart (default 5 on a CPU, 20 on a GPU)")
+    p.add_argument("--quick", action="store_true", help="2 warm-up and 5 measured steps: checks the pipeline")
+    for flag, kind in (("--arch", str), ("--size", positive_int), ("--batch", positive_int), ("--examples", positive_int)):
+        p.add_argument(flag, type=kind, help="measure one shape instead of the device's (tests use a tiny net)")
+    p.add_argument("--compile", action="store_true", help="the trainers' compile flag (torch.compile, XLA for TF)")
+    p.add_argument("--data-dir")
+    p.add_argument("--publish", help="also copy bench.md/json/png to this directory (docs/results)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_bench)
     return parser
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, as SIGINT raises KeyboardInterrupt."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def stop_message(args, signum) -> str:
+    """What an interrupted command tells the user: which signal, and how to go on."""
+    message = f"densenet-xf {args.command}: stopped by {signal.Signals(signum).name}"
+    if args.command == "train" and getattr(args, "out", None):
+        message += (f"; every completed epoch is saved in {args.out}: run the same command with --resume "
+                    f"to continue")
+    return message
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return args.run(args)
-    except (SpecError, InputError, CheckpointError, BackendUnavailable, ValueError, DataError, TrainingError) as error:
+    except (SpecError, InputError, CheckpointError, BackendUnavailable, ValueError, DataError, TrainingError,
+            OSError) as error:
         print(f"densenet-xf {args.command}: error: {error}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as stop:
+        signum = getattr(stop, "signum", signal.SIGINT)
+        print(f"\n{stop_message(args, signum)}", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

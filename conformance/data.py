@@ -16,7 +16,11 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
+import subprocess
+import sys
 import urllib.request
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +29,7 @@ from .weights import atomic_write_bytes
 
 ENV_VAR = "DENSENET_XF_DATA"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+DEBIAN_PACKAGE = "dataset-fashion-mnist"
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = {  # name: (file, SHA-256 of the decompressed content, IDX shape)
     "train_images": ("train-images-idx3-ubyte.gz", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", (60000, 28, 28)),
@@ -47,16 +52,18 @@ def _has_all(directory: Path) -> bool:
     return all((directory / file).is_file() for file, _, _ in FILES.values())
 
 
+def candidate_dirs(data_dir=None) -> list[tuple[str, Path]]:
+    """(where, directory) pairs looked in, in order."""
+    if data_dir is not None:
+        return [("--data-dir", Path(data_dir))]
+    if os.environ.get(ENV_VAR):
+        return [(ENV_VAR, Path(os.environ[ENV_VAR]))]
+    return [("Debian package dataset-fashion-mnist", SYSTEM_DIR), ("download cache", cache_dir() / "fashion-mnist")]
+
+
 def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:
     """The first directory holding all four files; download into the cache if none does."""
-    candidates = []
-    if data_dir is not None:
-        candidates.append(("--data-dir", Path(data_dir)))
-    elif os.environ.get(ENV_VAR):
-        candidates.append((ENV_VAR, Path(os.environ[ENV_VAR])))
-    else:
-        candidates += [("Debian package dataset-fashion-mnist", SYSTEM_DIR),
-                       ("download cache", cache_dir() / "fashion-mnist")]
+    candidates = candidate_dirs(data_dir)
     for _, directory in candidates:
         if _has_all(directory):
             return directory
@@ -66,6 +73,67 @@ def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = Tr
     raise DataError(f"Fashion-MNIST not found (looked in {looked}). Install it with "
                     f"`sudo apt-get install dataset-fashion-mnist`, or pass --data-dir / set {ENV_VAR} "
                     f"to a directory holding {', '.join(f for f, _, _ in FILES.values())}")
+
+
+def check_readable(data_dir=None) -> Path:
+    """The data directory, after checking that each file opens and starts as a gzip or IDX
+    file (the full SHA-256 check happens when the data is loaded)."""
+    directory = find_data_dir(data_dir, download=False)
+    for file, _, _ in FILES.values():
+        try:
+            with open(directory / file, "rb") as f:
+                head = f.read(4)
+        except OSError as error:
+            raise DataError(f"{directory / file} cannot be read: {error.strerror or error}") from error
+        if head[:2] != b"\x1f\x8b" and head[:3] != b"\x00\x00\x08":
+            raise DataError(f"{directory / file} is neither gzip nor an IDX file; reinstall {DEBIAN_PACKAGE}")
+    return directory
+
+
+def apt_install(package: str = DEBIAN_PACKAGE) -> str | None:
+    """Install a Debian package as root or through non-interactive sudo; None on success,
+    else why it could not."""
+    if shutil.which("apt-get") is None:
+        return "apt-get not found (not Debian/Ubuntu)"
+    if os.geteuid() == 0:
+        prefix = []
+    elif shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
+        prefix = ["sudo", "-n"]
+    else:
+        return "not root and sudo needs a password"
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", package]):
+        done = subprocess.run(prefix + command, env=env, stdout=sys.stderr, stderr=subprocess.STDOUT)
+        if done.returncode != 0:
+            return f"`{' '.join(prefix + command)}` exited with code {done.returncode}"
+    return None
+
+
+def ensure_data(data_dir=None) -> Path:
+    """Fashion-MNIST, obtained if missing: the files already present, else the Debian package
+    (root or `sudo -n`), else the download with SHA-256 checks, else a DataError that lists
+    every place looked and the command that fixes it."""
+    try:
+        return find_data_dir(data_dir, download=False)
+    except DataError:
+        if data_dir is not None or os.environ.get(ENV_VAR):
+            raise  # the user chose a directory: install nothing behind their back
+    looked = [f"{where}: {directory}" for where, directory in candidate_dirs()]
+    print(f"Fashion-MNIST not found; installing the Debian package {DEBIAN_PACKAGE} ...", file=sys.stderr)
+    why = apt_install()
+    if why is None and _has_all(SYSTEM_DIR):
+        return SYSTEM_DIR
+    looked.append(f"apt-get install {DEBIAN_PACKAGE}: {why or f'installed, but {SYSTEM_DIR} lacks the files'}")
+    target = cache_dir() / "fashion-mnist"
+    print(f"downloading Fashion-MNIST from {URL} into {target} ...", file=sys.stderr)
+    try:
+        return download_fashion_mnist(target)
+    except DataError as error:
+        looked.append(f"download: {error}")
+    raise DataError("Fashion-MNIST is missing and could not be obtained. Looked: " + "; ".join(looked) +
+                    f". Fix: `sudo apt-get install -y {DEBIAN_PACKAGE}`, or download the four files "
+                    f"({', '.join(f for f, _, _ in FILES.values())}) from {URL} into a directory and "
+                    f"set {ENV_VAR} to it")
 
 
 def download_fashion_mnist(directory: Path, url: str = URL) -> Path:
@@ -130,8 +198,9 @@ def load_resized(size: int, data_dir=None, progress: bool = False):
         try:
             with np.load(cached) as archive:
                 return {name: archive[name] for name in FILES}
-        except (OSError, ValueError, KeyError):
-            pass  # a damaged cache is rebuilt below
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            print(f"note: the resized-data cache {cached} is damaged ({type(error).__name__}); rebuilding it",
+                  file=sys.stderr)
     data = {name: read_idx(directory / file, digest, shape) for name, (file, digest, shape) in FILES.items()}
     for name in ("train_images", "test_images"):
         data[name] = resize_images(data[name], size)
@@ -158,3 +227,23 @@ def batches(images, labels, batch_size: int, order=None, drop_last: bool = False
     for start in range(0, stop, batch_size):
         index = order[start:start + batch_size]
         yield to_batch(images[index]), labels[index].astype(np.int64)
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m conformance.data", description="Fashion-MNIST set-up")
+    parser.add_argument("--ensure", action="store_true", help="obtain Fashion-MNIST if it is missing")
+    parser.add_argument("--data-dir", help="use this directory (nothing is installed)")
+    args = parser.parse_args(argv)
+    try:
+        directory = ensure_data(args.data_dir) if args.ensure else find_data_dir(args.data_dir, download=False)
+    except DataError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"Fashion-MNIST: {directory}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

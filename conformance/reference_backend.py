@@ -90,5 +90,8 @@ class Backend(backends.BackendBase):
         result = reference.loss_and_gradients(model.spec, model.state, x, y)
         return result.loss, result.grads
 
-    def make_trainer(self, model, lr, momentum=0.0):
-        return Trainer(model, lr, momentum)
+    def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
+        backends.check_precision(precision)
+        trainer = Trainer(model, lr, momentum)
+        trainer.precision, trainer.arithmetic = precision, "float64 (NumPy; no other precision)"
+        return trainer

@@ -10,11 +10,13 @@ from importlib import metadata
 from pathlib import Path
 
 from . import checks, specs, training
+from .export import markdown as export_markdown, section as export_section
 from .weights import atomic_write_bytes, atomic_write_text
 
 DISTRIBUTIONS = ("numpy", "torch", "mxnet", "tensorflow", "tensorflow-cpu", "keras", "jax", "jaxlib", "flax", "optax")
 # Two backends reading the same weights each land within forward_eval of the reference.
 CROSS_TOLERANCE = 2 * checks.TOLERANCES["float32"]["forward_eval"]
+ZOO_TOLERANCE = CROSS_TOLERANCE  # a zoo model's logits vs. a backend's on the converted file
 PLOTS = ("errors.png", "cross_backend.png", "learning_curves.png")
 
 
@@ -98,12 +100,21 @@ def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_
             if error > CROSS_TOLERANCE:
                 failures.append(f"{loader}: logits on weights exported by {source}: error {error:.3g} > {CROSS_TOLERANCE:.3g}")
 
+    zoo_errors = {name: data["zoo"] for name, data in results.items() if data.get("zoo")}
+    for loader, errors in zoo_errors.items():
+        for fmt, error in errors.items():
+            if error > ZOO_TOLERANCE:
+                failures.append(f"{loader}: logits on the converted {fmt} zoo file: error {error:.3g} > {ZOO_TOLERANCE:.3g}")
+
     train = _training_summary(results, recipe_name, failures)
+    onnx = export_section(results)
+    failures += onnx["failures"] if onnx else []
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(), "frameworks": framework_versions(), "device": device,
             "matrix": [list(c) for c in configs], "seconds": seconds, "backends": status,
             "rows": list(rows.values()), "cross": {"tolerance": CROSS_TOLERANCE, "errors": cross},
-            "float32_gradient_sensitivity": sensitivity, "training": train,
+            "zoo": {"tolerance": ZOO_TOLERANCE, "errors": zoo_errors},
+            "float32_gradient_sensitivity": sensitivity, "training": train, "onnx": onnx,
             "failures": failures, "passed": not failures}
 
 
@@ -217,6 +228,20 @@ def markdown(result: dict) -> str:
             out.append(f"| {source} | " + " | ".join(f"{cross[l].get(source, float('nan')):.1e}" for l in cross) + " |")
         out += ["", "![cross-backend errors](cross_backend.png)"]
 
+    zoo_errors = result.get("zoo", {}).get("errors", {})
+    if zoo_errors:
+        formats = sorted({fmt for errors in zoo_errors.values() for fmt in errors})
+        out += ["", "## Model-zoo files converted and reproduced", "",
+                f"A small model built by each zoo's own code (torchvision's modules, Keras applications' builder, "
+                f"Gluon's model zoo) with random weights and BatchNorm statistics, saved in the zoo's format, "
+                f"converted with `densenet-xf convert`; relative error of each backend's logits against the zoo "
+                f"model's (tolerance {result['zoo']['tolerance']:.0e}). `docs/zoo.md` lists the differences handled.", "",
+                "| zoo file \\ loaded into | " + " | ".join(zoo_errors) + " |", "|---" * (len(zoo_errors) + 1) + "|"]
+        for fmt in formats:
+            out.append(f"| {fmt} | " + " | ".join(f"{zoo_errors[l].get(fmt, float('nan')):.1e}" for l in zoo_errors) + " |")
+
+    out += export_markdown(result.get("onnx"))
+
     out += ["", "## Float32 conditioning of the reference", "",
             "How far the reference's own float64 gradients move when its input moves by one part in a million "
             "(about the rounding a float32 forward pass accumulates). Where this is large, no float32 "
@@ -258,6 +283,8 @@ def summary_text(result: dict) -> str:
     if result.get("training"):
         for n, f in result["training"]["final"].items():
             lines.append(f"training {n}: test accuracy {f['test_acc']:.4f}, {f['examples_per_s']:.0f} examples/s on {f['device']}")
+    for loader, errors in result.get("zoo", {}).get("errors", {}).items():
+        lines.append(f"zoo files in {loader}: " + ", ".join(f"{fmt} {error:.1e}" for fmt, error in errors.items()))
     lines.append(f"VERDICT: {'PASSED' if result['passed'] else 'FAILED'}")
     lines += [f"  - {failure}" for failure in result["failures"]]
     return "\n".join(lines)

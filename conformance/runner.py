@@ -12,12 +12,15 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from . import checks, report
 from .backends import backend_names, check_device
-from .weights import atomic_write_text
+from .data import check_readable
+from .weights import WriteError, atomic_write_text
 
 MATRICES = {
     # The d2l net at the book's 96x96, a bottleneck net, and densenet121 at a size two CPU cores afford.
@@ -25,6 +28,8 @@ MATRICES = {
     "tiny": [("tiny", 19, 4), ("tiny_d2l", 13, 4)],
 }
 WORKER_TIMEOUT_S = 1800
+# Measured worker time, longest first (docs/results/report.md): started first when workers run concurrently.
+SLOWEST_FIRST = ("jax", "tf", "mxnet", "torch")
 
 
 def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[str]) -> tuple[int, str]:
@@ -54,22 +59,38 @@ def _record_failure(out_dir: Path, backend: str, phase: str, code: int, log: str
     atomic_write_text(path, json.dumps(data, indent=2))
 
 
+def check_inputs(out_dir: Path, recipe: str, data_dir=None) -> None:
+    """Fail in seconds, before any worker starts: Fashion-MNIST readable when training is on,
+    the output directory writable."""
+    if recipe:
+        check_readable(data_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} exists and is not a directory")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir.parent):
+            pass
+    except OSError as error:
+        raise WriteError(error.errno, f"--out {out_dir} cannot be written: {error.strerror or error}") from None
+
+
 def run(out_dir="build/conformance", device="cpu", backends=None, matrix="default", recipe=None,
-        data_dir=None, require_all=False, publish=None) -> int:
+        data_dir=None, require_all=False, publish=None, jobs=2) -> int:
     check_device(device)
     out_dir = Path(out_dir)
+    recipe = ("d2l" if device == "gpu" else "quick") if recipe is None else recipe
+    check_inputs(out_dir, recipe, data_dir)
     backends = list(backends or backend_names())
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     configs = MATRICES[matrix]
-    recipe = ("d2l" if device == "gpu" else "quick") if recipe is None else recipe
     started = time.time()
 
     print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}")
     sensitivity = {f"{arch}@{size}": checks.gradient_sensitivity(arch, size, batch) for arch, size, batch in configs}
     extra = ["--matrix", json.dumps(configs), "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
-    for name in backends:
+    def checks_phase(name):
         t = time.time()
         print(f"  {name}: shapes, parameters, reference checks" + (", training" if recipe else "") + " ...", flush=True)
         code, log = _worker(name, "checks", out_dir, device, extra)
@@ -77,12 +98,16 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
             _record_failure(out_dir, name, "checks", code, log)
         print(f"  {name}: {_status(out_dir, name)} ({time.time() - t:.0f} s)", flush=True)
 
+    _each(backends, jobs, checks_phase)
+
     exports = {name: data["export"] for name, data in report.load_results(out_dir, backends).items()
                if data.get("status") == "ok" and "export" in data}
-    for name in exports:
+    def cross_phase(name):
         code, log = _worker(name, "cross", out_dir, device, ["--exports", json.dumps(exports)])
         if code != 0:
             _record_failure(out_dir, name, "cross", code, log)
+
+    _each(list(exports), jobs, cross_phase)
 
     result = report.build(out_dir, backends, configs, device, recipe, sensitivity, require_all,
                           seconds=time.time() - started)
@@ -93,6 +118,15 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
         report.publish(out_dir, Path(publish))
         print(f"published to {publish}")
     return 0 if result["passed"] else 1
+
+
+def _each(backends: list[str], jobs: int, phase) -> None:
+    """`phase(name)` for every backend, `jobs` worker processes at a time, the slowest backends
+    first so that one compiling (JAX, TF) overlaps with the others' work."""
+    order = sorted(backends, key=lambda name: SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST))
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for future in [pool.submit(phase, name) for name in order]:
+            future.result()
 
 
 def _status(out_dir: Path, name: str) -> str:

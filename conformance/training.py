@@ -11,8 +11,13 @@ any point loses at most the epoch in progress, and resumes into exactly the same
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
+import os
+import sys
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -95,18 +100,33 @@ def evaluate_accuracy(trainer, backend, images, labels, batch_size: int) -> floa
 
 
 class Run:
-    """The files of one training run in `out_dir`."""
+    """The files of one training run in `out_dir`, and the lock that keeps a second process
+    from writing into it at the same time."""
+
+    LOCK_NAME = ".lock"
 
     def __init__(self, out_dir):
         self.dir = Path(out_dir)
         self.metrics_path = self.dir / "metrics.json"
         self.model_path = self.dir / "model.safetensors"
+        self._lock = None
 
     def checkpoint(self, epoch: int) -> Path:
         return self.dir / "checkpoints" / f"epoch-{epoch:03d}.safetensors"
 
     def optimizer(self, epoch: int) -> Path:
         return self.dir / "checkpoints" / f"epoch-{epoch:03d}.optimizer.safetensors"
+
+    def lock(self) -> None:
+        """Take the run directory's lock, held until this Run (and every other Run of this
+        process on the same directory) is gone or `release()` is called. The kernel drops an
+        flock when its process dies, so a lock left by a killed run never blocks."""
+        key = str(self.dir.resolve())
+        self._lock = _HELD_LOCKS.get(key) or _RunLock(self.dir / self.LOCK_NAME)
+        _HELD_LOCKS[key] = self._lock
+
+    def release(self) -> None:
+        self._lock = None
 
     def read(self) -> dict | None:
         if not self.metrics_path.is_file():
@@ -117,12 +137,67 @@ class Run:
             raise TrainingError(f"{self.metrics_path} is not valid JSON ({error}); move the run directory aside") from error
 
     def commit(self, record: dict, backend, model, trainer, spec) -> None:
-        epoch = record["epochs"][-1]["epoch"]
-        metadata = {"epoch": str(epoch), "backend": backend.name, "recipe": json.dumps(record["recipe"])}
-        weights.save_state(self.checkpoint(epoch), backend.export_state(model), spec, metadata)
-        save_arrays(self.optimizer(epoch), trainer.export_optimizer_state(), metadata)
+        """Write the epoch's files, then metrics.json (the commit point), which records their
+        SHA-256 so that a file damaged later is caught on resume."""
+        last = record["epochs"][-1]
+        metadata = {"epoch": str(last["epoch"]), "backend": backend.name, "recipe": json.dumps(record["recipe"])}
+        state = backend.export_state(model)
+        weights.save_state(self.checkpoint(last["epoch"]), state, spec, metadata)
+        save_arrays(self.optimizer(last["epoch"]), trainer.export_optimizer_state(), metadata)
+        weights.save_state(self.model_path, state, spec, metadata)
+        last["sha256"] = {path.name: _sha256(path) for path in self.epoch_files(last["epoch"])}
         weights.atomic_write_text(self.metrics_path, json.dumps(record, indent=2))
-        weights.save_state(self.model_path, backend.export_state(model), spec, metadata)
+
+    def epoch_files(self, epoch: int) -> tuple[Path, Path]:
+        return self.checkpoint(epoch), self.optimizer(epoch)
+
+    def damage(self, entry: dict, spec) -> str | None:
+        """Why an epoch's checkpoint or optimiser file cannot be resumed from (None: intact)."""
+        checkpoint, optimizer = self.epoch_files(entry["epoch"])
+        for path in (checkpoint, optimizer):
+            if not path.is_file():
+                return f"{path} is missing"
+            recorded = entry.get("sha256", {}).get(path.name)
+            if recorded and _sha256(path) != recorded:
+                return f"{path} is damaged (its SHA-256 differs from the one metrics.json recorded)"
+        try:
+            weights.load_state(checkpoint, spec)
+            load_arrays(optimizer)
+        except weights.CheckpointError as error:
+            return str(error)
+        return None
+
+
+class _RunLock:
+    """An exclusive flock on a run directory's lock file, released when this object is freed."""
+
+    def __init__(self, path: Path):
+        import fcntl
+
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a+")
+        except OSError as error:
+            raise TrainingError(f"cannot write to the run directory {path.parent}: {error.strerror or error}") from error
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "another process"
+            self.file.close()
+            raise TrainingError(f"{path.parent} is in use by another run ({holder} holds {path}); wait for it "
+                                f"to finish or choose another --out") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(f"pid {os.getpid()}\n")
+        self.file.flush()
+
+
+_HELD_LOCKS: "weakref.WeakValueDictionary[str, _RunLock]" = weakref.WeakValueDictionary()
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def save_arrays(path, arrays: dict, metadata: dict) -> None:
@@ -142,16 +217,19 @@ def load_arrays(path) -> dict:
 
 
 def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = False,
-          progress: bool = True, on_step=None) -> dict:
+          progress: bool = True, on_step=None, precision: str = "fp32", compile: bool = False) -> dict:
     """Train `arch` with `recipe` in `backend`; returns the run record (also in metrics.json).
 
+    `precision` (fp32, tf32, bf16) and `compile` choose the trainer's arithmetic and compiler
+    (see BackendBase.make_trainer); the record says which arithmetic the run used.
     `on_step(epoch, step)` is called after every optimiser step (tests use it to interrupt).
     """
     spec = fashion_mnist_spec(arch)
     run = Run(out_dir)
     record = _start_or_resume(run, backend, spec, recipe, resume)
     model = backend.build(spec)
-    trainer = backend.make_trainer(model, recipe.lr, recipe.momentum)
+    trainer = backend.make_trainer(model, recipe.lr, recipe.momentum, precision=precision, compile=compile)
+    record.update(precision=precision, arithmetic=trainer.arithmetic)
     done = len(record["epochs"])
     if done:
         backend.load_state(model, weights.load_state(run.checkpoint(done), spec))
@@ -159,29 +237,29 @@ def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = 
     else:
         backend.load_state(model, weights.init_state(spec, recipe.seed))
     train_x, train_y, test_x, test_y = load_dataset(recipe, data_dir)
+    trainer.set_data(train_x, train_y)
 
     for epoch in range(done + 1, recipe.epochs + 1):
         order = data.epoch_order(len(train_x), recipe.seed, epoch)
-        steps = -(-len(order) // recipe.batch_size)
-        bar = _progress(steps, f"{backend.name} epoch {epoch}/{recipe.epochs}", progress)
-        loss_sum = correct = seen = 0
-        batch_losses = []
+        starts = range(0, len(order), recipe.batch_size)  # the batches of data.batches(..., order)
+        bar = _progress(len(starts), f"{backend.name} epoch {epoch}/{recipe.epochs}", progress)
+        totals = EpochTotals(epoch, run)
         start = time.perf_counter()
-        for step, (x, y) in enumerate(data.batches(train_x, train_y, recipe.batch_size, order), start=1):
-            loss, right = trainer.train_step(to_layout(x, backend.layout), y)
-            loss_sum, correct, seen = loss_sum + loss * len(y), correct + right, seen + len(y)
-            batch_losses.append(loss)
+        for step, first in enumerate(starts, start=1):
+            trainer.step_on(order[first:first + recipe.batch_size])
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+            if step % SYNC_EVERY == 0 or step == len(starts):
+                totals.add(trainer.read_sums())
+                bar.set_postfix(loss=f"{totals.loss:.3f}", acc=f"{totals.accuracy:.3f}", refresh=False)
             if on_step:
                 on_step(epoch, step)
         seconds = time.perf_counter() - start
         bar.close()
         test_acc = evaluate_accuracy(trainer, backend, test_x, test_y, recipe.batch_size)
-        record["epochs"].append({"epoch": epoch, "loss": loss_sum / seen, "train_acc": correct / seen,
-                                 "test_acc": test_acc, "examples_per_s": seen / seconds, "seconds": seconds,
+        record["epochs"].append({"epoch": epoch, "loss": totals.loss, "train_acc": totals.accuracy,
+                                 "test_acc": test_acc, "examples_per_s": totals.seen / seconds, "seconds": seconds,
                                  "checkpoint": str(run.checkpoint(epoch).relative_to(run.dir)),
-                                 "batch_losses": batch_losses})
+                                 "batch_losses": totals.batch_losses})
         run.commit(record, backend, model, trainer, spec)
         if progress:
             e = record["epochs"][-1]
@@ -190,7 +268,43 @@ def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = 
     return record
 
 
+# Steps between reads of the device's sums: each read waits for the device, so rarely.
+SYNC_EVERY = 200
+
+
+class EpochTotals:
+    """One epoch's loss and accuracy, from the trainer's sums; stops at the first non-finite loss."""
+
+    def __init__(self, epoch: int, run: Run):
+        self.epoch, self.run = epoch, run
+        self.loss_sum, self.correct, self.seen = 0.0, 0, 0
+        self.batch_losses: list[float] = []
+
+    def add(self, sums) -> None:
+        loss_sum, correct, seen, batch_losses = sums
+        bad = next((i for i, loss in enumerate(batch_losses) if not math.isfinite(loss)), None)
+        if bad is not None:
+            self.diverged(len(self.batch_losses) + bad + 1, batch_losses[bad])
+        self.loss_sum, self.correct, self.seen = self.loss_sum + loss_sum, self.correct + correct, self.seen + seen
+        self.batch_losses += batch_losses
+
+    def diverged(self, step: int, loss: float):
+        kept = (f"the last good checkpoint, epoch {self.epoch - 1}, is intact in {self.run.dir}: "
+                f"resume from it with --resume" if self.epoch > 1 else "no epoch was completed")
+        raise TrainingError(f"training diverged: the loss is {loss} at epoch {self.epoch}, step {step}; "
+                            f"{kept}, or start again with a lower --lr")
+
+    @property
+    def loss(self) -> float:
+        return self.loss_sum / self.seen
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.seen
+
+
 def _start_or_resume(run: Run, backend, spec, recipe: Recipe, resume: bool) -> dict:
+    run.lock()
     record = run.read()
     fresh = {"backend": backend.name, "device": backend.device_name, "device_note": backend.device_note,
              "spec": json.loads(spec.to_json()), "recipe": dataclasses.asdict(recipe), "epochs": []}
@@ -202,6 +316,24 @@ def _start_or_resume(run: Run, backend, spec, recipe: Recipe, resume: bool) -> d
     if record["spec"] != fresh["spec"] or {**record["recipe"], "epochs": 0} != {**fresh["recipe"], "epochs": 0}:
         raise TrainingError(f"{run.dir} holds a run of another architecture or recipe; cannot resume it with this one")
     record["recipe"]["epochs"] = recipe.epochs
+    return _last_intact(run, record, spec)
+
+
+def _last_intact(run: Run, record: dict, spec) -> dict:
+    """The record cut back to its last epoch whose files are intact, with a notice for each
+    damaged one; a clear error if none is."""
+    problems = []
+    while record["epochs"]:
+        problem = run.damage(record["epochs"][-1], spec)
+        if problem is None:
+            break
+        problems.append(problem)
+        record["epochs"].pop()
+    if problems and not record["epochs"]:
+        raise TrainingError(f"cannot resume {run.dir}: no completed epoch has intact files ({'; '.join(problems)}); "
+                            f"move the run directory aside and start again")
+    for problem in problems:
+        print(f"note: {problem}; resuming from epoch {len(record['epochs'])}", file=sys.stderr)
     return record
 
 

@@ -91,18 +91,38 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`: a reader never
     sees half a file, and an interrupted write leaves the old file in place."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise WriteError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
+    try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; honour the umask as open() does
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(error, OSError):
+            raise WriteError(error.errno, f"could not write {path} ({error.strerror or error}); "
+                                          f"any earlier version of it is unchanged") from error
         raise
+
+
+class WriteError(OSError):
+    """A file could not be written; the message names it."""
+
+    def __str__(self):
+        return self.strerror
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

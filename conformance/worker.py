@@ -4,7 +4,8 @@
 
 Phase `checks` measures shapes, parameter counts and the reference comparison over the
 matrix, exports a trained-one-step canonical checkpoint for the cross-backend matrix, and
-trains the accuracy recipe; phase `cross` loads every other backend's export. Each phase
+trains the accuracy recipe; phase `cross` loads every other backend's export and writes this
+backend's ONNX graph of a canonical checkpoint (conformance.export). Each phase
 merges its results into DIR/B.json. A backend whose framework is missing writes
 status "skipped" with the reason.
 """
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks, specs, weights
+from . import checks, export, specs, weights
 from .backends import BackendUnavailable, load_backend
 
 CROSS_ARCH, CROSS_SIZE, CROSS_BATCH = "d2l", 64, 4
@@ -83,6 +84,40 @@ def cross_load(backend, exports: dict) -> dict:
     return errors
 
 
+def zoo_export(backend, out_dir: Path) -> dict:
+    """For each zoo format this backend's framework owns: a small zoo model's file (made by the
+    zoo's own code), converted to canonical, with the zoo model's logits on the sample batch."""
+    from . import zoo
+
+    package = type(backend).__module__.split(".")[0]
+    exports = {}
+    for fmt, (spec, size) in zoo.SAMPLES.items():
+        if zoo.OWNERS[fmt] != package:
+            continue
+        src = out_dir / "zoo" / f"{spec.name}{zoo.SAMPLE_SUFFIX[fmt]}"
+        src.parent.mkdir(parents=True, exist_ok=True)
+        logits = zoo._owner(fmt).zoo_sample(src, spec, zoo.sample_images(size))
+        canonical = out_dir / "zoo" / f"{fmt}.safetensors"
+        zoo.convert(src, canonical)
+        exports[fmt] = {"file": str(src), "canonical": str(canonical), "size": size, "logits": logits.tolist()}
+    return exports
+
+
+def zoo_reproduce(backend, out_dir: Path) -> dict:
+    """Relative error of this backend's logits on each converted zoo file, against the zoo model's."""
+    from . import zoo
+
+    errors = {}
+    for result in sorted(out_dir.glob("*.json")):
+        for fmt, export in json.loads(result.read_text()).get("zoo_export", {}).items():
+            spec = weights.spec_of_checkpoint(export["canonical"])
+            model = backend.build(spec)
+            backend.load_state(model, weights.load_state(export["canonical"], spec))
+            x = specs.to_layout(zoo.sample_images(export["size"]), backend.layout)
+            errors[fmt] = checks.relative_error(backend.forward(model, x, train=False), np.asarray(export["logits"]))
+    return errors
+
+
 def train_recipe(backend, recipe_name: str, out_dir: Path, data_dir) -> dict:
     from . import training
 
@@ -127,12 +162,15 @@ def main(argv=None):
         if args.phase == "checks":  # each part is saved as soon as it is measured
             merge_json(path, {"rows": run_matrix(backend, json.loads(args.matrix))})
             merge_json(path, {"export": export_for_cross(backend, out_dir)})
+            merge_json(path, {"zoo_export": zoo_export(backend, out_dir)})
             if args.recipe:
                 merge_json(path, {"training": train_recipe(backend, args.recipe, out_dir, args.data_dir)})
             merge_json(path, {"seconds_checks": time.perf_counter() - start})
         else:
             merge_json(path, {"cross": cross_load(backend, json.loads(args.exports)),
+                              "zoo": zoo_reproduce(backend, out_dir),
                               "seconds_cross": time.perf_counter() - start})
+            merge_json(path, {"onnx": export.measure(backend, out_dir)})  # run in onnxruntime by the report
     except Exception as error:  # reported for this backend; the others go on
         merge_json(path, {"status": "error", "phase": args.phase, "reason": f"{type(error).__name__}: {error}",
                           "traceback": traceback.format_exc()})

@@ -40,7 +40,8 @@ class Backend(backends.BackendBase):
     def __init__(self, device="cpu"):
         super().__init__(device)
         # Numeric checks need full float32: on a GPU, JAX's default precision runs matmuls and
-        # convolutions in TF32 or bfloat16.
+        # convolutions in TF32 or bfloat16. A trainer with another precision uses the default
+        # for its own steps only.
         jax.config.update("jax_default_matmul_precision", "highest")
         # XLA takes tens of seconds to compile a 100-layer DenseNet on a CPU: keep what it
         # compiles in JAX's persistent cache for the next process, unless the user chose a place.
@@ -98,5 +99,6 @@ class Backend(backends.BackendBase):
     def gradients(self, model, x, y):
         return loss_and_gradients(model, x, y)
 
-    def make_trainer(self, model, lr, momentum=0.0):
-        return Trainer(model, lr, momentum)
+    def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
+        backends.check_precision(precision)
+        return Trainer(model, lr, momentum, precision, compile)

@@ -83,7 +83,7 @@ class TransitionBlock(nn.Module):
     def __call__(self, X, train: bool):
         X = nn.relu(batch_norm(train, self.dtype, "norm")(X))
         X = conv(self.num_channels, 1, self.bias, self.dtype, "conv")(X)
-        return nn.avg_pool(X, (2, 2), strides=(2, 2))
+        return nn.avg_pool(X, window_shape=(2, 2), strides=(2, 2))
 
 
 def stem(spec, X, train, dtype):
@@ -94,7 +94,10 @@ def stem(spec, X, train, dtype):
         return conv(spec.num_init_features, 3, spec.conv_bias, dtype, "conv0")(X)
     X = conv(spec.num_init_features, 7, spec.conv_bias, dtype, "conv0", stride=2)(X)
     X = nn.relu(batch_norm(train, dtype, "norm0")(X))
-    return nn.max_pool(X, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    # Zeros pad exactly like -inf here: the inputs follow a ReLU, so they are all >= 0. (Padding
+    # inside nn.max_pool would do the same, but jax2onnx 0.17 drops it when exporting to ONNX.)
+    X = jnp.pad(X, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return nn.max_pool(X, window_shape=(3, 3), strides=(2, 2))
 
 
 class DenseNet(nn.Module):

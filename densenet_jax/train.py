@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
@@ -18,6 +19,7 @@ from .weights import from_canonical, to_canonical
 
 
 def loss_fn(logits, labels):
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))  # float32 under mixed precision
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
@@ -74,7 +76,8 @@ class TrainState(train_state.TrainState):
     dropout_key: jax.Array
 
 
-@jax.jit
+# The old state's buffers are donated: XLA writes the new weights into them.
+@partial(jax.jit, donate_argnums=0)
 def train_step(state, X, y):
     dropout_key = jax.random.fold_in(state.dropout_key, state.step)
     (loss, (logits, batch_stats)), grads = grad_fn(state.apply_fn, state.params, state.batch_stats, X, y, dropout_key)
@@ -82,23 +85,64 @@ def train_step(state, X, y):
     return state, loss, (logits.argmax(axis=-1) == y).sum()
 
 
+@partial(jax.jit, donate_argnums=0, static_argnums=4)
+def gather_step(state, images, labels, indices, dtype):
+    """train_step on the examples `indices` of the device-resident set, made float there."""
+    X = (images[indices].astype(jnp.float32) / 255)[..., None]
+    return train_step(state, X.astype(dtype), labels[indices])
+
+
+def float32_mode(precision):
+    """JAX's default matmul and convolution precision (TF32 or bfloat16 passes on GPUs) for
+    precision tf32 and bf16, 'highest' for fp32: the backend keeps 'highest' for the checks."""
+    return jax.default_matmul_precision("highest" if precision == "fp32" else "default")
+
+
 class Trainer(backends.Trainer):
-    def __init__(self, model, lr, momentum=0.0, seed=0):
-        self.model = model
-        state = TrainState.create(apply_fn=model.module.apply, params=model.variables["params"],
+    layout = "NHWC"
+
+    def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False, seed=0):
+        self.model, self.precision = model, precision
+        # Flax's mixed precision: the module computes in bfloat16, the parameters stay float32.
+        module = model.module.clone(dtype=jnp.bfloat16) if precision == "bf16" else model.module
+        self.dtype = module.dtype
+        state = TrainState.create(apply_fn=module.apply, params=model.variables["params"],
                                   tx=optax.sgd(lr, momentum or None), batch_stats=model.variables["batch_stats"],
                                   dropout_key=jax.random.key(seed))
         # device_put also makes the step counter an array: as a Python int, it would make the
         # second step compile again.
         self.state = jax.device_put(state, model_device(model))
+        on_gpu = model_device(model).platform == "gpu"
+        self.arithmetic = backends.arithmetic_words(precision, on_gpu, "Flax dtype bfloat16, float32 parameters")
+
+    def current_state(self):
+        # The model's variables are the truth: weights loaded into it between steps are used.
+        return self.state.replace(params=self.model.variables["params"], batch_stats=self.model.variables["batch_stats"])
+
+    def keep(self, state):
+        self.state = state
+        self.model.variables = {"params": state.params, "batch_stats": state.batch_stats}
 
     def train_step(self, x, y):
         X, y = to_device(self.model, x, y)
-        # The model's variables are the truth: weights loaded into it between steps are used.
-        state = self.state.replace(params=self.model.variables["params"], batch_stats=self.model.variables["batch_stats"])
-        self.state, loss, correct = train_step(state, X, y)
-        self.model.variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        with float32_mode(self.precision):
+            state, loss, correct = train_step(self.current_state(), X.astype(self.dtype), y)
+        self.keep(state)
         return float(loss), int(correct)
+
+    def set_data(self, images, labels):
+        self.images, self.labels = to_device(self.model, images, labels)  # uint8: a quarter of float32
+        self.reset_sums()
+
+    def step_on(self, indices):
+        with float32_mode(self.precision):
+            state, loss, correct = gather_step(self.current_state(), self.images, self.labels,
+                                               jax.device_put(indices, model_device(self.model)), self.dtype)
+        self.keep(state)
+        self.record_step(loss, correct, len(indices))
+
+    def fetch(self, values):
+        return np.asarray(jnp.stack(values))
 
     def predict(self, x):
         return np.asarray(eval_logits(self.model.module.apply, self.model.variables, to_device(self.model, x)))

@@ -101,5 +101,6 @@ class Backend(backends.BackendBase):
     def gradients(self, model, x, y):
         return loss_and_gradients(model, x, y)
 
-    def make_trainer(self, model, lr, momentum=0.0):
-        return Trainer(model, lr, momentum)
+    def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
+        backends.check_precision(precision)
+        return Trainer(model, lr, momentum, precision, compile)

@@ -12,10 +12,13 @@ import sys
 
 import numpy
 
-# oneDNN fails on some DenseNet concat shapes ("could not construct a sub-memory"); MXNet reads
-# this once, when it loads, so it is forced here rather than defaulted.
-os.environ["MXNET_MKLDNN_ENABLED"] = "0"
-# Without oneDNN, float64 layers log a "storage fallback" warning on every call.
+# oneDNN trains about 2.9x faster on the CPU (quick recipe, 2 cores: 391 vs 136 examples/s).
+# It was once switched off for a concat failure ("could not construct a sub-memory", MXNet
+# issue 19586: a first input of under 8 channels); with 1.9.1 and this model's concat order
+# (block input first) no check, test or training shape reproduces it, odd widths included.
+# MXNet reads this once, when it loads: MXNET_MKLDNN_ENABLED=0 in the environment still wins.
+os.environ.setdefault("MXNET_MKLDNN_ENABLED", "1")
+# float64 layers, which oneDNN does not take, log a "storage fallback" warning on every call.
 os.environ.setdefault("MXNET_STORAGE_FALLBACK_LOG_VERBOSE", "0")
 
 

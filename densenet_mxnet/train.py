@@ -5,6 +5,7 @@ inside `autograd.record()`. On the CPU, MXNet folds the batch statistics into Ba
 running ones in the backward pass, so a train-mode forward alone leaves them unchanged.
 """
 
+import contextlib
 import pickle
 
 import numpy as onp
@@ -40,23 +41,56 @@ def loss_and_gradients(model, x, y):
     return loss.item(), to_canonical({name: p.grad() for name, p in trainable_params(model).items()})
 
 
+def float32_mode(precision):
+    """Nothing to switch: MXNet 1.x has no TF32 setting of its own, and the backend sets
+    NVIDIA_TF32_OVERRIDE=0 for the whole process on a GPU (the checks need exact float32)."""
+    return contextlib.nullcontext()
+
+
+def arithmetic(precision, ctx):
+    """What a trainer asked for `precision` really computes in (always float32 here)."""
+    if precision == "bf16":
+        return ("fp32 (bf16 asked: MXNet 1.9 has no bfloat16 training path here; its AMP trains "
+                "float16 on GPUs, bfloat16 only through oneDNN)")
+    if precision == "tf32" and ctx.device_type == "gpu":
+        return "fp32 (tf32 asked: NVIDIA_TF32_OVERRIDE=0 holds for the whole MXNet process)"
+    return backends.arithmetic_words(precision, on_gpu=False, mixed="")
+
+
 class Trainer(backends.Trainer):
-    def __init__(self, model, lr, momentum=0.0):
-        self.model, self.lr = model, lr
+    def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
+        self.model, self.lr, self.precision = model, lr, precision
+        self.arithmetic = arithmetic(precision, model_context(model))
         self.names = list(trainable_params(model))
         # update_on_kvstore=False: the trainer updates in place and keeps SGD's momentum in
         # its own updater, where export/load_optimizer_state find it.
         self.trainer = gluon.Trainer(list(trainable_params(model).values()), "sgd",
                                      {"learning_rate": lr, "momentum": momentum}, update_on_kvstore=False)
 
-    def train_step(self, x, y):
-        X, y = to_context(self.model, x, y)
-        with autograd.record():
+    def step(self, X, y):
+        """One SGD step; the loss and the correct count stay on the device (MXNet runs ahead)."""
+        with float32_mode(self.precision), autograd.record():
             logits = self.model(X)
             loss = loss_fn(logits, y)
         loss.backward()
-        self.trainer.step(len(x))  # gradients of the summed loss, divided by the batch size
-        return loss.mean().item(), int((logits.argmax(axis=1) == y).sum().item())
+        self.trainer.step(len(y))  # gradients of the summed loss, divided by the batch size
+        return loss.mean(), (logits.argmax(axis=1) == y).sum()
+
+    def train_step(self, x, y):
+        loss, correct = self.step(*to_context(self.model, x, y))
+        return loss.item(), int(correct.item())
+
+    def set_data(self, images, labels):
+        self.images, self.labels = to_context(self.model, images, labels)  # uint8: a quarter of float32
+        self.reset_sums()
+
+    def step_on(self, indices):
+        index = np.array(indices, dtype="int64", ctx=model_context(self.model))
+        X = np.expand_dims(self.images[index].astype("float32") / 255, axis=1)
+        self.record_step(*self.step(X, self.labels[index]), len(indices))
+
+    def fetch(self, values):
+        return np.stack(values).asnumpy()
 
     def predict(self, x):
         with autograd.predict_mode():

@@ -47,6 +47,7 @@ class Backend(backends.BackendBase):
         super().__init__(device)
         self.run_eagerly = run_eagerly
         # Numeric checks need full float32: TF32 matmuls and convolutions would round to 10 bits.
+        # A trainer with another precision switches TF32 on for its own steps only.
         tf.config.experimental.enable_tensor_float_32_execution(False)
         gpus = tf.config.get_visible_devices("GPU")
         if device == "gpu" and not gpus:
@@ -89,5 +90,6 @@ class Backend(backends.BackendBase):
     def gradients(self, model, x, y):
         return loss_and_gradients(model, x, y, self.run_eagerly)
 
-    def make_trainer(self, model, lr, momentum=0.0):
-        return Trainer(model, lr, momentum)
+    def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
+        backends.check_precision(precision)
+        return Trainer(model, lr, momentum, precision, compile)

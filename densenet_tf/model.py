@@ -10,7 +10,7 @@ their input channels when they are built, so the blocks take only their output w
 import keras
 from keras import layers, ops
 
-from conformance.specs import channel_plan, get_spec, validate_input
+from conformance.specs import DenseNetSpec, channel_plan, get_spec, validate_input
 
 if keras.backend.backend() != "tensorflow":
     raise ImportError(f"densenet_tf needs Keras on TensorFlow, but KERAS_BACKEND is {keras.backend.backend()!r}")
@@ -58,11 +58,14 @@ def concatenated_shape(shape, new_shape):
     return (*shape[:-1], shape[-1] + new_shape[-1])
 
 
+@keras.saving.register_keras_serializable(package="densenet_xf")
 class DenseBlock(layers.Layer):
     """`num_convs` conv blocks; each one's output is concatenated to its input."""
 
     def __init__(self, num_convs, num_channels, bn_size=None, bias=True, drop_rate=0.0, **kwargs):
         super().__init__(**kwargs)
+        self.config = {"num_convs": num_convs, "num_channels": num_channels, "bn_size": bn_size,
+                       "bias": bias, "drop_rate": drop_rate}
         self.denselayers = [conv_block(num_channels, bn_size, bias, f"denselayer{i + 1}", self.dtype_policy)
                             for i in range(num_convs)]
         self.dropout = layers.Dropout(drop_rate, name="dropout", dtype=self.dtype_policy)
@@ -78,6 +81,9 @@ class DenseBlock(layers.Layer):
         for layer in self.denselayers:
             input_shape = concatenated_shape(input_shape, layer.compute_output_shape(input_shape))
         return input_shape
+
+    def get_config(self):
+        return {**super().get_config(), **self.config}
 
     def call(self, X, training=None):
         for layer in self.denselayers:
@@ -114,6 +120,7 @@ def stem(spec, dtype=None):
     ]
 
 
+@keras.saving.register_keras_serializable(package="densenet_xf")
 class DenseNet(keras.Model):
     """Built at construction for inputs (None, None, None, in_channels): no dummy call needed."""
 
@@ -143,6 +150,13 @@ class DenseNet(keras.Model):
         for layer in (self.features, self.relu, self.pool, self.classifier):
             layer.build(input_shape)
             input_shape = layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {"spec": self.spec.to_json(), "dtype": keras.dtype_policies.serialize(self.dtype_policy)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(DenseNetSpec.from_json(config["spec"]), dtype=keras.dtype_policies.deserialize(config["dtype"]))
 
     def call(self, X, training=None):
         validate_input(self.spec, X.shape, dtype_name(X.dtype), "NHWC", self.compute_dtype)

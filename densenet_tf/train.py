@@ -1,5 +1,6 @@
 """Training and evaluation steps in TensorFlow: GradientTape, keras.optimizers.SGD, tf.function."""
 
+import contextlib
 import functools
 
 import keras
@@ -23,19 +24,20 @@ def to_tensors(x, y=None):
     return X if y is None else (X, tf.cast(y, tf.int32))  # the dtype of ops.argmax
 
 
-def compiled(fn, run_eagerly=False):
-    """`fn` traced into a TensorFlow graph (once per input shape and dtype), or `fn` itself.
+def compiled(fn, run_eagerly=False, jit_compile=False):
+    """`fn` traced into a TensorFlow graph (once per input shape and dtype), or `fn` itself;
+    `jit_compile` compiles the graph with XLA.
 
     autograph=False: the steps have no tensor-dependent Python control flow, and AutoGraph
     would re-raise an InputError from tracing as a StagingError."""
-    return fn if run_eagerly else tf.function(fn, autograph=False)
+    return fn if run_eagerly else tf.function(fn, autograph=False, jit_compile=jit_compile)
 
 
 def gradient_step(model, X, y):
     """Train-mode logits, mean loss and every trainable variable's gradient (BN running statistics update too)."""
     with tf.GradientTape() as tape:
         logits = model(X, training=True)
-        loss = loss_fn(y, logits)
+        loss = loss_fn(y, ops.cast(logits, model.variable_dtype))  # float32 under mixed precision
     return logits, loss, tape.gradient(loss, model.trainable_variables)
 
 
@@ -50,23 +52,72 @@ def learning_rate(lr, dtype):
     return lr if dtype == keras.config.floatx() else lambda: ops.convert_to_tensor(lr, dtype)
 
 
+@contextlib.contextmanager
+def float32_mode(precision):
+    """TF32 for float32 matmuls and convolutions on (precision tf32, bf16) or off (fp32) for
+    the duration, then as before: the backend keeps exact float32 for the checks."""
+    saved = tf.config.experimental.tensor_float_32_execution_enabled()
+    tf.config.experimental.enable_tensor_float_32_execution(precision != "fp32")
+    try:
+        yield
+    finally:
+        tf.config.experimental.enable_tensor_float_32_execution(saved)
+
+
+def use_mixed_bfloat16(model):
+    """Keras' mixed precision (bfloat16 compute, float32 variables) for a model already built:
+    the policy is set on every layer, as Keras would have at construction under the global one."""
+    for layer in model._flatten_layers(include_self=True, recursive=True):  # Keras has no public walk
+        layer.dtype_policy = "mixed_bfloat16"
+
+
 class Trainer(backends.Trainer):
-    def __init__(self, model, lr, momentum=0.0, run_eagerly=False):
-        self.model, self.lr = model, lr
+    layout = "NHWC"
+
+    def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False, run_eagerly=False):
+        self.model, self.lr, self.precision = model, lr, precision
+        if precision == "bf16":
+            use_mixed_bfloat16(model)
         self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate(lr, model.dtype), momentum=momentum)
         # Keras creates the momentum variables at the first step; load_optimizer_state needs them now.
         self.optimizer.build(model.trainable_variables)
-        self.compiled_sgd_step = compiled(self.sgd_step, run_eagerly)
-        self.compiled_predict = compiled(functools.partial(model, training=False), run_eagerly)
+        self.compiled_sgd_step = compiled(self.sgd_step, run_eagerly, compile)
+        self.compiled_gather_step = compiled(self.gather_step, run_eagerly, compile)
+        self.compiled_predict = compiled(self.logits, run_eagerly)
+        on_gpu = bool(tf.config.get_visible_devices("GPU"))
+        mixed = backends.arithmetic_words(precision, on_gpu, "Keras mixed_bfloat16 policy")
+        self.arithmetic = mixed + (", XLA (jit_compile=True)" if compile else "")
+
+    def logits(self, X):
+        logits = self.model(ops.cast(X, self.model.compute_dtype), training=False)
+        return ops.cast(logits, self.model.variable_dtype)
 
     def sgd_step(self, X, y):
-        logits, loss, grads = gradient_step(self.model, X, y)
+        logits, loss, grads = gradient_step(self.model, ops.cast(X, self.model.compute_dtype), y)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss, ops.sum(ops.cast(ops.argmax(logits, axis=-1) == y, "int32"))
 
     def train_step(self, x, y):
-        loss, correct = self.compiled_sgd_step(*to_tensors(x, y))
+        with float32_mode(self.precision):
+            loss, correct = self.compiled_sgd_step(*to_tensors(x, y))
         return float(loss), int(correct)
+
+    def gather_step(self, images, labels, indices):
+        """sgd_step on the examples `indices` of the device-resident set, made float there."""
+        X = ops.expand_dims(ops.cast(ops.take(images, indices, axis=0), "float32") / 255, axis=-1)
+        return self.sgd_step(X, ops.take(labels, indices, axis=0))
+
+    def set_data(self, images, labels):
+        self.images, self.labels = to_tensors(images, labels)  # uint8: a quarter of float32
+        self.reset_sums()
+
+    def step_on(self, indices):
+        with float32_mode(self.precision):
+            loss, correct = self.compiled_gather_step(self.images, self.labels, tf.convert_to_tensor(indices))
+        self.record_step(loss, correct, len(indices))
+
+    def fetch(self, values):
+        return tf.stack(values).numpy()
 
     def predict(self, x):
         return self.compiled_predict(to_tensors(x)).numpy()

@@ -25,6 +25,7 @@ class Backend(backends.BackendBase):
     def __init__(self, device="cpu"):
         super().__init__(device)
         # Numeric checks need full float32: TF32 matmuls and convolutions would round to 10 bits.
+        # A trainer with another precision switches TF32 on for its own steps only.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
         if device == "gpu" and not torch.cuda.is_available():
@@ -72,5 +73,6 @@ class Backend(backends.BackendBase):
     def gradients(self, model, x, y):
         return loss_and_gradients(model, x, y)
 
-    def make_trainer(self, model, lr, momentum=0.0):
-        return Trainer(model, lr, momentum)
+    def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
+        backends.check_precision(precision)
+        return Trainer(model, lr, momentum, precision, compile)

@@ -83,7 +83,14 @@ def stem(spec):
     ]
 
 
+@torch.fx.wrap  # FX records this call instead of tracing it: at trace time X.shape is a Proxy
+def check_input(spec, X, dtype):
+    validate_input(spec, X.shape, dtype_name(X.dtype), "NCHW", dtype_name(dtype))
+
+
 class DenseNet(nn.Module):
+    __jit_ignored_attributes__ = ["spec"]  # TorchScript cannot compile the spec dataclass; only check_input reads it
+
     def __init__(self, spec):
         super().__init__()
         self.spec = spec = get_spec(spec)
@@ -101,7 +108,8 @@ class DenseNet(nn.Module):
         self.classifier = nn.Linear(num_features, spec.num_classes)
 
     def forward(self, X):
-        validate_input(self.spec, X.shape, dtype_name(X.dtype), "NCHW", dtype_name(self.classifier.weight.dtype))
+        if not torch.jit.is_scripting():  # a scripted model skips the check (and its clear message)
+            check_input(self.spec, X, self.classifier.weight.dtype)
         X = F.relu(self.features(X))
         X = torch.flatten(F.adaptive_avg_pool2d(X, 1), 1)
         return self.classifier(X)

@@ -1,5 +1,7 @@
 """Training and evaluation steps in PyTorch: torch.optim.SGD and cross-entropy."""
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -30,20 +32,62 @@ def loss_and_gradients(model, x, y):
     return loss.item(), to_canonical({name: p.grad for name, p in model.named_parameters()})
 
 
+@contextlib.contextmanager
+def float32_mode(precision):
+    """TF32 for float32 matmuls and convolutions on (precision tf32, bf16) or off (fp32) for
+    the duration, then as before: the backend keeps exact float32 for the checks."""
+    flags = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = [flag.allow_tf32 for flag in flags]
+    for flag in flags:
+        flag.allow_tf32 = precision != "fp32"
+    try:
+        yield
+    finally:
+        for flag, value in zip(flags, saved):
+            flag.allow_tf32 = value
+
+
 class Trainer(backends.Trainer):
-    def __init__(self, model, lr, momentum=0.0):
-        self.model = model
+    def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
+        self.model, self.precision, self.device = model, precision, model_device(model)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        self.bf16 = precision == "bf16"
+        if self.bf16:
+            model.to(memory_format=torch.channels_last)  # the layout bf16 convolutions are fastest in
+        self.net = torch.compile(model) if compile else model
+        mixed = backends.arithmetic_words(precision, self.device.type == "cuda", "torch.autocast, channels_last")
+        self.arithmetic = mixed + (", torch.compile" if compile else "")
+
+    def step(self, X, y):
+        """One SGD step; the loss and the correct count stay on the device."""
+        self.model.train()
+        with float32_mode(self.precision):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                logits = self.net(X)
+                loss = loss_fn(logits, y)  # autocast computes cross-entropy in float32
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return loss.detach(), (logits.argmax(dim=1) == y).sum()
 
     def train_step(self, x, y):
-        X, y = to_device(self.model, x, y)
-        self.model.train()
-        logits = self.model(X)
-        loss = loss_fn(logits, y)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        return loss.item(), (logits.argmax(dim=1) == y).sum().item()
+        loss, correct = self.step(*to_device(self.model, x, y))
+        return loss.item(), correct.item()
+
+    def set_data(self, images, labels):
+        self.images = torch.tensor(images, device=self.device)  # uint8: a quarter of float32
+        self.labels = torch.tensor(labels, dtype=torch.long, device=self.device)
+        self.reset_sums()
+
+    def step_on(self, indices):
+        index = torch.from_numpy(indices).to(self.device)
+        X = self.images[index].unsqueeze(1).float() / 255
+        if self.bf16:
+            X = X.contiguous(memory_format=torch.channels_last)
+        self.record_step(*self.step(X, self.labels[index]), len(indices))
+
+    def fetch(self, values):
+        return torch.stack(values).cpu().numpy()
 
     @torch.no_grad()
     def predict(self, x):

@@ -56,3 +56,24 @@ def test_unknown_names_list_the_valid_ones(capsys, argv, message):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_conformance_checks_its_inputs_before_any_worker(capsys, tmp_path, monkeypatch):
+    from conformance import runner
+
+    monkeypatch.setattr(runner, "_worker", lambda *a: pytest.fail("a worker was started"))
+    out = tmp_path / "out"
+    code, _, err = run(capsys, "conformance", "--data-dir", str(tmp_path / "no-data"), "--out", str(out))
+    assert code == 2 and "Fashion-MNIST not found (looked in --data-dir" in err and not out.exists()
+
+    (tmp_path / "a-file").write_text("")
+    code, _, err = run(capsys, "conformance", "--recipe", "none", "--out", str(tmp_path / "a-file" / "out"))
+    assert code == 2 and "cannot be written" in err
+    code, _, err = run(capsys, "conformance", "--recipe", "none", "--out", str(tmp_path / "a-file"))
+    assert code == 2 and "exists and is not a directory" in err
+
+
+def test_conformance_rejects_zero_jobs(capsys):
+    with pytest.raises(SystemExit):
+        main(["conformance", "--jobs", "0"])
+    assert "argument --jobs: 0 is not a positive integer" in capsys.readouterr().err

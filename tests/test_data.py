@@ -130,3 +130,87 @@ def test_resize_is_cached_and_identical(tmp_path, monkeypatch):
     assert len(list((tmp_path / "densenet-xf").glob("fashion-mnist-30-*.npz"))) == 1
     second = data.load_resized(30)
     assert np.array_equal(first["test_images"], second["test_images"])
+
+
+@pytest.fixture
+def nowhere(tmp_path, monkeypatch):
+    """No Fashion-MNIST anywhere: an empty system directory and cache, no environment variable."""
+    monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path
+
+
+def test_ensure_uses_files_already_present_and_installs_nothing(nowhere, fake_files, monkeypatch):
+    write_files(data.SYSTEM_DIR, fake_files)
+    monkeypatch.setattr(data, "apt_install", lambda: pytest.fail("apt-get was called"))
+    monkeypatch.setattr(data, "download_fashion_mnist", lambda *a: pytest.fail("downloaded"))
+    assert data.ensure_data() == data.SYSTEM_DIR
+
+
+def test_ensure_installs_the_debian_package_first(nowhere, fake_files, monkeypatch):
+    monkeypatch.setattr(data, "apt_install", lambda: write_files(data.SYSTEM_DIR, fake_files))
+    monkeypatch.setattr(data, "download_fashion_mnist", lambda *a: pytest.fail("downloaded"))
+    assert data.ensure_data() == data.SYSTEM_DIR
+
+
+def test_ensure_downloads_when_apt_cannot(nowhere, monkeypatch):
+    downloads = []
+    monkeypatch.setattr(data, "apt_install", lambda: "not root and sudo needs a password")
+    monkeypatch.setattr(data, "download_fashion_mnist", lambda target: downloads.append(target) or target)
+    assert data.ensure_data() == nowhere / "cache" / "densenet-xf" / "fashion-mnist" == downloads[0]
+
+
+def test_ensure_lists_every_place_and_the_fix_when_all_fail(nowhere, monkeypatch, capsys):
+    def no_route(target):
+        raise DataError("could not download http://example/x (no route to host)")
+
+    monkeypatch.setattr(data, "apt_install", lambda: "apt-get not found (not Debian/Ubuntu)")
+    monkeypatch.setattr(data, "download_fashion_mnist", no_route)
+    assert data.main(["--ensure"]) == 1
+    err = capsys.readouterr().err
+    for place in (str(nowhere / "system"), str(nowhere / "cache"), "apt-get not found", "no route to host",
+                  "`sudo apt-get install -y dataset-fashion-mnist`", data.ENV_VAR):
+        assert place in err, place
+
+
+def test_ensure_with_a_chosen_directory_installs_nothing(nowhere, monkeypatch):
+    monkeypatch.setattr(data, "apt_install", lambda: pytest.fail("apt-get was called"))
+    with pytest.raises(DataError, match="looked in --data-dir"):
+        data.ensure_data(nowhere / "mine")
+
+
+@pytest.mark.parametrize("uid, sudo_ok, expected", [
+    (0, False, [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]]),
+    (1000, True, [["sudo", "-n", "true"], ["sudo", "-n", "apt-get", "update", "-q"],
+                  ["sudo", "-n", "apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]]),
+    (1000, False, [["sudo", "-n", "true"]]),
+])
+def test_apt_install_runs_as_root_or_through_non_interactive_sudo(monkeypatch, uid, sudo_ok, expected):
+    import subprocess
+
+    calls = []
+
+    def fake_run(command, **kwargs):
+        calls.append(command)
+        return subprocess.CompletedProcess(command, 0 if sudo_ok or command[0] != "sudo" else 1)
+
+    monkeypatch.setattr(data.os, "geteuid", lambda: uid)
+    monkeypatch.setattr(data.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    why = data.apt_install()
+    assert calls == expected
+    assert (why is None) == (uid == 0 or sudo_ok)
+    if why:
+        assert "sudo needs a password" in why
+
+
+def test_apt_install_reports_a_failing_command(monkeypatch):
+    import subprocess
+
+    monkeypatch.setattr(data.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(data.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(data.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(command, 100))
+    assert data.apt_install() == "`apt-get update -q` exited with code 100"
+    monkeypatch.setattr(data.shutil, "which", lambda name: None)
+    assert "apt-get not found" in data.apt_install()

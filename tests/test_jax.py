@@ -171,3 +171,17 @@ def test_gpu_request_falls_back_to_the_cpu_with_a_reason():
         assert "no GPU" in backend.device_note and backend.device_name == "cpu"
     else:
         assert backend.device_note == "" and backend.device_name.startswith("gpu:")
+
+
+def test_a_fast_trainer_leaves_exact_arithmetic_for_the_checks():
+    import jax
+
+    from conformance import checks
+
+    backend, spec = load_backend("jax"), ARCHS["tiny_d2l"]
+    x, y = checks.make_batch(spec, 13, 2, 0)
+    trainer = backend.make_trainer(backend.build(spec), 0.1, precision="bf16")
+    assert trainer.state.apply_fn.__self__.dtype == jnp.bfloat16
+    trainer.train_step(x.transpose(0, 2, 3, 1), y)
+    assert jax.config.jax_default_matmul_precision == "highest"
+    assert jax.tree.leaves(trainer.model.variables)[0].dtype == jnp.float32  # float32 parameters

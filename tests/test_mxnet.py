@@ -193,9 +193,19 @@ def test_restoring_leaves_existing_names_alone():
     assert set(restored) == set(compat.NUMPY_1_NAMES) - {"NaN"}
 
 
-def test_onednn_is_off_before_mxnet_loads():
-    assert os.environ["MXNET_MKLDNN_ENABLED"] == "0"
-    assert "mxnet" in sys.modules
+def test_onednn_is_on_unless_the_user_turns_it_off():
+    env = {k: v for k, v in os.environ.items() if k != "MXNET_MKLDNN_ENABLED"}
+    code = "import os, densenet_mxnet; print(os.environ['MXNET_MKLDNN_ENABLED'])"
+    for setting, expected in ((None, "1"), ("0", "0")):
+        run_env = env if setting is None else {**env, "MXNET_MKLDNN_ENABLED": setting}
+        result = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True)
+        assert result.stdout.split()[-1] == expected, result.stderr[-2000:]
+
+
+def test_onednn_concatenates_inputs_narrower_than_its_block_size():
+    """MXNet issue 19586: oneDNN's concat failed on a first input of under 8 channels."""
+    spec = specs.get_spec("tiny").replace(name="narrow", stem="cifar", num_init_features=1, growth_rate=3)
+    assert checks.all_passed(checks.compare_with_reference(Backend(), spec, 12, 2, 0, ("float32", "float64")))
 
 
 def test_a_python_without_distutils_gets_a_clear_error(monkeypatch):

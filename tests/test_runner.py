@@ -17,7 +17,7 @@ def with_broken_backend(monkeypatch):
 
 
 def test_broken_backend_fails_the_run_naming_backend_and_check(tmp_path, with_broken_backend, capsys):
-    code = runner.run(tmp_path, backends=["torch", "broken"], matrix="tiny", recipe="")
+    code = runner.run(tmp_path, backends=["torch", "broken"], matrix="tiny", recipe="", jobs=2)  # concurrently
     out = capsys.readouterr().out
     report = json.loads((tmp_path / "report.json").read_text())
     assert code == 1 and not report["passed"]

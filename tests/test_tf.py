@@ -175,3 +175,13 @@ def test_gpu_request_without_a_gpu_falls_back_to_the_cpu_with_a_note():
         pytest.skip("this machine has a GPU that TensorFlow can use")
     backend = Backend("gpu")
     assert backend.device_name == "cpu" and "no GPU" in backend.device_note
+
+
+def test_a_fast_trainer_leaves_exact_arithmetic_for_the_checks():
+    backend, spec = Backend(), ARCHS["tiny_d2l"]
+    x, y = checks.make_batch(spec, 13, 2, 0)
+    for precision in ("tf32", "bf16"):
+        trainer = backend.make_trainer(backend.build(spec), 0.1, precision=precision)
+        trainer.train_step(x.transpose(0, 2, 3, 1), y)
+    assert not tf.config.experimental.tensor_float_32_execution_enabled()
+    assert checks.all_passed(checks.compare_with_reference(backend, spec, 13, 2, 0, ("float32",)))

@@ -63,3 +63,19 @@ def test_dropout_is_active_only_in_training():
     a = model(x)
     torch.manual_seed(1)
     assert not torch.equal(a, model(x))
+
+
+def test_a_fast_trainer_switches_tf32_for_its_own_steps_only():
+    from conformance import checks
+    from conformance.backends import load_backend
+
+    backend, spec = load_backend("torch"), ARCHS["tiny_d2l"]
+    x, y = checks.make_batch(spec, 13, 2, 0)
+    seen = []
+    for precision in ("fp32", "tf32", "bf16"):
+        model = backend.build(spec)
+        model.register_forward_hook(lambda m, i, o: seen.append(torch.backends.cudnn.allow_tf32))
+        backend.make_trainer(model, 0.1, precision=precision).train_step(x, y)
+    assert seen == [False, True, True]
+    assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
+    assert checks.all_passed(checks.compare_with_reference(backend, spec, 13, 2, 0, ("float32",)))

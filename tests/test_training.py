@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conformance import data, training, weights
+from conformance.specs import to_layout
 from conformance.training import Recipe, TrainingError
 
 pytestmark = pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR),
@@ -118,3 +119,109 @@ def test_checkpoint_from_torch_evaluates_the_same_in_every_backend(backend, torc
     assert result["size"] == RECIPE.size and result["examples"] == RECIPE.test_examples
     # Float32 logits agree to ~1e-6 across backends; an argmax could flip only on a near-tie.
     assert abs(result["test_acc"] - torch_acc) <= 1 / RECIPE.test_examples
+
+
+# The training loop's path (data on the device, index batches, sums read once) against the
+# plain one (a NumPy batch per train_step): the same batches must give the same steps.
+
+def two_trainers(backend, precision="fp32"):
+    spec = training.fashion_mnist_spec(ARCH)
+    trainers = []
+    for _ in range(2):
+        model = backend.build(spec)
+        backend.load_state(model, weights.init_state(spec, 0))
+        trainers.append((model, backend.make_trainer(model, RECIPE.lr, RECIPE.momentum, precision=precision)))
+    return trainers
+
+
+def test_speed_path_takes_the_same_steps_as_train_step(backend):
+    resized = data.load_resized(RECIPE.size)
+    images, labels = resized["train_images"][:200], resized["train_labels"][:200]
+    order = data.epoch_order(len(images), seed=0, epoch=1)
+    (fast_model, fast), (plain_model, plain) = two_trainers(backend)
+    fast.set_data(images, labels)
+    plain_losses, plain_correct = [], 0
+    for x, y in data.batches(images, labels, 64, order):  # three full batches and a ragged one
+        loss, correct = plain.train_step(to_layout(x, backend.layout), y)
+        plain_losses.append(loss)
+        plain_correct += correct
+    for first in range(0, len(order), 64):
+        fast.step_on(order[first:first + 64])
+    loss_sum, correct, seen, batch_losses = fast.read_sums()
+    assert seen == len(images) and correct == plain_correct
+    np.testing.assert_allclose(batch_losses, plain_losses, rtol=1e-6)
+    np.testing.assert_allclose(loss_sum, sum(loss * 64 for loss in plain_losses[:3]) + plain_losses[3] * 8, rtol=1e-6)
+    assert fast.read_sums() == (0.0, 0, 0, [])  # read_sums starts again
+    a, b = backend.export_state(fast_model), backend.export_state(plain_model)
+    for key in a:
+        np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    assert fast.export_optimizer_state().keys() == plain.export_optimizer_state().keys()
+
+
+def test_bf16_run_is_finite_and_recorded(backend, tmp_path):
+    recipe = RECIPE.replace(epochs=1, train_examples=256, test_examples=64)
+    record = training.train(backend, ARCH, recipe, tmp_path, progress=False, precision="bf16")
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["precision"] == record["precision"] == "bf16"
+    # MXNet 1.9 has no bfloat16 training path: it runs float32 and says so.
+    assert saved["arithmetic"].startswith("fp32 (bf16 asked" if backend.name == "mxnet" else "bf16 (")
+    assert np.isfinite(saved["epochs"][0]["batch_losses"]).all()
+
+
+def test_unknown_precision_is_refused(backend):
+    spec = training.fashion_mnist_spec(ARCH)
+    with pytest.raises(ValueError, match="unknown precision 'fp16'; valid: fp32, tf32, bf16"):
+        backend.make_trainer(backend.build(spec), 0.1, precision="fp16")
+
+
+def test_precision_flag_reaches_metrics(tmp_path, capsys):
+    from conftest import backend_or_skip
+
+    from conformance.cli import main
+
+    backend_or_skip("torch")
+    argv = ["train", "--backend", "torch", "--arch", ARCH, "--size", "16", "--epochs", "1", "--batch-size", "32",
+            "--train-examples", "64", "--test-examples", "32", "--out", str(tmp_path), "--quiet", "--precision", "tf32"]
+    assert main(argv) == 0
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["precision"] == "tf32" and saved["arithmetic"] == "fp32 (TF32 exists only on GPUs)"
+    assert json.loads(capsys.readouterr().out)["arithmetic"] == saved["arithmetic"]
+
+
+def test_diverging_run_stops_at_the_first_non_finite_loss(tmp_path):
+    from conftest import backend_or_skip
+
+    backend = backend_or_skip("torch")
+    with pytest.raises(TrainingError, match=r"diverged: the loss is (nan|inf) at epoch 1, step \d+;.*lower --lr"):
+        training.train(backend, ARCH, RECIPE.replace(lr=1e8, momentum=0.0, epochs=1), tmp_path, progress=False)
+    assert not (tmp_path / "metrics.json").exists()  # nothing committed
+
+
+def test_divergence_leaves_the_last_good_checkpoint_resumable(tmp_path, monkeypatch):
+    from conftest import backend_or_skip
+
+    backend = backend_or_skip("torch")
+    recipe = RECIPE.replace(epochs=2, train_examples=256, test_examples=64)
+    make_trainer = backend.make_trainer
+
+    def poisoned(*args, **kwargs):  # the third loss of epoch 2 reads back as NaN
+        trainer = make_trainer(*args, **kwargs)
+        read_sums = trainer.read_sums
+
+        def read():
+            loss_sum, correct, seen, losses = read_sums()
+            if trainer.epochs_read == 1:
+                losses[2] = float("nan")
+            trainer.epochs_read += 1
+            return loss_sum, correct, seen, losses
+        trainer.epochs_read, trainer.read_sums = 0, read
+        return trainer
+
+    monkeypatch.setattr(backend, "make_trainer", poisoned)
+    with pytest.raises(TrainingError, match=r"loss is nan at epoch 2, step 3; the last good checkpoint, epoch 1, "
+                                            r"is intact .*--resume"):
+        training.train(backend, ARCH, recipe, tmp_path, progress=False)
+    assert [e["epoch"] for e in json.loads((tmp_path / "metrics.json").read_text())["epochs"]] == [1]
+    monkeypatch.setattr(backend, "make_trainer", make_trainer)
+    resumed = training.train(backend, ARCH, recipe, tmp_path, resume=True, progress=False)
+    assert [e["epoch"] for e in resumed["epochs"]] == [1, 2]

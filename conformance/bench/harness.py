@@ -1,0 +1,162 @@
+"""`densenet-xf bench`: every measurement in its own process, on the same data, then a report.
+
+For each shape (the quick recipe's on the CPU; the d2l recipe's and densenet121 at 224x224
+on a GPU), for each backend: the d2l book's code for its framework (the anchor), then the
+project's trainer in each precision. The data set is written once, as uint8 .npy files,
+and every measurement steps through the same seeded index batches of it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .. import data
+from ..backends import PRECISIONS, backend_names, check_device
+from ..training import RECIPES, fashion_mnist_spec
+from . import report
+
+RUNS = ("anchor", *PRECISIONS)
+WORKER_TIMEOUT_S = 900
+
+
+@dataclass(frozen=True)
+class Shape:
+    arch: str
+    size: int
+    batch: int
+    examples: int  # the first N Fashion-MNIST training images
+
+    @property
+    def name(self) -> str:
+        return f"{self.arch} {self.size}x{self.size}, batch {self.batch}"
+
+
+def recipe_shape(name: str) -> Shape:
+    recipe = RECIPES[name]
+    return Shape("d2l", recipe.size, recipe.batch_size, recipe.train_examples or data.FILES["train_labels"][2][0])
+
+
+SHAPES = {  # the quick recipe's on a CPU; on a GPU the d2l recipe's and densenet121 at ImageNet's size
+    "cpu": [recipe_shape("quick")],
+    "gpu": [recipe_shape("d2l"), Shape("densenet121", 224, 128, 12800)],
+}
+# (warm-up steps, measured steps): a full CPU run of the four backends stays near ten minutes on two cores.
+STEPS = {"cpu": (5, 30), "gpu": (20, 200)}
+QUICK_STEPS = (2, 5)
+
+
+def shapes_for(device, arch=None, size=None, batch=None, examples=None) -> list[Shape]:
+    """The device's shapes, or one shape built from the overrides (tests use a tiny net)."""
+    if arch is None and size is None and batch is None and examples is None:
+        return SHAPES[device]
+    first = SHAPES[device][0]
+    batch = batch or first.batch
+    shape = Shape(arch or first.arch, size or first.size, batch, examples or max(first.examples, batch))
+    if shape.examples < shape.batch:
+        raise ValueError(f"--examples {shape.examples} is smaller than one batch of {shape.batch}")
+    from ..specs import check_input_size
+    check_input_size(fashion_mnist_spec(shape.arch), shape.size)
+    return [shape]
+
+
+def write_data(shape: Shape, directory: Path, data_dir=None) -> None:
+    """The shape's training images (uint8, resized) and labels, once, for every worker."""
+    if shape.size <= 96:  # cached by data.load_resized
+        d = data.load_resized(shape.size, data_dir)
+        images, labels = d["train_images"][:shape.examples], d["train_labels"][:shape.examples]
+    else:  # resize only the subset: a cached 224x224 copy of all 70,000 would take 3.5 GB
+        d = data.load_fashion_mnist(data_dir)
+        images = data.resize_images(d["train_images"][:shape.examples], shape.size)
+        labels = d["train_labels"][:shape.examples]
+    directory.mkdir(parents=True, exist_ok=True)
+    np.save(directory / "images.npy", np.ascontiguousarray(images))
+    np.save(directory / "labels.npy", np.ascontiguousarray(labels))
+
+
+def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_dir) -> dict:
+    name = f"{shape.arch}-{shape.size}-{backend}-{run}"
+    result_path, log = out_dir / "runs" / f"{name}.json", out_dir / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "conformance.bench.worker", "--backend", backend, "--run", run,
+               "--spec", fashion_mnist_spec(shape.arch).to_json(), "--batch", str(shape.batch),
+               "--data", str(data_path), "--device", device, "--warmup", str(warmup), "--steps", str(steps),
+               "--out", str(result_path)] + (["--compile"] if compile else [])
+    with open(log, "w") as stream:
+        try:
+            code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
+                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            code = None
+    if result_path.is_file():
+        return json.loads(result_path.read_text())
+    why = f"timed out after {WORKER_TIMEOUT_S} s" if code is None else f"worker exited with code {code}"
+    tail = log.read_text(errors="replace")[-2000:]
+    return {"status": "error", "reason": f"{why}; log: {log}", "traceback": tail}
+
+
+def _skip_reason(rows, backend, shape, device) -> str | None:
+    """Why the rest of a backend's measurements need not run: its framework is missing, or
+    on a GPU run it fell back to the CPU on an earlier shape (one shape shows that)."""
+    trainer = [row for row in rows if row["backend"] == backend and row["run"] != "anchor"]
+    missing = [row for row in trainer if row["status"] == "skipped"]
+    if missing:
+        return missing[0]["reason"]
+    earlier = [row for row in rows if row["backend"] == backend and row["shape"] != shape.name]
+    if device == "gpu" and any(row["status"] == "ok" and row["device"].startswith("cpu") for row in earlier):
+        return f"{backend} ran on the CPU on an earlier shape of this GPU run; not measured at this size"
+    return None
+
+
+def run(out_dir="build/bench", device="cpu", backends=None, warmup=None, steps=None, quick=False,
+        shapes=None, compile=False, data_dir=None, publish=None, progress=True) -> int:
+    """Measure, write bench.json, bench.md and bench.png in `out_dir`; non-zero if a measurement crashed."""
+    from tqdm.auto import tqdm
+
+    check_device(device)
+    backends = list(backends or backend_names())
+    shapes = shapes or SHAPES[device]
+    default_warmup, default_steps = QUICK_STEPS if quick else STEPS[device]
+    warmup = default_warmup if warmup is None else warmup
+    steps = default_steps if steps is None else steps
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"warm-up and measured steps must be at least 1, got {warmup} and {steps}")
+    out_dir = Path(out_dir)
+    for stale in ("runs", "logs", "data"):
+        shutil.rmtree(out_dir / stale, ignore_errors=True)
+    started = time.time()
+    rows = []
+    bar = tqdm(total=len(shapes) * len(backends) * len(RUNS), desc="bench", unit="run", disable=not progress)
+    try:
+        for shape in shapes:
+            data_path = out_dir / "data" / f"{shape.arch}-{shape.size}"
+            write_data(shape, data_path, data_dir)
+            for backend in backends:
+                for run_name in RUNS:
+                    bar.set_description(f"bench {shape.arch}@{shape.size} {backend} {run_name}")
+                    reason = _skip_reason(rows, backend, shape, device)
+                    result = ({"status": "skipped", "reason": reason} if reason else
+                              _worker(backend, run_name, shape, data_path, device, warmup, steps, compile, out_dir))
+                    rows.append({"shape": shape.name, "backend": backend, "run": run_name, **result})
+                    bar.update(1)
+            shutil.rmtree(data_path, ignore_errors=True)
+    finally:
+        bar.close()
+        shutil.rmtree(out_dir / "data", ignore_errors=True)
+    result = report.build(rows, device, [asdict(s) | {"name": s.name} for s in shapes], warmup, steps,
+                          compile, seconds=time.time() - started)
+    report.write(out_dir, result)
+    print(report.markdown(result))
+    print(f"bench: {out_dir / 'bench.md'} (and bench.json, bench.png)")
+    if publish:
+        report.publish(out_dir, Path(publish))
+        print(f"published to {publish}")
+    return 1 if any(row["status"] == "error" for row in rows) else 0

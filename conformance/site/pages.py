@@ -1,0 +1,139 @@
+"""Markdown the site's pages are expanded into at build time (the mkdocs hook calls `expand`).
+
+A hand-written page in docs/ holds no code of its own. It asks for code with three forms,
+each replaced here by content tabs (PyTorch | MXNet | TensorFlow | JAX):
+
+    <!-- xf:listing NAME -->           definitions cut from the backends (LISTINGS below)
+    <!-- xf:run TOPIC -->              docs/snippets/TOPIC_<backend>.py and its output, run now
+    <!-- xf:run TOPIC markdown -->     the same, the output shown as Markdown (a table)
+    [text](xf:PATH:NAME)               a link to the line where PATH defines NAME
+
+and every backend module gets a generated page, code/PATH.md, with numbered, linkable lines.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import textwrap
+
+from .. import listing
+from . import snippets, source
+from .source import BACKENDS, TABS
+
+# name -> the definitions each backend shows for it: (file in the package, names, first found wins).
+LISTINGS: dict[str, dict[str, list[tuple[str, tuple[str, ...]]]]] = {
+    names[0]: {backend: [("model.py", names)] for backend in BACKENDS} for names in listing.BLOCKS
+}
+LISTINGS["batch_norm"] = {backend: [("model.py", ("BN_MOMENTUM",)), ("model.py", ("batch_norm",))]
+                          for backend in BACKENDS}
+LISTINGS["loss"] = {backend: [("train.py", ("loss_fn",))] for backend in BACKENDS}
+LISTINGS["optimizer"] = {backend: [("train.py", ("Trainer.__init__",))] for backend in BACKENDS}
+LISTINGS["train_step"] = {
+    "torch": [("train.py", ("Trainer.train_step",))],
+    "mxnet": [("train.py", ("Trainer.train_step",))],
+    "tf": [("train.py", ("gradient_step",)), ("train.py", ("Trainer.sgd_step",)), ("train.py", ("Trainer.train_step",))],
+    "jax": [("train.py", ("train_logits",)), ("train.py", ("loss_and_logits",)), ("train.py", ("grad_fn",)),
+            ("train.py", ("train_step",))],
+}
+
+DIRECTIVE = re.compile(r"^<!-- xf:(listing|run) ([\w]+)( markdown)? -->$", re.MULTILINE)
+LINK = re.compile(r"\]\(xf:([\w/.]+\.py):([\w.]+)\)")
+
+
+def code_page(path: str) -> str:
+    """The generated page's source path for a source file: code/densenet_tf/model.py.md."""
+    return f"code/{path}.md"
+
+
+def line_anchor(line: int) -> str:
+    # pymdownx.highlight's id for line `line` of the page's first code block (anchor_linenums).
+    return f"__codelineno-0-{line}"
+
+
+def relative(target: str, page: str) -> str:
+    return posixpath.relpath(target, posixpath.dirname(page) or ".")
+
+
+def link_to(definition: source.Definition, page: str) -> str:
+    return relative(code_page(definition.path), page) + "#" + line_anchor(definition.first_line)
+
+
+def tab(title: str, body: str) -> str:
+    return f'=== "{title}"\n\n' + textwrap.indent(body.strip("\n"), "    ") + "\n"
+
+
+def fence(code: str, language: str = "python", options: str = "") -> str:
+    return f"```{language}{' ' + options if options else ''}\n{code.rstrip()}\n```\n"
+
+
+def render_definition(definition: source.Definition, page: str) -> str:
+    where = f"[`{definition.path}`, line {definition.first_line}]({link_to(definition, page)})"
+    return f"{where}\n\n" + fence(definition.code, options=f'linenums="{definition.first_line}"')
+
+
+def render_listing(name: str, page: str) -> str:
+    if name not in LISTINGS:
+        raise LookupError(f"{page}: no listing {name!r}; known: {', '.join(LISTINGS)}")
+    tabs = []
+    for backend, wanted in LISTINGS[name].items():
+        parts = [render_definition(source.first_found(f"{BACKENDS[backend]}/{file}", names), page)
+                 for file, names in wanted]
+        tabs.append(tab(TABS[backend], "\n".join(parts)))
+    return "\n".join(tabs)
+
+
+def render_snippet(snippet: snippets.Snippet, as_markdown: bool) -> str:
+    path = snippet.path.relative_to(source.ROOT).as_posix()
+    code = fence(snippet.code, options=f'title="{path}"')
+    if not snippet.installed:
+        return code + (f'\n!!! warning "Not run"\n    {snippets.FRAMEWORK[snippet.backend]} was not installed '
+                       "where this site was built, so this snippet's output is missing here.\n")
+    output = snippets.run(snippet)
+    shown = output if as_markdown else fence(output, "text")
+    return code + "\nOutput, computed when this site was built:\n\n" + shown
+
+
+def render_run(topic: str, page: str, as_markdown: bool) -> str:
+    found = snippets.snippets(topic)
+    if not found:
+        raise LookupError(f"{page}: no snippets docs/snippets/{topic}_<backend>.py")
+    return "\n".join(tab(TABS[s.backend], render_snippet(s, as_markdown)) for s in found)
+
+
+def expand(markdown: str, page: str) -> str:
+    """A page's Markdown with its directives replaced and its xf: links resolved."""
+    def directive(match):
+        kind, name, as_markdown = match.groups()
+        return render_listing(name, page) if kind == "listing" else render_run(name, page, bool(as_markdown))
+
+    def link(match):
+        path, name = match.groups()
+        return f"]({link_to(source.find(path, name), page)})"
+
+    return LINK.sub(link, DIRECTIVE.sub(directive, markdown))
+
+
+def render_code_page(path: str) -> str:
+    text = (source.ROOT / path).read_text()
+    page = code_page(path)
+    names = [f"[`{d.name}`](#{line_anchor(d.first_line)})" for d in source.definitions(path).values()
+             if "." not in d.name]
+    return (f"# `{path}`\n\nThe file as this site was built from it. Definitions: {', '.join(names)}.\n\n"
+            + fence(text, options='linenums="1"') + f"\n[All source files]({relative('code/index.md', page)})\n")
+
+
+def render_code_index() -> str:
+    rows = [f"| {TABS[backend]} | " + " ".join(
+        f"[`{path.split('/')[1]}`]({relative(code_page(path), 'code/index.md')})"
+        for path in source.source_files() if path.startswith(package + "/")) + " |"
+        for backend, package in BACKENDS.items()]
+    return ("# Source code\n\nEvery backend module, as this site was built from it, with numbered lines "
+            "that the other pages link to.\n\n| backend | files |\n| --- | --- |\n" + "\n".join(rows) + "\n")
+
+
+def generated_pages() -> dict[str, str]:
+    """Source path on the site -> Markdown, for the pages that exist only at build time."""
+    pages = {code_page(path): render_code_page(path) for path in source.source_files()}
+    pages["code/index.md"] = render_code_index()
+    return pages

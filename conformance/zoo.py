@@ -1,0 +1,402 @@
+"""Model-zoo interop without a framework: formats, key names, layouts, architecture inference.
+
+Three model zoos publish DenseNet weights, each in its own names and layouts:
+
+- torchvision (`.pth`): the canonical keys themselves, or, in the files torchvision still
+  publishes, the pre-2018 layout `...denselayer1.norm.1.weight` for `...denselayer1.norm1.weight`;
+- Keras applications (`.h5` legacy, `.weights.h5` Keras 3): one layer per name
+  (`conv2_block1_1_conv`, `pool2_bn`, `predictions`), HWIO conv kernels, (in, out) dense kernels;
+- the MXNet Gluon model zoo (`.params`): structural names (`features.4.0.1.2.weight`), OIHW.
+
+This module renames and transposes between those and the canonical state (NumPy only), infers
+the `DenseNetSpec` from the tensors, and dispatches reading and writing to the backend that owns
+each format (imported only then). `docs/zoo.md` lists every difference between the zoos' networks
+and ours, and how each is handled.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .specs import ARCHS, DenseNetSpec, get_spec, parameter_table
+from .weights import IGNORED_SUFFIXES, CheckpointError, load_state, save_state, spec_of_checkpoint, validate_state
+
+# ImageNet preprocessing of torchvision and of Keras' `preprocess_input(mode="torch")`:
+# scale to [0, 1], then subtract the mean and divide by the standard deviation, per RGB channel.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# Keras applications' BatchNormalization epsilon; ours (and torchvision's, Gluon's) is 1e-5.
+# Conversion folds the difference into the running variance, exactly:
+# (x - m) / sqrt(v + 1.001e-5) == (x - m) / sqrt((v + 1e-8) + 1e-5).
+KERAS_BN_EPS = 1.001e-5
+CANONICAL_BN_EPS = 1e-5
+KERAS_EPS_SHIFT = KERAS_BN_EPS - CANONICAL_BN_EPS
+
+FORMATS = {
+    "canonical": "densenet-xf canonical safetensors",
+    "torchvision": "torchvision state dict (torch.save)",
+    "keras-h5": "Keras applications legacy HDF5 weights",
+    "keras": "Keras 3 .weights.h5",
+    "gluon": "MXNet Gluon model-zoo .params",
+}
+# Which backend package reads and writes each zoo format.
+OWNERS = {"torchvision": "densenet_torch", "keras-h5": "densenet_tf", "keras": "densenet_tf", "gluon": "densenet_mxnet"}
+
+# The constructors every backend offers, by zoo name.
+ZOO_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
+
+
+class ZooError(CheckpointError):
+    """A model-zoo file that cannot be read or written as asked; the message names the file."""
+
+
+def detect_format(path, override: str | None = None) -> str:
+    """The format of `path` from its suffix (`override`, a FORMATS name, wins)."""
+    if override is not None:
+        if override not in FORMATS:
+            raise ZooError(f"unknown format {override!r} for {path}; valid: {', '.join(FORMATS)}")
+        return override
+    name = Path(path).name.lower()
+    for suffix, fmt in ((".safetensors", "canonical"), (".pth", "torchvision"), (".pt", "torchvision"),
+                        (".weights.h5", "keras"), (".h5", "keras-h5"), (".hdf5", "keras-h5"), (".params", "gluon")):
+        if name.endswith(suffix):
+            return fmt
+    raise ZooError(f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt, "
+                   f".h5 (Keras applications), .weights.h5 (Keras 3) or .params (Gluon), or pass --from/--to")
+
+
+# ---------------------------------------------------------------------------------------
+# Architecture inference
+
+
+def _layer_counts(keys) -> list[int]:
+    counts = Counter(int(m.group(1)) for key in keys
+                     if (m := re.match(r"features\.denseblock(\d+)\.denselayer\d+\.norm1\.weight$", key)))
+    return [counts[b] for b in range(1, len(counts) + 1)]
+
+
+def infer_spec(state: dict, source: str = "state") -> DenseNetSpec:
+    """The architecture of a canonical state, from its keys and shapes; a known name when one fits."""
+    try:
+        conv0 = np.shape(state["features.conv0.weight"])
+        blocks = _layer_counts(state)
+        layer = "features.denseblock1.denselayer1"
+        bottleneck = f"{layer}.conv2.weight" in state
+        growth = np.shape(state[f"{layer}.conv2.weight" if bottleneck else f"{layer}.conv1.weight"])[0]
+        bn_size = np.shape(state[f"{layer}.conv1.weight"])[0] // growth if bottleneck else None
+        if len(blocks) > 1:
+            out, inp = np.shape(state["features.transition1.conv.weight"])[:2]
+            compression = out / inp
+        else:
+            compression = 0.5
+        classes = np.shape(state["classifier.weight"])[0]
+    except (KeyError, IndexError, ValueError) as error:
+        raise ZooError(f"{source} is not a DenseNet state: no {error} to infer the architecture from") from None
+    spec = DenseNetSpec("custom", "imagenet" if "features.norm0.weight" in state else "cifar", conv0[0], growth,
+                        tuple(blocks), bn_size, compression, "features.conv0.bias" in state, conv0[1], classes)
+    validate_state(state, spec, source=source)  # the rest of the tensors must fit what was inferred
+    return _named(spec)
+
+
+def _named(spec: DenseNetSpec) -> DenseNetSpec:
+    for name, known in ARCHS.items():
+        if known.replace(name="custom", drop_rate=0.0) == spec.replace(name="custom", drop_rate=0.0):
+            return spec.replace(name=name)
+    return spec.replace(name=f"densenet-k{spec.growth_rate}-{'-'.join(map(str, spec.block_config))}")
+
+
+def check_arch(spec: DenseNetSpec, arch, source) -> DenseNetSpec:
+    """`arch` (a name or spec) must describe the inferred `spec`; num_classes may differ only by name."""
+    if arch is None:
+        return spec
+    expected = get_spec(arch)
+    if expected.replace(name=spec.name) != spec:
+        raise ZooError(f"{source} holds {spec.to_json()}, not {expected.name} ({expected.to_json()})")
+    return expected
+
+
+# ---------------------------------------------------------------------------------------
+# torchvision: today's keys are the canonical ones; the pre-2018 files say norm.1 for norm1
+
+_TORCHVISION_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+
+
+def from_torchvision(state: dict) -> dict:
+    """torchvision's key layouts (both) -> canonical keys; `num_batches_tracked` dropped.
+    The regex is the one torchvision's `densenet._load_state_dict` uses."""
+    out = {}
+    for key, value in state.items():
+        match = _TORCHVISION_LEGACY.match(key)
+        key = match.group(1) + match.group(2) if match else key
+        if not key.endswith(IGNORED_SUFFIXES):
+            out[key] = np.asarray(value)
+    return out
+
+
+def to_torchvision(state: dict, legacy: bool = False) -> dict:
+    """Canonical -> torchvision keys: today's (what `load_state_dict` takes) or the pre-2018 layout."""
+    if not legacy:
+        return dict(state)
+    return {re.sub(r"(denselayer\d+\.(?:norm|conv))([12])\.", r"\1.\2.", key): value for key, value in state.items()}
+
+
+# ---------------------------------------------------------------------------------------
+# Keras applications: layer names, weight lists, HWIO/(in, out) layouts
+
+KERAS_CONV_ORDER = ("weight",)  # Keras applications' convs have no bias
+KERAS_NORM_ORDER = ("weight", "bias", "running_mean", "running_var")  # gamma, beta, moving_mean, moving_variance
+KERAS_DENSE_ORDER = ("weight", "bias")
+
+
+def keras_layer_name(module: str) -> str:
+    """A canonical module ("features.denseblock1.denselayer2.conv1") as a Keras applications layer name."""
+    if module == "classifier":
+        return "predictions"
+    parts = module.split(".")[1:]
+    if parts == ["conv0"]:
+        return "conv1_conv"
+    if parts == ["norm0"]:
+        return "conv1_bn"
+    if parts == ["norm5"]:
+        return "bn"
+    if parts[0].startswith("transition"):
+        return f"pool{int(parts[0][10:]) + 1}_{'bn' if parts[1] == 'norm' else 'conv'}"
+    block, layer, leaf = int(parts[0][10:]), int(parts[1][10:]), parts[2]
+    suffix = {"norm1": "0_bn", "conv1": "1_conv", "norm2": "1_bn", "conv2": "2_conv"}[leaf]
+    return f"conv{block + 1}_block{layer}_{suffix}"
+
+
+def keras_block_config(layer_names) -> tuple[int, ...]:
+    """The block config from Keras applications layer names (`conv2_block6_0_bn`, ...)."""
+    counts = Counter(int(m.group(1)) for name in layer_names if (m := re.fullmatch(r"conv(\d+)_block\d+_0_bn", name)))
+    return tuple(counts[stage] for stage in range(2, len(counts) + 2))
+
+
+def keras_spec(block_config, classes: int) -> DenseNetSpec:
+    """What Keras applications' `DenseNet(blocks)` builds: k=32, 64 init features, 4k bottleneck."""
+    return _named(DenseNetSpec("custom", "imagenet", 64, 32, tuple(block_config), bn_size=4, compression=0.5,
+                               conv_bias=False, in_channels=3, num_classes=classes))
+
+
+def _modules(spec: DenseNetSpec) -> dict[str, list[str]]:
+    modules: dict[str, list[str]] = {}
+    for key in parameter_table(spec):
+        module, leaf = key.rsplit(".", 1)
+        modules.setdefault(module, []).append(leaf)
+    return modules
+
+
+def _to_keras_layout(array):
+    if array.ndim == 4:
+        return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    return array.T if array.ndim == 2 else array  # (out, in) -> (in, out)
+
+
+def _to_torch_layout(array):
+    if array.ndim == 4:
+        return array.transpose(3, 2, 0, 1)
+    return array.T if array.ndim == 2 else array
+
+
+def to_keras(state: dict, spec: DenseNetSpec) -> dict[str, list[np.ndarray]]:
+    """Canonical state -> {Keras layer name: its weights in Keras order and layout}, eps folded."""
+    state = validate_state(state, spec)
+    layers = {}
+    for module, leaves in _modules(spec).items():
+        arrays = [np.ascontiguousarray(_to_keras_layout(state[f"{module}.{leaf}"])) for leaf in leaves]
+        if "running_var" in leaves:  # ours divides by sqrt(v + 1e-5), Keras by sqrt(v + 1.001e-5)
+            arrays[3] = (arrays[3].astype(np.float64) - KERAS_EPS_SHIFT).astype(arrays[3].dtype)
+        layers[keras_layer_name(module)] = arrays
+    return layers
+
+
+def from_keras(layers: dict, spec: DenseNetSpec, source: str = "Keras weights") -> dict[str, np.ndarray]:
+    """{Keras layer name: weights} -> canonical state, eps folded into the running variance."""
+    state = {}
+    for module, leaves in _modules(spec).items():
+        name = keras_layer_name(module)
+        arrays = layers.get(name)
+        if arrays is None or len(arrays) != len(leaves):
+            raise ZooError(f"{source}: layer {name} ({module}) should hold {len(leaves)} weights, "
+                           f"got {'none' if arrays is None else len(arrays)}")
+        for leaf, array in zip(leaves, arrays):
+            array = np.asarray(array)
+            if leaf == "running_var":
+                array = (array.astype(np.float64) + KERAS_EPS_SHIFT).astype(array.dtype)
+            state[f"{module}.{leaf}"] = np.ascontiguousarray(_to_torch_layout(array))
+    return validate_state(state, spec, source=source)
+
+
+# ---------------------------------------------------------------------------------------
+# Gluon model zoo: structural names of `mxnet.gluon.model_zoo.vision.densenet.DenseNet`
+#
+# features: 0 conv0, 1 norm0, 2 relu, 3 max-pool, then per block its dense block (layer i is
+# a HybridConcurrent whose child 1 is BN, ReLU, Conv1x1, BN, ReLU, Conv3x3) and a transition
+# (BN, ReLU, Conv, AvgPool), then norm5, ReLU, AvgPool2D(7), Flatten; `output` is the classifier.
+
+_GLUON_LAYER_MODULES = {"0": "norm1", "2": "conv1", "3": "norm2", "5": "conv2"}
+
+
+def _gluon_modules(spec: DenseNetSpec) -> dict[str, str]:
+    """Canonical module -> Gluon structural prefix."""
+    modules = {"features.conv0": "features.0", "features.norm0": "features.1", "classifier": "output"}
+    index = 4
+    for b, layers in enumerate(spec.block_config, start=1):
+        for i in range(1, layers + 1):
+            for leaf_index, leaf in _GLUON_LAYER_MODULES.items():
+                modules[f"features.denseblock{b}.denselayer{i}.{leaf}"] = f"features.{index}.{i - 1}.1.{leaf_index}"
+        index += 1
+        if b < len(spec.block_config):
+            modules[f"features.transition{b}.norm"] = f"features.{index}.0"
+            modules[f"features.transition{b}.conv"] = f"features.{index}.2"
+            index += 1
+    modules["features.norm5"] = f"features.{index}"
+    return modules
+
+
+def gluon_spec(names_shapes: dict, source: str = "Gluon parameters") -> DenseNetSpec:
+    """The architecture from Gluon structural names and shapes (bottleneck, no bias, like its zoo)."""
+    try:
+        init, in_channels = names_shapes["features.0.weight"][:2]
+        classes = names_shapes["output.weight"][0]
+        blocks, index = [], 4
+        while f"features.{index}.0.1.0.gamma" in names_shapes:
+            blocks.append(len({m.group(1) for name in names_shapes
+                               if (m := re.match(rf"features\.{index}\.(\d+)\.1\.0\.gamma$", name))}))
+            index += 2
+        growth, width = names_shapes["features.4.0.1.5.weight"][:2]
+    except (KeyError, ValueError) as error:
+        raise ZooError(f"{source} is not a Gluon model-zoo DenseNet: missing parameter {error}") from None
+    return _named(DenseNetSpec("custom", "imagenet", init, growth, tuple(blocks), width // growth, 0.5,
+                               False, in_channels, classes))
+
+
+def gluon_names(spec: DenseNetSpec) -> dict[str, str]:
+    """Canonical key -> Gluon model-zoo structural name (BatchNorm weight/bias are gamma/beta)."""
+    prefixes = _gluon_modules(spec)
+    names = {}
+    for key in parameter_table(spec):
+        module, leaf = key.rsplit(".", 1)
+        if module.rsplit(".", 1)[-1].startswith("norm"):
+            leaf = {"weight": "gamma", "bias": "beta"}.get(leaf, leaf)
+        names[key] = f"{prefixes[module]}.{leaf}"
+    return names
+
+
+def from_gluon(params: dict, spec: DenseNetSpec, source: str = "Gluon parameters") -> dict[str, np.ndarray]:
+    names = gluon_names(spec)
+    missing = [name for name in names.values() if name not in params]
+    extra = sorted(set(params) - set(names.values()))
+    if missing or extra:
+        raise ZooError(f"{source} does not fit Gluon's model-zoo {spec.name}: "
+                       + "; ".join(f"{len(items)} {title} parameter(s): {', '.join(items[:8])}"
+                                   for title, items in (("missing", missing), ("unexpected", extra)) if items))
+    return validate_state({key: np.asarray(params[name]) for key, name in names.items()}, spec, source=source)
+
+
+def to_gluon(state: dict, spec: DenseNetSpec) -> dict[str, np.ndarray]:
+    state = validate_state(state, spec)
+    return {name: state[key] for key, name in gluon_names(spec).items()}
+
+
+def check_gluon_spec(spec: DenseNetSpec, source) -> None:
+    """Gluon's zoo builds only bottleneck nets without conv bias, ImageNet stem, compression 0.5."""
+    if spec.stem != "imagenet" or spec.bn_size is None or spec.conv_bias or spec.compression != 0.5:
+        raise ZooError(f"{source}: Gluon's model-zoo DenseNet cannot hold {spec.name} "
+                       f"(it needs the ImageNet stem, a bottleneck, no conv bias, compression 0.5)")
+
+
+def check_keras_spec(spec: DenseNetSpec, source) -> None:
+    """Keras applications' builder fixes k=32, 64 init features, 3 input channels and the rest."""
+    if spec != keras_spec(spec.block_config, spec.num_classes).replace(name=spec.name):
+        raise ZooError(f"{source}: Keras applications' DenseNet cannot hold {spec.name} (it fixes the ImageNet stem "
+                       f"with 64 features, growth 32, a 4k bottleneck, no conv bias, compression 0.5, 3 channels)")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading and writing any format
+
+
+def _owner(fmt):
+    module = f"{OWNERS[fmt]}.zoo"
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise ZooError(f"reading or writing {FORMATS[fmt]} needs {OWNERS[fmt]}'s framework: {error}") from error
+
+
+def read_weights(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray]]:
+    """(spec, canonical state) from a file in any format; only the owning framework is imported."""
+    fmt = detect_format(path, fmt)
+    if not Path(path).is_file():
+        raise ZooError(f"no weights file at {path}")
+    if fmt == "canonical":
+        spec = check_arch(spec_of_checkpoint(path), arch, path)
+        return spec, load_state(path, spec)
+    state = _owner(fmt).read_zoo(path, fmt)
+    spec = check_arch(infer_spec(state, str(path)), arch, path)
+    return spec, validate_state(state, spec, source=str(path))
+
+
+def write_weights(path, state: dict, spec: DenseNetSpec, fmt: str | None = None) -> None:
+    """Write a canonical state in `fmt` (default: from the suffix), atomically."""
+    fmt = detect_format(path, fmt)
+    if fmt == "canonical":
+        save_state(path, state, spec)
+    else:
+        _owner(fmt).write_zoo(path, validate_state(state, spec), spec, fmt)
+
+
+def convert(src, dst, arch=None, src_format=None, dst_format=None) -> DenseNetSpec:
+    spec, state = read_weights(src, src_format, arch)
+    write_weights(dst, state, spec, dst_format)
+    return spec
+
+
+def zoo_spec(name: str, num_classes: int = 1000) -> DenseNetSpec:
+    if name not in ZOO_ARCHS:
+        raise ZooError(f"unknown zoo model {name!r}; valid: {', '.join(ZOO_ARCHS)}")
+    spec = get_spec(name)
+    return spec if num_classes == spec.num_classes else spec.replace(num_classes=num_classes)
+
+
+def weights_for(name: str, weights, num_classes: int) -> tuple[DenseNetSpec, dict | None]:
+    """The spec and (if `weights` is a path) the state a zoo-style constructor builds."""
+    spec = zoo_spec(name, num_classes)
+    if weights is None or weights is False:
+        return spec, None
+    file_spec, state = read_weights(weights)
+    if file_spec.replace(name=spec.name, num_classes=spec.num_classes) != spec:
+        raise ZooError(f"{weights} holds {file_spec.name}, not {name}")
+    if file_spec.num_classes != num_classes:
+        raise ZooError(f"{weights} has {file_spec.num_classes} classes, not num_classes={num_classes}; "
+                       f"load it with its own class count and replace the classifier to fine-tune (docs/zoo.md)")
+    return spec, state
+
+
+# ---------------------------------------------------------------------------------------
+# The zoo row of `make conformance`: each owner writes a small zoo model's file (random
+# weights and BatchNorm statistics) and its logits; every backend reproduces them.
+
+SAMPLES = {  # format -> (spec, input size): small, and 224 where Gluon's AvgPool2D(7) needs a 7x7 map
+    "torchvision": (get_spec("tiny"), 32),
+    "keras-h5": (keras_spec((1, 1, 2, 1), 7), 32),
+    "gluon": (DenseNetSpec("gluon_small", "imagenet", 8, 4, (1, 1, 1, 1), 2, 0.5, False, 3, 5), 224),
+}
+SAMPLE_SUFFIX = {"torchvision": ".pth", "keras-h5": ".h5", "gluon": ".params"}
+
+
+def sample_images(size: int, batch: int = 2) -> np.ndarray:
+    return np.random.default_rng(5).uniform(-2, 2, (batch, 3, size, size)).astype(np.float32)
+
+
+def random_bn(rng, key: str, shape) -> np.ndarray:
+    """Random BatchNorm state by canonical leaf, so that a check tells gamma from beta and mean from var."""
+    low, high = (0.5, 2.0) if key.endswith(("weight", "running_var")) else (-0.5, 0.5)
+    return rng.uniform(low, high, shape).astype(np.float32)

@@ -1,0 +1,39 @@
+"""The Keras DenseNet in deployment formats: the `.keras` file (native) and ONNX.
+
+Keras 3 writes ONNX itself (`model.export(format="onnx")`), through tf2onnx on the
+TensorFlow backend. Both formats take any batch size and input size.
+"""
+
+import os
+import tempfile
+
+import keras
+import tf2onnx
+
+from conformance.weights import atomic_write_bytes
+
+EXPORTER = f"keras.Model.export(format='onnx') via tf2onnx {tf2onnx.__version__}, Keras {keras.__version__}"
+NATIVE_SUFFIX = ".keras"
+
+
+def written_by(write, suffix):
+    """The bytes a writer that takes only a file name writes, so that they land atomically."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model" + suffix)
+        write(path)
+        with open(path, "rb") as stream:
+            return stream.read()
+
+
+def save_native(model, path, size):
+    atomic_write_bytes(path, written_by(model.save, NATIVE_SUFFIX))
+
+
+def load_native(path):
+    """The saved model as a function from a NumPy batch to NumPy logits."""
+    model = keras.models.load_model(path)
+    return lambda x: keras.ops.convert_to_numpy(model(x, training=False))
+
+
+def export_onnx(model, path, size):
+    atomic_write_bytes(path, written_by(lambda name: model.export(name, format="onnx", verbose=False), ".onnx"))

@@ -1,0 +1,373 @@
+"""Model-zoo interop: each zoo's own model, saved in its own format, converted, reproduced by
+every backend; exported back and reproduced by the zoo's model; bad files give clear errors.
+
+torchvision cannot be imported here (its wheels are CUDA builds), so its path is tested with
+state dicts in both key layouts written from our PyTorch backend, whose keys are torchvision's.
+"""
+
+import pickle
+
+import numpy as np
+import pytest
+
+from conformance import specs, zoo
+from conformance.cli import main
+from conformance.weights import CheckpointError, init_state, save_state
+
+from conftest import backend_or_skip
+
+BACKENDS = ("torch", "mxnet", "tf", "jax")
+REL_TOL = 1e-5  # float32 logits of the same weights through different kernels; measured ~1e-7..1e-6
+
+# Keras applications' builder fixes k=32 and 64 init features; 4 blocks of 1-2 layers keep it small.
+KERAS_SPEC = zoo.keras_spec((1, 1, 2, 1), 7)
+# Gluon's zoo ends in AvgPool2D(7): the last map must be 7x7, so 4 blocks at 224x224.
+GLUON_SPEC = specs.DenseNetSpec("gluon_small", "imagenet", 8, 4, (1, 1, 1, 1), bn_size=2, compression=0.5,
+                                conv_bias=False, in_channels=3, num_classes=5)
+
+
+def rel_error(a, b):
+    return float(np.abs(np.asarray(a, np.float64) - b).max() / np.abs(b).max())
+
+
+def images(size, seed=0):
+    return np.random.default_rng(seed).standard_normal((2, 3, size, size)).astype(np.float32)
+
+
+def backend_logits(name, spec, state, x_nchw):
+    backend = backend_or_skip(name)
+    model = backend.build(spec)
+    backend.load_state(model, state)
+    return backend.forward(model, specs.to_layout(x_nchw, backend.layout), train=False)
+
+
+def assert_every_backend_reproduces(spec, state, x_nchw, expected, backends=BACKENDS):
+    errors = {name: rel_error(backend_logits(name, spec, state, x_nchw), expected) for name in backends}
+    assert max(errors.values()) < REL_TOL, errors
+
+
+# ---------------------------------------------------------------------------------------
+# framework-free parts
+
+
+def test_formats_by_suffix_and_override():
+    assert [zoo.detect_format(p) for p in ("a.safetensors", "a.pth", "a.pt", "a.h5", "a.weights.h5", "a.params")] == \
+        ["canonical", "torchvision", "torchvision", "keras-h5", "keras", "gluon"]
+    assert zoo.detect_format("weights.bin", "gluon") == "gluon"
+    with pytest.raises(zoo.ZooError, match="weights.bin"):
+        zoo.detect_format("weights.bin")
+    with pytest.raises(zoo.ZooError, match="unknown format"):
+        zoo.detect_format("a.pth", "onnx")
+
+
+@pytest.mark.parametrize("arch", ["tiny", "tiny_d2l", "densenet121", "densenet161", "densenet_bc100_k12", "densenet40_k12"])
+def test_infer_spec_names_every_architecture(arch):
+    spec = specs.get_spec(arch)
+    state = {key: np.zeros(shape, np.float32) for key, shape in specs.parameter_table(spec).items()}
+    assert zoo.infer_spec(state) == spec
+
+
+def test_infer_spec_of_an_unnamed_net_and_arch_check():
+    spec = zoo.infer_spec({k: np.zeros(s, np.float32) for k, s in specs.parameter_table(GLUON_SPEC).items()})
+    assert spec.replace(name="gluon_small") == GLUON_SPEC
+    with pytest.raises(zoo.ZooError, match="not densenet121"):
+        zoo.check_arch(spec, "densenet121", "x.pth")
+
+
+def test_torchvision_legacy_keys_round_trip():
+    state = init_state(specs.get_spec("tiny"))
+    legacy = zoo.to_torchvision(state, legacy=True)
+    assert "features.denseblock1.denselayer1.norm.1.weight" in legacy
+    assert "features.denseblock1.denselayer1.conv.2.weight" in legacy
+    assert "features.transition1.norm.weight" in legacy  # transitions were never renamed
+    assert zoo.from_torchvision({**legacy, "features.norm0.num_batches_tracked": np.zeros(())}).keys() == state.keys()
+
+
+def test_keras_and_gluon_names_are_a_bijection():
+    spec = specs.get_spec("densenet121")
+    state = init_state(spec)
+    keras_layers = zoo.to_keras(state, spec)
+    assert {"conv1_conv", "conv1_bn", "conv2_block6_2_conv", "pool4_conv", "conv5_block16_0_bn", "bn",
+            "predictions"} <= set(keras_layers)
+    assert keras_layers["conv1_conv"][0].shape == (7, 7, 3, 64)  # HWIO
+    back = zoo.from_keras(keras_layers, spec)
+    assert all(np.allclose(back[k], state[k], rtol=0, atol=1e-7) for k in state)
+    gluon = zoo.to_gluon(state, spec)
+    assert "features.4.5.1.5.weight" in gluon and "features.11.gamma" in gluon and "output.bias" in gluon
+    assert zoo.gluon_spec({k: v.shape for k, v in gluon.items()}) == spec
+
+
+def test_keras_epsilon_is_folded_into_the_running_variance():
+    """Keras divides by sqrt(v + 1.001e-5), we by sqrt(v + 1e-5): conversion adds 1e-8 to v."""
+    spec = KERAS_SPEC
+    state = init_state(spec, randomize_bn=True)
+    state["features.norm5.running_var"][:] = 1e-6  # where the epsilons differ by 0.5%
+    keras_var = zoo.to_keras(state, spec)["bn"][3]
+    ours = 1 / np.sqrt(np.float64(state["features.norm5.running_var"]) + zoo.CANONICAL_BN_EPS)
+    theirs = 1 / np.sqrt(np.float64(keras_var) + zoo.KERAS_BN_EPS)
+    assert rel_error(theirs, ours) < 1e-6
+
+
+# ---------------------------------------------------------------------------------------
+# torchvision
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["today", "pre-2018"])
+def test_torchvision_state_dicts_convert_and_reproduce(tmp_path, legacy):
+    torch = pytest.importorskip("torch")
+    from densenet_torch import zoo as torch_zoo
+    from densenet_torch.model import DenseNet
+
+    spec = specs.get_spec("tiny")
+    torch.manual_seed(0)
+    model = DenseNet(spec)
+    for name, buffer in model.named_buffers():
+        if name.endswith(("running_mean", "running_var")):
+            buffer.uniform_(0.5, 2.0)
+    x = images(32)
+    expected = model.eval()(torch.from_numpy(x)).detach().numpy()
+    state = {k: v.numpy() for k, v in model.state_dict().items()}  # with num_batches_tracked, as torchvision's
+    src = tmp_path / "tv.pth"
+    torch.save({k: torch.from_numpy(v) for k, v in zoo.to_torchvision(state, legacy).items()}, src)
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors"), "--arch", "tiny"]) == 0
+    spec2, canonical = zoo.read_weights(tmp_path / "c.safetensors")
+    assert spec2 == spec
+    assert_every_backend_reproduces(spec, canonical, x, expected)
+    torch_zoo.write_zoo(tmp_path / "back.pth", canonical, spec)
+    reloaded = DenseNet(spec)
+    reloaded.load_state_dict(torch.load(tmp_path / "back.pth", weights_only=True))  # strict, as torchvision's
+    assert rel_error(reloaded.eval()(torch.from_numpy(x)).detach().numpy(), expected) == 0
+
+
+# ---------------------------------------------------------------------------------------
+# Keras applications
+
+
+def keras_zoo_model(seed=0):
+    pytest.importorskip("tensorflow")
+    from densenet_tf import zoo as tf_zoo
+
+    model = tf_zoo.keras_application(KERAS_SPEC, input_shape=(32, 32, 3))
+    rng = np.random.default_rng(seed)
+    for layer in model.layers:
+        if layer.name.endswith("bn"):  # random gamma, beta, moving mean and variance
+            c = layer.weights[0].shape[0]
+            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c), rng.uniform(-0.5, 0.5, c),
+                               rng.uniform(0.5, 2.0, c)])
+    return model
+
+
+def keras_logits(model, x_nchw):
+    return np.asarray(model(x_nchw.transpose(0, 2, 3, 1), training=False))
+
+
+@pytest.mark.parametrize("suffix,backends", [(".h5", BACKENDS), (".weights.h5", ("torch",))])
+def test_keras_applications_file_converts_and_reproduces(tmp_path, suffix, backends):
+    """Every backend for the legacy file; the Keras 3 file reads to the same state, so one suffices."""
+    from densenet_tf import zoo as tf_zoo
+
+    model = keras_zoo_model()
+    x = images(32)
+    expected = keras_logits(model, x)
+    src = tmp_path / f"keras{suffix}"
+    tf_zoo.write_zoo(src, zoo.from_keras({l.name: [w.numpy() for w in l.weights] for l in model.layers},
+                                         KERAS_SPEC), KERAS_SPEC, zoo.detect_format(src))
+    spec, state = zoo.read_weights(src)
+    assert spec == KERAS_SPEC
+    assert_every_backend_reproduces(spec, state, x, expected, backends)
+    # ... and back: Keras' own builder and load_weights reproduce our logits.
+    ours = backend_logits("torch", spec, state, x)
+    dst = tmp_path / f"back{suffix}"
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors")]) == 0
+    assert main(["convert", str(tmp_path / "c.safetensors"), str(dst)]) == 0
+    fresh = tf_zoo.keras_application(spec, input_shape=(32, 32, 3))
+    fresh.load_weights(str(dst))
+    assert rel_error(keras_logits(fresh, x), ours) < REL_TOL
+
+
+def test_keras_file_of_another_model_is_refused(tmp_path):
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("densenet_tf")
+    other = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3, name="dense")])
+    path = tmp_path / "other.weights.h5"
+    other.save_weights(str(path))
+    with pytest.raises(CheckpointError, match=r"other\.weights\.h5 is not a Keras applications DenseNet"):
+        zoo.read_weights(path)
+
+
+# ---------------------------------------------------------------------------------------
+# Gluon model zoo
+
+
+def gluon_zoo_model():
+    pytest.importorskip("mxnet")
+    import mxnet as mx
+    from densenet_mxnet import zoo as mx_zoo
+
+    net = mx_zoo.gluon_application(GLUON_SPEC)
+    rng = np.random.default_rng(1)
+    with mx_zoo.legacy_mode():
+        net.initialize(mx.init.Xavier())
+        net(mx.nd.zeros((1, 3, 224, 224)))  # the zoo's layers infer their input widths
+        for name, param in net.collect_params().items():
+            if name.endswith(("gamma", "beta", "running_mean", "running_var")):
+                low, high = (0.5, 2.0) if name.endswith(("gamma", "running_var")) else (-0.5, 0.5)
+                param.set_data(mx.nd.array(rng.uniform(low, high, param.shape)))
+    return net
+
+
+def gluon_logits(net, x_nchw):
+    import mxnet as mx
+    from densenet_mxnet import zoo as mx_zoo
+
+    with mx_zoo.legacy_mode():
+        return net(mx.nd.array(x_nchw)).asnumpy()
+
+
+def test_gluon_model_zoo_file_converts_and_reproduces(tmp_path):
+    net = gluon_zoo_model()
+    import mxnet as mx  # noqa: F401
+    from densenet_mxnet import zoo as mx_zoo
+
+    x = images(224)
+    expected = gluon_logits(net, x)
+    src = tmp_path / "gluon.params"
+    with mx_zoo.legacy_mode():
+        net.save_parameters(str(src))
+    spec, state = zoo.read_weights(src)
+    assert spec.replace(name=GLUON_SPEC.name) == GLUON_SPEC
+    assert_every_backend_reproduces(spec, state, x, expected)
+    ours = backend_logits("torch", spec, state, x)
+    dst = tmp_path / "back.params"
+    zoo.write_weights(dst, state, spec)
+    fresh = mx_zoo.gluon_application(spec)
+    with mx_zoo.legacy_mode():
+        fresh.load_parameters(str(dst))  # strict: no missing or extra parameter
+    assert rel_error(gluon_logits(fresh, x), ours) < REL_TOL
+
+
+def test_gluon_file_with_missing_parameters(tmp_path):
+    pytest.importorskip("mxnet")
+    import mxnet as mx
+    from densenet_mxnet import zoo as mx_zoo
+
+    params = zoo.to_gluon(init_state(GLUON_SPEC), GLUON_SPEC)
+    del params["features.4.0.1.3.running_var"]
+    path = tmp_path / "missing.params"
+    with mx_zoo.legacy_mode():
+        mx.nd.save(str(path), {k: mx.nd.array(v) for k, v in params.items()})
+    with pytest.raises(CheckpointError, match=r"missing\.params.*missing parameter\(s\): features\.4\.0\.1\.3\.running_var"):
+        zoo.read_weights(path)
+
+
+# ---------------------------------------------------------------------------------------
+# bad files
+
+
+class RunsCode:
+    def __reduce__(self):
+        import os
+        return (os.system, ("echo pwned",))
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path):
+    pytest.importorskip("torch")
+    path = tmp_path / "evil.pth"
+    path.write_bytes(pickle.dumps({"features.conv0.weight": RunsCode()}))
+    with pytest.raises(CheckpointError, match=r"evil\.pth was refused by torch.load\(weights_only=True\)"):
+        zoo.read_weights(path)
+
+
+def test_pickle_that_is_not_a_state_dict(tmp_path):
+    torch = pytest.importorskip("torch")
+    path = tmp_path / "list.pth"
+    torch.save([torch.zeros(3)], path)
+    with pytest.raises(CheckpointError, match=r"list\.pth holds a list, not a state dict"):
+        zoo.read_weights(path)
+    torch.save({"fc.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    with pytest.raises(CheckpointError, match=r"other\.pth is not a DenseNet state"):
+        zoo.read_weights(tmp_path / "other.pth")
+
+
+@pytest.mark.parametrize("fmt,framework", [("pth", "torch"), ("params", "mxnet"), ("weights.h5", "tensorflow"),
+                                           ("safetensors", None)])
+def test_truncated_files(tmp_path, fmt, framework):
+    if framework:
+        pytest.importorskip(framework)
+    spec = specs.get_spec("densenet121") if fmt == "weights.h5" else GLUON_SPEC
+    if fmt == "weights.h5":
+        spec = KERAS_SPEC
+    whole = tmp_path / f"whole.{fmt}"
+    zoo.write_weights(whole, init_state(spec), spec)
+    cut = tmp_path / f"cut.{fmt}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=rf"cut\.{fmt}"):
+        zoo.read_weights(cut)
+    assert main(["convert", str(cut), str(tmp_path / "x.safetensors")]) == 2
+
+
+def test_convert_cli_reports_what_it_did(tmp_path, capsys):
+    spec = specs.get_spec("tiny")
+    save_state(tmp_path / "a.safetensors", init_state(spec), spec)
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b.bin"), "--to", "canonical"]) == 0
+    assert '"arch": "tiny"' in capsys.readouterr().out
+    assert main(["convert", str(tmp_path / "a.safetensors"), str(tmp_path / "b.pth"), "--arch", "d2l"]) == 2
+    assert "not d2l" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------
+# constructors people know
+
+
+@pytest.fixture(scope="module")
+def densenet121_pth(tmp_path_factory):
+    pytest.importorskip("torch")
+    spec = specs.get_spec("densenet121")
+    path = tmp_path_factory.mktemp("zoo") / "densenet121.pth"
+    zoo.write_weights(path, init_state(spec, seed=3, randomize_bn=True), spec)
+    return path
+
+
+def test_constructors_load_any_format(densenet121_pth):
+    import densenet_torch
+
+    state = zoo.read_weights(densenet121_pth)[1]
+    model = densenet_torch.densenet121(weights=str(densenet121_pth))
+    assert np.array_equal(model.state_dict()["features.norm5.running_var"].numpy(), state["features.norm5.running_var"])
+    with pytest.raises(CheckpointError, match="1000 classes, not num_classes=10"):
+        densenet_torch.densenet121(weights=str(densenet121_pth), num_classes=10)
+    with pytest.raises(CheckpointError, match="not densenet169"):
+        densenet_torch.densenet169(weights=str(densenet121_pth))
+
+
+@pytest.mark.slow
+def test_every_backend_constructor_reproduces_torch(densenet121_pth):
+    import densenet_torch
+    import torch
+
+    x = images(64)
+    expected = densenet_torch.densenet121(weights=densenet121_pth).eval()(torch.from_numpy(x)).detach().numpy()
+    backend_or_skip("tf")
+    import densenet_tf
+    model = densenet_tf.DenseNet121(weights=densenet121_pth)
+    assert rel_error(np.asarray(model(x.transpose(0, 2, 3, 1))), expected) < REL_TOL
+    features = densenet_tf.DenseNet121(include_top=False, weights=densenet121_pth, pooling="avg")
+    assert tuple(features(x.transpose(0, 2, 3, 1)).shape) == (2, 1024)
+    backend_or_skip("jax")
+    import densenet_jax
+    module, variables = densenet_jax.DenseNet121(weights=densenet121_pth)
+    assert rel_error(np.asarray(module.apply(variables, x.transpose(0, 2, 3, 1), train=False)), expected) < REL_TOL
+    backend_or_skip("mxnet")
+    import densenet_mxnet
+    from mxnet import np as mnp
+    net = densenet_mxnet.get_model("densenet121", pretrained=densenet121_pth)
+    assert rel_error(net(mnp.array(x)).asnumpy(), expected) < REL_TOL
+
+
+def test_preprocessing_matches_torchvision_constants():
+    torch = pytest.importorskip("torch")
+    from densenet_torch import zoo as torch_zoo
+
+    x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
+    out = torch_zoo.preprocess_input(x)
+    assert np.allclose(out[0, :, 0, 0].numpy(), (1 - np.array(zoo.IMAGENET_MEAN)) / np.array(zoo.IMAGENET_STD))
