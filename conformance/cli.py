@@ -275,7 +275,7 @@ def build_parser():
     p.add_argument("--backend", type=_backend_name, required=True, help=", ".join(backends.backend_names()))
     p.add_argument("--format", choices=("onnx", "native"), default="onnx",
                    help="onnx, or native: .keras (tf), torch.export .pt2, jax.export bytes, MXNet symbol + params")
-    p.add_argument("--size", type=int, help="input size traced (default: the one recorded in the checkpoint)")
+    p.add_argument("--size", type=positive_int, help="input size traced (default: the one recorded in the checkpoint)")
     p.add_argument("checkpoint", help="a canonical .safetensors checkpoint")
     p.add_argument("out", help="output file (for MXNet native: a prefix for PREFIX-symbol.json, PREFIX-0000.params)")
     p.set_defaults(run=cmd_export)
@@ -290,8 +290,9 @@ def build_parser():
     p.add_argument("--out", default="build/conformance")
     p.add_argument("--require-all", action="store_true", help="a skipped (not installed) backend fails the run")
     p.add_argument("--publish", help="also copy the report and plots to this directory (docs/results)")
-    p.add_argument("--jobs", type=positive_int, default=2,
-                   help="backend worker processes at a time (default 2: one compiles while another computes)")
+    p.add_argument("--jobs", type=positive_int,
+                   help="backend worker processes at a time (default: 2 on the CPU, one compiling while another "
+                        "computes; 1 on a GPU, whose memory each framework takes most of)")
     p.set_defaults(run=cmd_conformance)
 
     p = sub.add_parser("bench", help="time every backend's trainer against the d2l book's code; writes bench.md/json/png")

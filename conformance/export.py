@@ -114,6 +114,8 @@ def section(results: dict) -> dict | None:
 
 
 def markdown(result: dict | None) -> list[str]:
+    from .report import matrix_table  # report imports this module
+
     if not result:
         return []
     names = list(result["errors"])
@@ -123,10 +125,8 @@ def markdown(result: dict | None) -> list[str]:
            f"same batch. Relative error of each graph's logits against each backend's own logits "
            f"(tolerance {result['tolerance']:.0e}); the diagonal is each backend reproduced by its own export. "
            f"`docs/deploy.md` says how to export.", "",
-           "| backend's logits \\ ONNX graph from | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
-    for reference in names:
-        out.append(f"| {reference} | " + " | ".join(
-            f"{result['errors'][reference][g]:.1e}" if g in result["errors"][reference] else "not run" for g in names) + " |")
+           ] + matrix_table("backend's logits \\ ONNX graph from", names, names, lambda reference, graph:
+                            f"{result['errors'][reference][graph]:.1e}" if graph in result["errors"][reference] else "not run")
     out += ["", "| backend | exporter | export seconds | exporter error |", "|---|---|---|---|"]
     for name in names:
         seconds = result["seconds"].get(name)

@@ -59,7 +59,7 @@ def _key(row) -> str:
     return " ".join(part for part in (row["config"], row.get("dtype", ""), row["check"]) if part)
 
 
-def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_all, seconds) -> dict:
+def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_all, seconds, jobs=1) -> dict:
     results = load_results(out_dir, backends)
     failures = []
     status = {}
@@ -111,7 +111,7 @@ def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_
     failures += onnx["failures"] if onnx else []
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(), "frameworks": framework_versions(), "device": device,
-            "matrix": [list(c) for c in configs], "seconds": seconds, "backends": status,
+            "matrix": [list(c) for c in configs], "seconds": seconds, "jobs": jobs, "backends": status,
             "rows": list(rows.values()), "cross": {"tolerance": CROSS_TOLERANCE, "errors": cross},
             "zoo": {"tolerance": ZOO_TOLERANCE, "errors": zoo_errors},
             "float32_gradient_sensitivity": sensitivity, "training": train, "onnx": onnx,
@@ -175,6 +175,12 @@ def _cell(result: dict | None) -> str:
     return mark
 
 
+def matrix_table(corner: str, rows, columns, cell) -> list[str]:
+    """A Markdown table: `rows` down, `columns` across, `cell(row, column)` in each place."""
+    out = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
+    return out + [f"| {row} | " + " | ".join(cell(row, column) for column in columns) + " |" for row in rows]
+
+
 def markdown(result: dict) -> str:
     names = list(result["backends"])
     out = ["# densenet-xf conformance report", "",
@@ -223,9 +229,8 @@ def markdown(result: dict) -> str:
                 f"Each backend takes one SGD step from shared weights and exports a canonical checkpoint; every "
                 f"backend loads every export and computes eval-mode logits on the same batch. Relative error "
                 f"against the exporting backend's own logits (tolerance {result['cross']['tolerance']:.0e}).", "",
-                "| exported by \\ loaded into | " + " | ".join(cross) + " |", "|---" * (len(cross) + 1) + "|"]
-        for source in sources:
-            out.append(f"| {source} | " + " | ".join(f"{cross[l].get(source, float('nan')):.1e}" for l in cross) + " |")
+               ] + matrix_table("exported by \\ loaded into", sources, list(cross),
+                                 lambda source, loader: f"{cross[loader].get(source, float('nan')):.1e}")
         out += ["", "![cross-backend errors](cross_backend.png)"]
 
     zoo_errors = result.get("zoo", {}).get("errors", {})
@@ -236,9 +241,8 @@ def markdown(result: dict) -> str:
                 f"Gluon's model zoo) with random weights and BatchNorm statistics, saved in the zoo's format, "
                 f"converted with `densenet-xf convert`; relative error of each backend's logits against the zoo "
                 f"model's (tolerance {result['zoo']['tolerance']:.0e}). `docs/zoo.md` lists the differences handled.", "",
-                "| zoo file \\ loaded into | " + " | ".join(zoo_errors) + " |", "|---" * (len(zoo_errors) + 1) + "|"]
-        for fmt in formats:
-            out.append(f"| {fmt} | " + " | ".join(f"{zoo_errors[l].get(fmt, float('nan')):.1e}" for l in zoo_errors) + " |")
+               ] + matrix_table("zoo file \\ loaded into", formats, list(zoo_errors),
+                                 lambda fmt, loader: f"{zoo_errors[loader].get(fmt, float('nan')):.1e}")
 
     out += export_markdown(result.get("onnx"))
 
@@ -255,7 +259,10 @@ def markdown(result: dict) -> str:
     if train:
         out += ["", f"## Training: recipe `{train['recipe']}`", "",
                 "Same initial weights, same batches in the same order. Why these thresholds: the recipe's "
-                "comment in conformance/training.py.", ""]
+                "comment in conformance/training.py."
+                + (f" The backends' workers ran {result.get('jobs')} at a time, so examples/s here is what each "
+                   f"got while sharing the machine: a record, not a benchmark (`make bench` is one)."
+                   if result.get("jobs", 1) > 1 else ""), ""]
         for group, g in train["recipes"].items():
             loss_limit = "not checked" if g["max_loss_spread"] is None else f"at most {g['max_loss_spread']}"
             out.append(f"- recipe `{group}` ({', '.join(g['backends'])}): test accuracy at least {g['min_test_acc']}; "

@@ -75,8 +75,11 @@ def check_inputs(out_dir: Path, recipe: str, data_dir=None) -> None:
 
 
 def run(out_dir="build/conformance", device="cpu", backends=None, matrix="default", recipe=None,
-        data_dir=None, require_all=False, publish=None, jobs=2) -> int:
+        data_dir=None, require_all=False, publish=None, jobs=None) -> int:
     check_device(device)
+    # Two workers share two CPU cores well; on a GPU they would share its memory, which TF and
+    # JAX each take most of when they start: one at a time there.
+    jobs = jobs or (1 if device == "gpu" else 2)
     out_dir = Path(out_dir)
     recipe = ("d2l" if device == "gpu" else "quick") if recipe is None else recipe
     check_inputs(out_dir, recipe, data_dir)
@@ -87,7 +90,8 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
     configs = MATRICES[matrix]
     started = time.time()
 
-    print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}")
+    print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}, "
+          f"{jobs} worker(s) at a time")
     sensitivity = {f"{arch}@{size}": checks.gradient_sensitivity(arch, size, batch) for arch, size, batch in configs}
     extra = ["--matrix", json.dumps(configs), "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
     def checks_phase(name):
@@ -110,7 +114,7 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
     _each(list(exports), jobs, cross_phase)
 
     result = report.build(out_dir, backends, configs, device, recipe, sensitivity, require_all,
-                          seconds=time.time() - started)
+                          seconds=time.time() - started, jobs=jobs)
     report.write(out_dir, result)
     print(report.summary_text(result))
     print(f"report: {out_dir / 'report.md'} (and report.json, *.png)")

@@ -16,6 +16,21 @@ import numpy as np
 
 from .specs import DenseNetSpec, get_spec, is_running_stat, parameter_table
 
+
+def oihw_to_hwio(array: np.ndarray) -> np.ndarray:
+    """PyTorch's layouts to Keras' and Flax's: conv kernels OIHW -> HWIO, dense kernels
+    (out, in) -> (in, out); vectors as they are."""
+    if array.ndim == 4:
+        return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
+    return np.ascontiguousarray(array.T) if array.ndim == 2 else array
+
+
+def hwio_to_oihw(array: np.ndarray) -> np.ndarray:
+    """Keras' and Flax's layouts to PyTorch's (the canonical one): the inverse of oihw_to_hwio."""
+    if array.ndim == 4:
+        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
+    return np.ascontiguousarray(array.T) if array.ndim == 2 else array
+
 FORMAT = "densenet-xf canonical v1"
 # torchvision state dicts carry a BatchNorm batch counter that no other framework has and
 # that plays no part at momentum 0.1; it is accepted on load and dropped.

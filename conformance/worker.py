@@ -76,11 +76,11 @@ def cross_load(backend, exports: dict) -> dict:
     spec = specs.get_spec(CROSS_ARCH)
     x, _ = cross_batch()
     errors = {}
-    for source, export in exports.items():
+    for source, exported in exports.items():
         model = backend.build(spec)
-        backend.load_state(model, weights.load_state(export["path"], spec))
+        backend.load_state(model, weights.load_state(exported["path"], spec))
         logits = backend.forward(model, specs.to_layout(x, backend.layout), train=False)
-        errors[source] = checks.relative_error(logits, np.asarray(export["logits"]))
+        errors[source] = checks.relative_error(logits, np.asarray(exported["logits"]))
     return errors
 
 
@@ -109,12 +109,12 @@ def zoo_reproduce(backend, out_dir: Path) -> dict:
 
     errors = {}
     for result in sorted(out_dir.glob("*.json")):
-        for fmt, export in json.loads(result.read_text()).get("zoo_export", {}).items():
-            spec = weights.spec_of_checkpoint(export["canonical"])
+        for fmt, exported in json.loads(result.read_text()).get("zoo_export", {}).items():
+            spec = weights.spec_of_checkpoint(exported["canonical"])
             model = backend.build(spec)
-            backend.load_state(model, weights.load_state(export["canonical"], spec))
-            x = specs.to_layout(zoo.sample_images(export["size"]), backend.layout)
-            errors[fmt] = checks.relative_error(backend.forward(model, x, train=False), np.asarray(export["logits"]))
+            backend.load_state(model, weights.load_state(exported["canonical"], spec))
+            x = specs.to_layout(zoo.sample_images(exported["size"]), backend.layout)
+            errors[fmt] = checks.relative_error(backend.forward(model, x, train=False), np.asarray(exported["logits"]))
     return errors
 
 

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 
 from .specs import ARCHS, DenseNetSpec, get_spec, parameter_table
-from .weights import IGNORED_SUFFIXES, CheckpointError, load_state, save_state, spec_of_checkpoint, validate_state
+from .weights import (IGNORED_SUFFIXES, CheckpointError, hwio_to_oihw, load_state, oihw_to_hwio, save_state,
+                      spec_of_checkpoint, validate_state)
 
 # ImageNet preprocessing of torchvision and of Keras' `preprocess_input(mode="torch")`:
 # scale to [0, 1], then subtract the mean and divide by the standard deviation, per RGB channel.
@@ -192,24 +193,12 @@ def _modules(spec: DenseNetSpec) -> dict[str, list[str]]:
     return modules
 
 
-def _to_keras_layout(array):
-    if array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    return array.T if array.ndim == 2 else array  # (out, in) -> (in, out)
-
-
-def _to_torch_layout(array):
-    if array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)
-    return array.T if array.ndim == 2 else array
-
-
 def to_keras(state: dict, spec: DenseNetSpec) -> dict[str, list[np.ndarray]]:
     """Canonical state -> {Keras layer name: its weights in Keras order and layout}, eps folded."""
     state = validate_state(state, spec)
     layers = {}
     for module, leaves in _modules(spec).items():
-        arrays = [np.ascontiguousarray(_to_keras_layout(state[f"{module}.{leaf}"])) for leaf in leaves]
+        arrays = [oihw_to_hwio(state[f"{module}.{leaf}"]) for leaf in leaves]
         if "running_var" in leaves:  # ours divides by sqrt(v + 1e-5), Keras by sqrt(v + 1.001e-5)
             arrays[3] = (arrays[3].astype(np.float64) - KERAS_EPS_SHIFT).astype(arrays[3].dtype)
         layers[keras_layer_name(module)] = arrays
@@ -229,7 +218,7 @@ def from_keras(layers: dict, spec: DenseNetSpec, source: str = "Keras weights") 
             array = np.asarray(array)
             if leaf == "running_var":
                 array = (array.astype(np.float64) + KERAS_EPS_SHIFT).astype(array.dtype)
-            state[f"{module}.{leaf}"] = np.ascontiguousarray(_to_torch_layout(array))
+            state[f"{module}.{leaf}"] = hwio_to_oihw(array)
     return validate_state(state, spec, source=source)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from conformance.specs import get_spec
-from conformance.weights import validate_state
+from conformance.weights import hwio_to_oihw, oihw_to_hwio, validate_state
 
 from .model import variable_shapes
 
@@ -30,28 +30,16 @@ def canonical_key(path):
     return prefix + ".".join((*modules, name))
 
 
-def to_torch_layout(array):
-    if array.ndim == 4:
-        return array.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-    return array.T if array.ndim == 2 else array  # (in, out) -> (out, in)
-
-
-def to_flax_layout(array):
-    if array.ndim == 4:
-        return array.transpose(2, 3, 1, 0)  # OIHW -> HWIO
-    return array.T if array.ndim == 2 else array
-
-
 def to_canonical(tree, collection="params"):
     """A tree shaped like one collection (gradients, momentum buffers, batch_stats) -> NumPy dict."""
-    return {canonical_key((collection, *path)): np.array(to_torch_layout(np.asarray(value)), order="C")
+    return {canonical_key((collection, *path)): np.array(hwio_to_oihw(np.asarray(value)), order="C")
             for path, value in flatten_dict(tree).items()}
 
 
 def from_canonical(arrays, like, collection="params", dtype=None):
     """The inverse of to_canonical: a tree shaped like `like`, in `dtype` (or like's dtypes)."""
     def leaf(path, old):
-        return jnp.asarray(to_flax_layout(arrays[canonical_key((collection, *path))]), dtype or old.dtype)
+        return jnp.asarray(oihw_to_hwio(arrays[canonical_key((collection, *path))]), dtype or old.dtype)
 
     return unflatten_dict({path: leaf(path, old) for path, old in flatten_dict(like).items()})
 

@@ -8,7 +8,7 @@ HWIO and dense kernels (in, out), the canonical format OIHW and (out, in).
 
 import numpy as np
 
-from conformance.weights import validate_state
+from conformance.weights import hwio_to_oihw, oihw_to_hwio, validate_state
 
 CANONICAL_NAMES = {
     "kernel": "weight", "bias": "bias",  # Conv2D, Dense
@@ -27,40 +27,23 @@ def canonical_variables(model):
     return {canonical_key(model, variable.path): variable for variable in model.weights}
 
 
-def to_torch_layout(array):
-    """HWIO conv kernels to OIHW, (in, out) dense kernels to (out, in); vectors as they are."""
-    if array.ndim == 4:
-        return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
-    if array.ndim == 2:
-        return np.ascontiguousarray(array.T)
-    return array
-
-
-def to_keras_layout(array):
-    if array.ndim == 4:
-        return np.ascontiguousarray(array.transpose(2, 3, 1, 0))
-    if array.ndim == 2:
-        return np.ascontiguousarray(array.T)
-    return array
-
-
 def load_canonical(model, state):
     """Copy a canonical state (dict of NumPy arrays) into `model`, bit for bit."""
     state = validate_state(state, model.spec)
     for key, variable in canonical_variables(model).items():
-        variable.assign(to_keras_layout(state[key]).astype(variable.dtype))
+        variable.assign(oihw_to_hwio(state[key]).astype(variable.dtype))
 
 
 def export_canonical(model):
-    return {key: to_torch_layout(variable.numpy()) for key, variable in canonical_variables(model).items()}
+    return {key: hwio_to_oihw(variable.numpy()) for key, variable in canonical_variables(model).items()}
 
 
 def to_canonical(model, named_tensors):
     """Per-variable tensors (gradients, momentum buffers) keyed by variable path -> NumPy."""
-    return {canonical_key(model, path): to_torch_layout(np.asarray(value)) for path, value in named_tensors.items()}
+    return {canonical_key(model, path): hwio_to_oihw(np.asarray(value)) for path, value in named_tensors.items()}
 
 
 def from_canonical(model, arrays):
     """The inverse of to_canonical, in the model's dtype."""
     paths = {key: variable.path for key, variable in canonical_variables(model).items()}
-    return {paths[key]: to_keras_layout(value).astype(model.dtype) for key, value in arrays.items()}
+    return {paths[key]: oihw_to_hwio(value).astype(model.dtype) for key, value in arrays.items()}
