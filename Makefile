@@ -48,7 +48,8 @@ results: setup data
 	$(VENV)/bin/densenet-xf conformance --device $(DEVICE) --require-all --publish docs/results
 
 # Each backend's trainer (fp32, tf32, bf16) timed against the d2l book's code for its framework
-# (bench/anchors/), in one run: build/bench/bench.md, .json, .png. BENCH_ARGS: e.g. --quick, --publish docs/results
+# (bench/anchors/), in one run: build/bench/bench.md, .json, .png; then densenet121 plain against memory-efficient:
+# build/bench/memory_$(DEVICE).md, .json, .png. BENCH_ARGS: e.g. --quick, --section memory, --publish docs/results
 BENCH_ARGS ?=
 bench: setup data
 	$(VENV)/bin/densenet-xf bench --device $(DEVICE) --out build/bench $(BENCH_ARGS)

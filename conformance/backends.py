@@ -185,11 +185,14 @@ class BackendBase(ABC):
         """Where this backend computes, in words ("cpu", "cuda:0 NVIDIA H100 80GB HBM3")."""
 
     @abstractmethod
-    def build(self, spec, dtype: str = "float32") -> object:
+    def build(self, spec, dtype: str = "float32", memory_efficient: bool = False) -> object:
         """The framework's model for `spec`, with parameters allocated (no dummy call needed).
 
         dtype "float64" is for the exact-arithmetic conformance checks; inputs then come in
-        float64 and states, gradients and logits go out in float64."""
+        float64 and states, gradients and logits go out in float64. `memory_efficient`
+        (torchvision's name) recomputes each dense layer's concatenation and first
+        BN-ReLU-Conv in the backward pass instead of keeping them: the same parameters and
+        the same numbers, less activation memory, more time."""
 
     @abstractmethod
     def load_state(self, model, state: dict[str, np.ndarray]) -> None:

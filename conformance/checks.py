@@ -84,12 +84,14 @@ def measurement(error: float, tolerance: float, **details) -> dict:
 
 
 def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int = 0,
-                           dtypes=DTYPES) -> dict:
+                           dtypes=DTYPES, memory_efficient: bool = False) -> dict:
     """{dtype: {check: measurement}} for `backend` against the float64 reference.
 
     The state has random BatchNorm parameters and statistics (so gamma, beta, mean and
     variance cannot be confused unnoticed); the input is in the backend's own layout. Each
     check starts from a freshly loaded state, since train-mode passes move running statistics.
+    `memory_efficient` builds the backend's recomputing model: it must give the same numbers,
+    and move the running statistics once per step although it runs BatchNorm twice.
     """
     spec = get_spec(arch).replace(drop_rate=0.0)
     state = init_state(spec, seed, randomize_bn=True)
@@ -101,8 +103,9 @@ def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int =
         update={key: -lr * grad for key, grad in ref.grads.items()},
         stats=reference.update_running_stats(state, ref.batch_stats, backend.running_var, bn_momentum),
         other_stats=reference.update_running_stats(state, ref.batch_stats, other_convention(backend.running_var), bn_momentum))
-    return {dtype: _compare(backend, spec, state, to_layout(x, backend.layout).astype(dtype), y,
-                            ref_eval, ref, expected, TOLERANCES[dtype], dtype)
+    return {dtype: _compare(backend.build(spec, dtype, memory_efficient), backend, state,
+                            to_layout(x, backend.layout).astype(dtype), y, ref_eval, ref, expected,
+                            TOLERANCES[dtype])
             for dtype in dtypes}
 
 
@@ -123,8 +126,7 @@ def other_convention(running_var: str) -> str:
     return "biased" if running_var == "unbiased" else "unbiased"
 
 
-def _compare(backend, spec, state, x, y, ref_eval, ref, expected, tolerances, dtype):
-    model = backend.build(spec, dtype)
+def _compare(model, backend, state, x, y, ref_eval, ref, expected, tolerances):
     results = {}
 
     backend.load_state(model, state)

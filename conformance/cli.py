@@ -14,7 +14,7 @@ import sys
 
 import numpy as np
 
-from . import backends, checks, specs, training
+from . import backends, checks, distributed, specs, training
 from .backends import BackendUnavailable
 from .data import DataError
 from .reference import gradient_check
@@ -133,16 +133,27 @@ def cmd_train(args):
     recipe = training.get_recipe(args.recipe).replace(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, size=args.size,
         train_examples=args.train_examples, test_examples=args.test_examples, seed=args.seed)
-    backend = backends.load_backend(args.backend, args.device)
+    training.check_devices(recipe, args.devices, args.sync_bn)
+    if args.devices > 1 and args.backend in distributed.ENGINES:  # refused here, once, before any launch
+        distributed.check_semantics(distributed.ENGINES[args.backend].bn_semantics,
+                                    "gpu" if args.device in ("gpu", "cuda") else "cpu", args.sync_bn, args.backend)
+    if args.devices > 1 and not distributed.launched():  # simulated devices need a fresh process
+        return distributed.launch(args.backend, args.devices, ["-m", "conformance", *args.argv])
+    if args.devices > 1:
+        backend, _ = distributed.prepare(args.backend, args.devices, args.device)
+    else:
+        backend = backends.load_backend(args.backend, args.device)
     if backend.device_note:
         print(f"note: {backend.device_note}", file=sys.stderr)
     out = args.out = args.out or f"build/train/{backend.name}-{args.arch.name}-{recipe.name}"
     record = training.train(backend, args.arch, recipe, out, args.data_dir, args.resume, progress=not args.quiet,
-                            precision=args.precision, compile=args.compile)
+                            precision=args.precision, compile=args.compile, devices=args.devices, sync_bn=args.sync_bn)
     last = record["epochs"][-1] if record["epochs"] else {}
-    print(to_json({"out": str(out), "backend": backend.name, "device": backend.device_name,
-                   "epochs": len(record["epochs"]), "test_acc": last.get("test_acc"),
-                   "examples_per_s": last.get("examples_per_s"), "arithmetic": record["arithmetic"]}))
+    if distributed.process_index() == 0:
+        print(to_json({"out": str(out), "backend": backend.name, "device": backend.device_name,
+                       "epochs": len(record["epochs"]), "test_acc": last.get("test_acc"),
+                       "examples_per_s": last.get("examples_per_s"), "arithmetic": record["arithmetic"],
+                       "devices": record["devices"], "bn_semantics": record["bn_semantics"]}))
     return 0
 
 
@@ -198,8 +209,11 @@ def cmd_bench(args):
     for name in names or []:
         backends.check_backend_name(name, with_reference=False)
     shapes = harness.shapes_for(args.device, args.arch, args.size, args.batch, args.examples)
+    memory_shapes = harness.shapes_for(args.device, args.arch, args.size, args.batch, args.examples, harness.MEMORY_SHAPES)
+    sections = harness.SECTIONS if args.section == "all" else (args.section,)
     return harness.run(args.out, args.device, names, args.warmup, args.steps, args.quick, shapes,
-                       args.compile, args.data_dir, args.publish, progress=not args.quiet)
+                       args.compile, args.data_dir, args.publish, progress=not args.quiet, sections=sections,
+                       memory_shapes=memory_shapes)
 
 
 def build_parser():
@@ -239,6 +253,10 @@ def build_parser():
                         "GPUs that have it); bf16: mixed precision, bfloat16 compute with float32 weights")
     p.add_argument("--compile", action="store_true", help="compile the model (torch.compile; the other "
                    "backends always compile their steps)")
+    p.add_argument("--devices", type=positive_int, default=1,
+                   help="data-parallel over N devices (CPU devices are simulated; docs/distributed.md)")
+    p.add_argument("--sync-bn", action="store_true", help="with --devices: BatchNorm on the global batch's "
+                   "statistics (default: each device's shard's), where the framework can")
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="test accuracy of a canonical checkpoint in any backend")
@@ -308,6 +326,9 @@ def build_parser():
     p.add_argument("--data-dir")
     p.add_argument("--publish", help="also copy bench.md/json/png to this directory (docs/results)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--section", choices=("all", "speed", "memory"), default="all",
+                   help="speed: trainers against the d2l code (bench.md); memory: densenet121 plain against "
+                        "memory-efficient (memory_<device>.md); default both")
     p.set_defaults(run=cmd_bench)
     return parser
 
@@ -335,6 +356,7 @@ def stop_message(args, signum) -> str:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what a launched process runs again
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return args.run(args)

@@ -316,3 +316,89 @@ def gradient_check(spec, size: int, batch: int = 2, seed: int = 0, samples_per_t
             if error > worst:
                 worst, where = error, f"{name}[{index}]"
     return worst, where
+
+
+# Data parallelism: one SGD step on a global batch split evenly into `devices` shards.
+BN_SEMANTICS = ("sync", "per_shard")  # global-batch statistics; each shard its own, gradients averaged
+# What the running statistics become under per_shard (under sync every replica agrees):
+# rank0: replica 0's everywhere (PyTorch DDP's broadcast_buffers); mean: the replicas' mean
+# (TF's ON_READ variables with MEAN aggregation, JAX pmean); per_device: each replica keeps
+# its own (MXNet, one copy per context), and a checkpoint holds replica 0's.
+RUNNING_STATS_RULES = ("rank0", "mean", "per_device")
+
+
+class DataParallelStep(NamedTuple):
+    state: dict  # the new state as replica 0 (and a checkpoint) sees it, float64
+    loss: float  # mean loss over the global batch
+    replica_running_stats: list  # one dict of running statistics per replica
+
+
+def split_batch(x, devices: int) -> list:
+    """The global batch's `devices` contiguous, equal shards along the first axis."""
+    if devices < 1 or len(x) % devices:
+        raise ValueError(f"a batch of {len(x)} does not split evenly over {devices} device(s); "
+                         f"use a batch size divisible by {devices}")
+    return np.split(np.asarray(x), devices)
+
+
+def _check_data_parallel_names(bn: str, running_stats: str) -> None:
+    if bn not in BN_SEMANTICS:
+        raise ValueError(f"bn must be one of {BN_SEMANTICS}, got {bn!r}")
+    if running_stats not in RUNNING_STATS_RULES:
+        raise ValueError(f"running_stats must be one of {RUNNING_STATS_RULES}, got {running_stats!r}")
+
+
+def _running_only(state) -> dict:
+    return {key: np.asarray(value, np.float64) for key, value in state.items() if is_running_stat(key)}
+
+
+def _reconcile(replicas: list, rule: str) -> list:
+    """The replicas' running statistics after a per-shard step, under `rule`."""
+    if rule == "rank0":
+        return [replicas[0]] * len(replicas)
+    if rule == "mean":
+        mean = {key: np.mean([replica[key] for replica in replicas], axis=0) for key in replicas[0]}
+        return [mean] * len(replicas)
+    return replicas
+
+
+def data_parallel_sgd_step(spec, state, x, labels, lr: float, devices: int, bn: str = "sync",
+                           running_stats: str = "rank0", running_var: str = "unbiased",
+                           momentum: float = BN_MOMENTUM, replica_running_stats: list | None = None) -> DataParallelStep:
+    """One plain SGD step of data-parallel training on `devices` devices.
+
+    bn "sync": BatchNorm uses the global batch's statistics, so the step is the one-device
+    step on the whole batch. bn "per_shard": each shard is normalised with its own
+    statistics and the shards' gradients are averaged; the running statistics follow
+    `running_stats`. `replica_running_stats` carries each replica's statistics from a
+    previous step (default: the state's, on every replica)."""
+    _check_data_parallel_names(bn, running_stats)
+    x_shards, y_shards = split_batch(x, devices), split_batch(labels, devices)
+    replicas = replica_running_stats or [_running_only(state)] * devices
+    if bn == "sync":
+        result = loss_and_gradients(spec, {**state, **replicas[0]}, x, labels, running_var)
+        grads, loss = result.grads, result.loss
+        replicas = [update_running_stats(replicas[0], result.batch_stats, running_var, momentum)] * devices
+    else:
+        passes = [loss_and_gradients(spec, state, xs, ys, running_var) for xs, ys in zip(x_shards, y_shards)]
+        grads = {key: np.mean([p.grads[key] for p in passes], axis=0) for key in passes[0].grads}
+        loss = float(np.mean([p.loss for p in passes]))
+        replicas = _reconcile([update_running_stats(replica, p.batch_stats, running_var, momentum)
+                               for replica, p in zip(replicas, passes)], running_stats)
+    new_state = {key: replicas[0][key] if is_running_stat(key) else np.asarray(value, np.float64) - lr * grads[key]
+                 for key, value in state.items()}
+    return DataParallelStep(new_state, loss, replicas)
+
+
+def data_parallel_train(spec, state, batches, lr: float, devices: int, bn: str = "sync",
+                        running_stats: str = "rank0", running_var: str = "unbiased",
+                        momentum: float = BN_MOMENTUM) -> tuple[dict, list[float]]:
+    """`data_parallel_sgd_step` over (x, labels) `batches` in turn: the final state (replica
+    0's view) and every step's loss."""
+    losses, replicas = [], None
+    for x, labels in batches:
+        step = data_parallel_sgd_step(spec, state, x, labels, lr, devices, bn, running_stats, running_var,
+                                      momentum, replicas)
+        state, replicas = step.state, step.replica_running_stats
+        losses.append(step.loss)
+    return state, losses

@@ -64,8 +64,8 @@ class Backend(backends.BackendBase):
     def device_name(self):
         return "cpu (NumPy float64)"
 
-    def build(self, spec, dtype="float32"):
-        return ReferenceModel(spec)
+    def build(self, spec, dtype="float32", memory_efficient=False):
+        return ReferenceModel(spec)  # NumPy keeps no autograd tape: nothing to recompute
 
     def load_state(self, model, state):
         model.state = {k: np.array(v, dtype=np.float32) for k, v in validate_state(state, model.spec).items()}

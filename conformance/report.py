@@ -59,13 +59,14 @@ def _key(row) -> str:
     return " ".join(part for part in (row["config"], row.get("dtype", ""), row["check"]) if part)
 
 
-def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_all, seconds, jobs=1) -> dict:
+def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_all, seconds, jobs=1,
+          memory_efficient=()) -> dict:
     results = load_results(out_dir, backends)
     failures = []
     status = {}
     for name, data in results.items():
         status[name] = {k: data.get(k) for k in ("status", "reason", "device", "device_note", "layout", "running_var",
-                                                 "float32_hyperparameters")}
+                                                 "float32_hyperparameters", "data_parallel")}
         status[name]["seconds"] = (data.get("seconds_checks") or 0) + (data.get("seconds_cross") or 0)
         if data.get("status") == "error":
             failures.append(f"{name}: {data.get('phase', '')} failed: {data.get('reason')}")
@@ -111,7 +112,8 @@ def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_
     failures += onnx["failures"] if onnx else []
     return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": machine_info(), "frameworks": framework_versions(), "device": device,
-            "matrix": [list(c) for c in configs], "seconds": seconds, "jobs": jobs, "backends": status,
+            "matrix": [list(c) for c in configs], "memory_efficient": [list(c) for c in memory_efficient],
+            "seconds": seconds, "jobs": jobs, "backends": status,
             "rows": list(rows.values()), "cross": {"tolerance": CROSS_TOLERANCE, "errors": cross},
             "zoo": {"tolerance": ZOO_TOLERANCE, "errors": zoo_errors},
             "float32_gradient_sensitivity": sensitivity, "training": train, "onnx": onnx,
@@ -201,12 +203,18 @@ def markdown(result: dict) -> str:
     notes += [f"- {n}: its kernels take the learning rate and the BatchNorm momentum as float32 even in a float64 "
               f"model; its float64 SGD step is compared with the step those rounded values give"
               for n, b in result["backends"].items() if b.get("float32_hyperparameters")]
+    notes += [f"- {n}: data-parallel check skipped: {b['data_parallel'].get('reason')}"
+              for n, b in result["backends"].items() if (b.get("data_parallel") or {}).get("status") == "skipped"]
     out += [""] + notes if notes else []
 
     out += ["", "## Checks against the NumPy float64 reference", "",
             "Relative errors (largest difference / largest reference magnitude; per tensor for gradients "
             "and updates, worst tensor shown). Parameter counts are trainable + non-trainable. The float32 "
-            "gradient tolerance is coarse on purpose: see the conditioning table below and docs/numerics.md.", "",
+            "gradient tolerance is coarse on purpose: see the conditioning table below and docs/numerics.md."
+            + (" Configs marked memory-efficient build the model with `memory_efficient=True` (its dense "
+               "layers recompute their concatenation and first BN-ReLU in the backward pass; docs/memory.md): "
+               "the same checks, the same tolerances, and running statistics that must move once per step."
+               if result.get("memory_efficient") else ""), "",
             "| check | tolerance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in result["rows"]:
         tolerance = f"{row['tolerance']:.0e}" if row.get("tolerance") is not None else "exact"

@@ -17,7 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import checks, report
+from . import checks, distributed, report
 from .backends import backend_names, check_device
 from .data import check_readable
 from .weights import WriteError, atomic_write_text
@@ -27,6 +27,9 @@ MATRICES = {
     "default": [("d2l", 96, 4), ("densenet_bc100_k12", 32, 4), ("densenet121", 64, 2)],
     "tiny": [("tiny", 19, 4), ("tiny_d2l", 13, 4)],
 }
+# Checked again as memory-efficient models (issue 13), in every matrix: the cheapest nets with
+# both dense-layer kinds (a bottleneck and a plain 3x3 layer) behind the ImageNet stem.
+MEMORY_EFFICIENT = [("tiny", 19, 4), ("tiny_d2l", 13, 4)]
 WORKER_TIMEOUT_S = 1800
 # Measured worker time, longest first (docs/results/report.md): started first when workers run concurrently.
 SLOWEST_FIRST = ("jax", "tf", "mxnet", "torch")
@@ -93,13 +96,16 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
     print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}, "
           f"{jobs} worker(s) at a time")
     sensitivity = {f"{arch}@{size}": checks.gradient_sensitivity(arch, size, batch) for arch, size, batch in configs}
-    extra = ["--matrix", json.dumps(configs), "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
+    extra = ["--matrix", json.dumps(configs), "--memory-efficient", json.dumps(MEMORY_EFFICIENT),
+             "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
     def checks_phase(name):
         t = time.time()
         print(f"  {name}: shapes, parameters, reference checks" + (", training" if recipe else "") + " ...", flush=True)
         code, log = _worker(name, "checks", out_dir, device, extra)
         if code != 0:
             _record_failure(out_dir, name, "checks", code, log)
+        if matrix == "default":  # 2 simulated devices against the reference (docs/distributed.md)
+            distributed.conformance_phase(name, out_dir, device, recipe or "", data_dir)
         print(f"  {name}: {_status(out_dir, name)} ({time.time() - t:.0f} s)", flush=True)
 
     _each(backends, jobs, checks_phase)
@@ -114,7 +120,7 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
     _each(list(exports), jobs, cross_phase)
 
     result = report.build(out_dir, backends, configs, device, recipe, sensitivity, require_all,
-                          seconds=time.time() - started, jobs=jobs)
+                          seconds=time.time() - started, jobs=jobs, memory_efficient=MEMORY_EFFICIENT)
     report.write(out_dir, result)
     print(report.summary_text(result))
     print(f"report: {out_dir / 'report.md'} (and report.json, *.png)")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, weights
+from . import data, distributed, weights
 from .specs import DenseNetSpec, get_spec, to_layout
 
 
@@ -217,19 +217,28 @@ def load_arrays(path) -> dict:
 
 
 def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = False,
-          progress: bool = True, on_step=None, precision: str = "fp32", compile: bool = False) -> dict:
+          progress: bool = True, on_step=None, precision: str = "fp32", compile: bool = False,
+          devices: int = 1, sync_bn: bool = False) -> dict:
     """Train `arch` with `recipe` in `backend`; returns the run record (also in metrics.json).
 
     `precision` (fp32, tf32, bf16) and `compile` choose the trainer's arithmetic and compiler
     (see BackendBase.make_trainer); the record says which arithmetic the run used.
+    `devices` > 1 trains data-parallel (in a process made by conformance.distributed.prepare),
+    BatchNorm synchronised over the devices with `sync_bn`; the record says how.
     `on_step(epoch, step)` is called after every optimiser step (tests use it to interrupt).
     """
     spec = fashion_mnist_spec(arch)
+    check_devices(recipe, devices, sync_bn)
+    writer = distributed.process_index() == 0  # torchrun: every rank trains, rank 0 writes
+    progress = progress and writer
     run = Run(out_dir)
-    record = _start_or_resume(run, backend, spec, recipe, resume)
+    record = _start_or_resume(run, backend, spec, recipe, resume, lock=writer)
     model = backend.build(spec)
-    trainer = backend.make_trainer(model, recipe.lr, recipe.momentum, precision=precision, compile=compile)
-    record.update(precision=precision, arithmetic=trainer.arithmetic)
+    if devices > 1:
+        trainer = distributed.make_trainer(backend, model, recipe.lr, recipe.momentum, precision, devices, sync_bn)
+    else:
+        trainer = backend.make_trainer(model, recipe.lr, recipe.momentum, precision=precision, compile=compile)
+    record.update(precision=precision, arithmetic=trainer.arithmetic, **distributed.describe(trainer))
     done = len(record["epochs"])
     if done:
         backend.load_state(model, weights.load_state(run.checkpoint(done), spec))
@@ -260,7 +269,8 @@ def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = 
                                  "test_acc": test_acc, "examples_per_s": totals.seen / seconds, "seconds": seconds,
                                  "checkpoint": str(run.checkpoint(epoch).relative_to(run.dir)),
                                  "batch_losses": totals.batch_losses})
-        run.commit(record, backend, model, trainer, spec)
+        if writer:
+            run.commit(record, backend, model, trainer, spec)
         if progress:
             e = record["epochs"][-1]
             print(f"{backend.name} epoch {epoch}: loss {e['loss']:.4f}, train acc {e['train_acc']:.4f}, "
@@ -303,8 +313,17 @@ class EpochTotals:
         return self.correct / self.seen
 
 
-def _start_or_resume(run: Run, backend, spec, recipe: Recipe, resume: bool) -> dict:
-    run.lock()
+def check_devices(recipe: Recipe, devices: int, sync_bn: bool) -> None:
+    if sync_bn and devices < 2:
+        raise ValueError("synchronised BatchNorm (--sync-bn) needs --devices 2 or more")
+    if recipe.batch_size % devices:
+        raise ValueError(f"the batch size {recipe.batch_size} does not split evenly over {devices} devices; "
+                         f"use a batch size divisible by {devices}")
+
+
+def _start_or_resume(run: Run, backend, spec, recipe: Recipe, resume: bool, lock: bool = True) -> dict:
+    if lock:
+        run.lock()
     record = run.read()
     fresh = {"backend": backend.name, "device": backend.device_name, "device_note": backend.device_note,
              "spec": json.loads(spec.to_json()), "recipe": dataclasses.asdict(recipe), "epochs": []}

@@ -3,8 +3,8 @@
     python -m conformance.worker --backend B --phase checks|cross --out DIR [--device D] ...
 
 Phase `checks` measures shapes, parameter counts and the reference comparison over the
-matrix, exports a trained-one-step canonical checkpoint for the cross-backend matrix, and
-trains the accuracy recipe; phase `cross` loads every other backend's export and writes this
+matrix and, on the memory-efficient model, over its own list; exports a trained-one-step
+canonical checkpoint for the cross-backend matrix, and trains the accuracy recipe; phase `cross` loads every other backend's export and writes this
 backend's ONNX graph of a canonical checkpoint (conformance.export). Each phase
 merges its results into DIR/B.json. A backend whose framework is missing writes
 status "skipped" with the reason.
@@ -26,6 +26,7 @@ from . import checks, export, specs, weights
 from .backends import BackendUnavailable, load_backend
 
 CROSS_ARCH, CROSS_SIZE, CROSS_BATCH = "d2l", 64, 4
+MEMORY_EFFICIENT_LABEL = "memory-efficient"
 
 
 def cross_batch():
@@ -53,6 +54,17 @@ def run_matrix(backend, matrix) -> list[dict]:
             for name, item in items.items():
                 rows.append({"config": label, "dtype": dtype, "check": name, **item})
         rows.append({"config": label, "check": "seconds", "passed": True, "value": time.perf_counter() - start})
+    return rows
+
+
+def run_memory_efficient(backend, matrix) -> list[dict]:
+    """The reference comparison again, on the memory-efficient model (config "ARCH@SIZE memory-efficient")."""
+    rows = []
+    for arch, size, batch in matrix:
+        label = f"{arch}@{size} {MEMORY_EFFICIENT_LABEL}"
+        results = checks.compare_with_reference(backend, arch, size, batch, memory_efficient=True)
+        rows += [{"config": label, "dtype": dtype, "check": name, **item}
+                 for dtype, items in results.items() for name, item in items.items()]
     return rows
 
 
@@ -143,6 +155,7 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--matrix", default="[]", help="JSON list of [arch, size, batch]")
+    parser.add_argument("--memory-efficient", default="[]", help="JSON list of [arch, size, batch], checked memory-efficient")
     parser.add_argument("--recipe", default="", help="training recipe; empty: no training")
     parser.add_argument("--data-dir")
     parser.add_argument("--exports", default="{}", help="JSON {backend: export} for phase cross")
@@ -160,7 +173,9 @@ def main(argv=None):
                       "float32_hyperparameters": backend.float32_hyperparameters})
     try:
         if args.phase == "checks":  # each part is saved as soon as it is measured
-            merge_json(path, {"rows": run_matrix(backend, json.loads(args.matrix))})
+            rows = run_matrix(backend, json.loads(args.matrix))
+            merge_json(path, {"rows": rows})
+            merge_json(path, {"rows": rows + run_memory_efficient(backend, json.loads(args.memory_efficient))})
             merge_json(path, {"export": export_for_cross(backend, out_dir)})
             merge_json(path, {"zoo_export": zoo_export(backend, out_dir)})
             if args.recipe:

@@ -12,7 +12,7 @@ from conformance.specs import channel_plan, get_spec
 from conformance.weights import init_state
 
 from .model import DenseBlock, DenseNet, Model, TransitionBlock
-from .train import Trainer, eval_logits, loss_and_gradients, to_device, train_logits
+from .train import Trainer, eval_logits, loss_and_gradients, to_device, train_pass
 from .weights import export_canonical, load_canonical
 
 
@@ -57,10 +57,10 @@ class Backend(backends.BackendBase):
         device = self.device
         return "cpu" if device.platform == "cpu" else f"{device.platform}:{device.id} {device.device_kind}"
 
-    def build(self, spec, dtype="float32"):
+    def build(self, spec, dtype="float32", memory_efficient=False):
         if dtype == "float64":
             jax.config.update("jax_enable_x64", True)  # without it JAX silently computes float64 in float32
-        module = DenseNet(get_spec(spec), jnp.dtype(dtype))
+        module = DenseNet(get_spec(spec), jnp.dtype(dtype), memory_efficient)
         # Flax's module.init would compile and run the whole network to draw initial weights
         # (minutes for the large nets on a CPU); the canonical NumPy ones need neither.
         model = Model(module, {})
@@ -88,12 +88,10 @@ class Backend(backends.BackendBase):
         return {**shapes, "logits": logits.shape}
 
     def forward(self, model, x, train):
-        X = to_device(model, x)
         if not train:
-            return np.asarray(eval_logits(model.module.apply, model.variables, X))
-        params, batch_stats = model.variables["params"], model.variables["batch_stats"]
-        logits, batch_stats = train_logits(model.module.apply, params, batch_stats, X, jax.random.key(0))
-        model.variables = {"params": params, "batch_stats": batch_stats}
+            return np.asarray(eval_logits(model.module.apply, model.variables, to_device(model, x)))
+        # The gradients' program, which XLA compiles once for both (labels do not change logits).
+        _, logits, _ = train_pass(model, x, np.zeros(len(x), np.int64))
         return np.asarray(logits)
 
     def gradients(self, model, x, y):

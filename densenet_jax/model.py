@@ -8,7 +8,7 @@ Linen modules hold no state: `init` returns the variables and `apply` takes them
 """
 
 import dataclasses
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import jax
@@ -53,8 +53,25 @@ class ConvBlock(nn.Module):
         return conv(self.num_channels, 3, self.bias, self.dtype, "conv2")(X)
 
 
+class ConcatConvBlock(ConvBlock):
+    """ConvBlock on a list of feature maps, which it concatenates first."""
+
+    def __call__(self, features, train: bool):
+        return super().__call__(jnp.concatenate(features, axis=-1), train)
+
+
+# One dense layer on the block's list of feature maps, recomputed in the backward pass except
+# for what its convolutions output (the dots policy saves conv_general_dilated's results): the
+# concatenation and the BN-ReLUs are recomputed. Flax's remat keeps the module's name (so its
+# variables' paths) and returns the BatchNorm statistics of the forward pass only. `train` is
+# argument 2 counting `self`, static because it picks Python branches. The steps in train.py are
+# compiled with KEEP_REMAT, without which XLA's CPU compiler merges the recomputation back.
+CheckpointedLayer = nn.remat(ConcatConvBlock, static_argnums=(2,), policy=jax.checkpoint_policies.dots_saveable)
+
+
 class DenseBlock(nn.Module):
-    """`num_convs` conv blocks; each one's output is concatenated to its input."""
+    """`num_convs` conv blocks; each one's output is concatenated to its input. memory_efficient
+    keeps the list of outputs instead, as torchvision's _DenseBlock, for CheckpointedLayer."""
 
     num_convs: int
     num_channels: int
@@ -62,9 +79,17 @@ class DenseBlock(nn.Module):
     bias: bool = True
     drop_rate: float = 0.0
     dtype: Any = jnp.float32
+    memory_efficient: bool = False
 
     @nn.compact
     def __call__(self, X, train: bool):
+        if self.memory_efficient:
+            features = [X]
+            for i in range(self.num_convs):
+                Y = CheckpointedLayer(self.num_channels, self.bn_size, self.bias, self.dtype,
+                                      name=f"denselayer{i + 1}")(features, train)
+                features.append(nn.Dropout(self.drop_rate, deterministic=not train)(Y))
+            return jnp.concatenate(features, axis=-1)
         for i in range(self.num_convs):
             Y = ConvBlock(self.num_channels, self.bn_size, self.bias, self.dtype, name=f"denselayer{i + 1}")(X, train)
             Y = nn.Dropout(self.drop_rate, deterministic=not train)(Y)  # draws from the 'dropout' rng
@@ -106,6 +131,7 @@ class DenseNet(nn.Module):
 
     spec: DenseNetSpec | str
     dtype: Any = jnp.float32
+    memory_efficient: bool = False  # torchvision's name: recompute concatenations and BN-ReLUs in backward
 
     @nn.compact
     def __call__(self, X, train: bool):
@@ -116,7 +142,7 @@ class DenseNet(nn.Module):
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):
                 block = DenseBlock(len(stage.layers), spec.growth_rate, spec.bn_size, spec.conv_bias,
-                                   spec.drop_rate, self.dtype, name=stage.name)
+                                   spec.drop_rate, self.dtype, self.memory_efficient, name=stage.name)
             else:
                 block = TransitionBlock(stage.out_channels, spec.conv_bias, self.dtype, name=stage.name)
             X = block(X, train)
@@ -125,6 +151,7 @@ class DenseNet(nn.Module):
         return nn.Dense(spec.num_classes, dtype=self.dtype, param_dtype=self.dtype, name="classifier")(X)
 
 
+@cache  # modules with the same fields are equal: one trace per spec and dtype
 def variable_shapes(module):
     """What `module.init` would return ({'params', 'batch_stats'}), as shapes and dtypes only:
     jax.eval_shape traces the network on the smallest input and computes nothing."""

@@ -33,6 +33,14 @@ def to_device(model, x, y=None):
     return X if y is None else (X, jax.device_put(y, device))
 
 
+# nn.remat (memory_efficient=True) fences what it recomputes with optimization barriers; XLA's
+# CPU compiler strips them before its CSE pass, which then merges the recomputation back into
+# the forward pass and no memory is saved. Leaving that one pass out keeps the barriers; a
+# program without barriers (the plain model) compiles as before. JAX takes compiler options only
+# on the outermost jit: the training loop's gather_step and the checks' compute_gradients.
+KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
+
+
 @partial(jax.jit, static_argnums=0)
 def eval_logits(apply_fn, variables, X):
     return apply_fn(variables, X, train=False)
@@ -54,18 +62,28 @@ def loss_and_logits(apply_fn, params, batch_stats, X, y, dropout_key):
 grad_fn = jax.value_and_grad(loss_and_logits, argnums=1, has_aux=True)
 
 
-@partial(jax.jit, static_argnums=0)
+# The checks run this program a few times per model, so XLA's compile time is what it costs
+# (over a minute for densenet121 on a CPU): LLVM optimisation level 0 halves that compile, and
+# its code still runs densenet121 at batch 2 in under a second. Training steps keep the default.
+@partial(jax.jit, static_argnums=0, compiler_options={**KEEP_REMAT, "xla_backend_optimization_level": 0})
 def compute_gradients(apply_fn, params, batch_stats, X, y, dropout_key):
-    (loss, (_, batch_stats)), grads = grad_fn(apply_fn, params, batch_stats, X, y, dropout_key)
-    return loss, grads, batch_stats
+    (loss, (logits, batch_stats)), grads = grad_fn(apply_fn, params, batch_stats, X, y, dropout_key)
+    return loss, logits, grads, batch_stats
+
+
+def train_pass(model, x, y, seed=0):
+    """Train-mode loss, logits and every parameter's gradient, from one compiled program
+    (BN running statistics update too)."""
+    X, y = to_device(model, x, y)
+    params, batch_stats = model.variables["params"], model.variables["batch_stats"]
+    loss, logits, grads, batch_stats = compute_gradients(model.module.apply, params, batch_stats, X, y,
+                                                         jax.random.key(seed))
+    model.variables = {"params": params, "batch_stats": batch_stats}
+    return loss, logits, grads
 
 
 def loss_and_gradients(model, x, y, seed=0):
-    """Train-mode loss and every parameter's gradient (BN running statistics update too)."""
-    X, y = to_device(model, x, y)
-    params, batch_stats = model.variables["params"], model.variables["batch_stats"]
-    loss, grads, batch_stats = compute_gradients(model.module.apply, params, batch_stats, X, y, jax.random.key(seed))
-    model.variables = {"params": params, "batch_stats": batch_stats}
+    loss, _, grads = train_pass(model, x, y, seed)
     return float(loss), to_canonical(grads)
 
 
@@ -85,7 +103,7 @@ def train_step(state, X, y):
     return state, loss, (logits.argmax(axis=-1) == y).sum()
 
 
-@partial(jax.jit, donate_argnums=0, static_argnums=4)
+@partial(jax.jit, donate_argnums=0, static_argnums=4, compiler_options=KEEP_REMAT)
 def gather_step(state, images, labels, indices, dtype):
     """train_step on the examples `indices` of the device-resident set, made float there."""
     X = (images[indices].astype(jnp.float32) / 255)[..., None]

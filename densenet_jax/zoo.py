@@ -16,30 +16,31 @@ def preprocess_input(images):
     return (jnp.asarray(images, jnp.float32) / 255.0 - jnp.array(zoo.IMAGENET_MEAN)) / jnp.array(zoo.IMAGENET_STD)
 
 
-def _densenet(name, weights=None, num_classes=1000, seed=0):
-    """(module, variables): the module is stateless, `variables` holds 'params' and 'batch_stats'."""
+def _densenet(name, weights=None, num_classes=1000, seed=0, memory_efficient=False):
+    """(module, variables): the module is stateless, `variables` holds 'params' and 'batch_stats'.
+    memory_efficient (torchvision's option) recomputes concatenations and BN-ReLUs in the backward pass."""
     spec, state = zoo.weights_for(name, weights, num_classes)
-    module = DenseNet(spec)
+    module = DenseNet(spec, memory_efficient=memory_efficient)
     # Random weights are the canonical NumPy draw (torchvision's scheme), as in every backend here.
     return module, load_canonical(module, init_state(spec, seed) if state is None else state)
 
 
-def DenseNet121(weights=None, num_classes=1000, seed=0):
+def DenseNet121(weights=None, num_classes=1000, seed=0, memory_efficient=False):
     """DenseNet-121 as (module, variables); `weights` is None (random, from `seed`) or a path."""
-    return _densenet("densenet121", weights, num_classes, seed)
+    return _densenet("densenet121", weights, num_classes, seed, memory_efficient)
 
 
-def DenseNet161(weights=None, num_classes=1000, seed=0):
-    return _densenet("densenet161", weights, num_classes, seed)
+def DenseNet161(weights=None, num_classes=1000, seed=0, memory_efficient=False):
+    return _densenet("densenet161", weights, num_classes, seed, memory_efficient)
 
 
-def DenseNet169(weights=None, num_classes=1000, seed=0):
-    return _densenet("densenet169", weights, num_classes, seed)
+def DenseNet169(weights=None, num_classes=1000, seed=0, memory_efficient=False):
+    return _densenet("densenet169", weights, num_classes, seed, memory_efficient)
 
 
-def DenseNet201(weights=None, num_classes=1000, seed=0):
-    return _densenet("densenet201", weights, num_classes, seed)
+def DenseNet201(weights=None, num_classes=1000, seed=0, memory_efficient=False):
+    return _densenet("densenet201", weights, num_classes, seed, memory_efficient)
 
 
-def DenseNet264(weights=None, num_classes=1000, seed=0):
-    return _densenet("densenet264", weights, num_classes, seed)
+def DenseNet264(weights=None, num_classes=1000, seed=0, memory_efficient=False):
+    return _densenet("densenet264", weights, num_classes, seed, memory_efficient)

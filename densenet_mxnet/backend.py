@@ -59,8 +59,8 @@ class Backend(backends.BackendBase):
         if self.hybridize:
             model.hybridize(static_alloc=True, static_shape=True)
 
-    def build(self, spec, dtype="float32"):
-        model = DenseNet(spec)
+    def build(self, spec, dtype="float32", memory_efficient=False):
+        model = DenseNet(spec, memory_efficient=memory_efficient)
         model.initialize(init.MSRAPrelu(factor_type="in", slope=0.0), ctx=self.context)  # torchvision's Kaiming normal
         model.cast(dtype)
         self.compile(model)

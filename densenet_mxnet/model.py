@@ -11,6 +11,8 @@ so `initialize()` allocates everything, `cast("float64")` works and a checkpoint
 without a dummy forward pass.
 """
 
+import warnings
+
 from . import compat  # noqa: F401  (before mxnet)
 
 import numpy as onp
@@ -24,6 +26,12 @@ npx.set_np()  # mx.np arrays in and out; Gluon layers pick their operators when 
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # MXNet's convention: weight of the old running statistic (PyTorch's 0.1)
+
+NO_MEMORY_EFFICIENT = (
+    "memory_efficient=True has no effect in MXNet 1.9: hybridized Gluon blocks (CachedOp) and "
+    "imperative autograd build their backward graphs without MXNet's mirroring, which only the "
+    "symbolic executor applies, and an autograd.Function checkpoint races with MXNet's engine "
+    "(docs/memory.md). This is the plain network, with the same parameters and numbers.")
 
 
 def dtype_name(dtype):
@@ -111,9 +119,16 @@ def stem(spec):
 
 
 class DenseNet(nn.HybridBlock):
-    def __init__(self, spec, **kwargs):
+    """`memory_efficient` (torchvision's option) is accepted and does nothing here, with a
+    warning; `memory_efficient_unsupported` says why (the benchmark reads it)."""
+
+    def __init__(self, spec, memory_efficient=False, **kwargs):
         super().__init__(**kwargs)
         self.spec = spec = get_spec(spec)
+        self.memory_efficient = memory_efficient
+        self.memory_efficient_unsupported = NO_MEMORY_EFFICIENT if memory_efficient else ""
+        if memory_efficient:
+            warnings.warn(NO_MEMORY_EFFICIENT, stacklevel=2)
         features = stem(spec)
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):

@@ -79,10 +79,11 @@ def preprocess_input(images):
     return (images.astype("float32") / 255.0 - mean) / std
 
 
-def get_model(name, pretrained=False, classes=1000, ctx=None):
-    """`gluon.model_zoo.vision.get_model`: `pretrained` is False or a path in any format `convert` reads."""
+def get_model(name, pretrained=False, classes=1000, ctx=None, memory_efficient=False):
+    """`gluon.model_zoo.vision.get_model`: `pretrained` is False or a path in any format `convert` reads.
+    `memory_efficient` is accepted and has no effect in MXNet 1.9 (see `DenseNet`)."""
     spec, state = zoo.weights_for(name, pretrained, classes)
-    model = DenseNet(spec)
+    model = DenseNet(spec, memory_efficient)
     if state is None:
         model.initialize(mx.init.Xavier(), ctx=ctx)
     else:
@@ -90,20 +91,20 @@ def get_model(name, pretrained=False, classes=1000, ctx=None):
     return model
 
 
-def densenet121(pretrained=False, classes=1000, ctx=None):
-    return get_model("densenet121", pretrained, classes, ctx)
+def densenet121(pretrained=False, classes=1000, ctx=None, memory_efficient=False):
+    return get_model("densenet121", pretrained, classes, ctx, memory_efficient)
 
 
-def densenet161(pretrained=False, classes=1000, ctx=None):
-    return get_model("densenet161", pretrained, classes, ctx)
+def densenet161(pretrained=False, classes=1000, ctx=None, memory_efficient=False):
+    return get_model("densenet161", pretrained, classes, ctx, memory_efficient)
 
 
-def densenet169(pretrained=False, classes=1000, ctx=None):
-    return get_model("densenet169", pretrained, classes, ctx)
+def densenet169(pretrained=False, classes=1000, ctx=None, memory_efficient=False):
+    return get_model("densenet169", pretrained, classes, ctx, memory_efficient)
 
 
-def densenet201(pretrained=False, classes=1000, ctx=None):
-    return get_model("densenet201", pretrained, classes, ctx)
+def densenet201(pretrained=False, classes=1000, ctx=None, memory_efficient=False):
+    return get_model("densenet201", pretrained, classes, ctx, memory_efficient)
 
 
 def zoo_sample(path, spec, x_nchw, seed=0):

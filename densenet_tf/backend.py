@@ -64,8 +64,8 @@ class Backend(backends.BackendBase):
             return f"gpu:0 {details.get('device_name', '')}".strip()
         return "cpu"
 
-    def build(self, spec, dtype="float32"):
-        return DenseNet(spec, dtype=dtype)
+    def build(self, spec, dtype="float32", memory_efficient=False):
+        return DenseNet(spec, dtype=dtype, memory_efficient=memory_efficient)
 
     def load_state(self, model, state):
         load_canonical(model, state)

@@ -54,18 +54,45 @@ def conv_block(num_channels, bn_size=None, bias=True, name=None, dtype=None):
     ], name=name)
 
 
+def checkpointed_layer(layer, features, training=None):
+    """One dense layer on the list of feature maps, its concatenation and first BN-ReLU-Conv
+    recomputed in the backward pass (torchvision's `_DenseLayer.bn_function`)."""
+    norm1, relu1, conv1, *rest = layer.layers
+    if not (training and norm1.trainable):  # no tape to spare, no statistics to move
+        return layer(ops.concatenate(features, axis=-1), training=training)
+    statistics = norm1.non_trainable_variables  # moving_mean, moving_variance
+
+    @keras.remat
+    def bn_function(*features):
+        # keras.remat (tf.recompute_grad here) runs this again in the backward pass, assignments
+        # too: the scope holds the moving averages back, and the forward's are applied below.
+        with keras.StatelessScope() as scope:
+            Y = conv1(relu1(norm1(ops.concatenate(features, axis=-1), training=True)))
+        return Y, *(scope.get_current_value(v) for v in statistics)
+
+    Y, *moved = bn_function(*features)
+    for variable, value in zip(statistics, moved):
+        variable.assign(value)
+    for sublayer in rest:
+        Y = sublayer(Y, training=training)
+    return Y
+
+
 def concatenated_shape(shape, new_shape):
     return (*shape[:-1], shape[-1] + new_shape[-1])
 
 
 @keras.saving.register_keras_serializable(package="densenet_xf")
 class DenseBlock(layers.Layer):
-    """`num_convs` conv blocks; each one's output is concatenated to its input."""
+    """`num_convs` conv blocks; each one's output is concatenated to its input.
+    `memory_efficient` keeps a list of feature maps instead and recomputes each concatenation."""
 
-    def __init__(self, num_convs, num_channels, bn_size=None, bias=True, drop_rate=0.0, **kwargs):
+    def __init__(self, num_convs, num_channels, bn_size=None, bias=True, drop_rate=0.0, memory_efficient=False,
+                 **kwargs):
         super().__init__(**kwargs)
         self.config = {"num_convs": num_convs, "num_channels": num_channels, "bn_size": bn_size,
-                       "bias": bias, "drop_rate": drop_rate}
+                       "bias": bias, "drop_rate": drop_rate, "memory_efficient": memory_efficient}
+        self.memory_efficient = memory_efficient
         self.denselayers = [conv_block(num_channels, bn_size, bias, f"denselayer{i + 1}", self.dtype_policy)
                             for i in range(num_convs)]
         self.dropout = layers.Dropout(drop_rate, name="dropout", dtype=self.dtype_policy)
@@ -86,10 +113,18 @@ class DenseBlock(layers.Layer):
         return {**super().get_config(), **self.config}
 
     def call(self, X, training=None):
+        if self.memory_efficient:
+            return self.call_on_list(X, training)
         for layer in self.denselayers:
             Y = self.dropout(layer(X, training=training), training=training)
             X = ops.concatenate([X, Y], axis=-1)
         return X
+
+    def call_on_list(self, X, training=None):
+        features = [X]
+        for layer in self.denselayers:
+            features.append(self.dropout(checkpointed_layer(layer, features, training), training=training))
+        return ops.concatenate(features, axis=-1)
 
 
 def transition_block(num_channels, bias=True, name=None, dtype=None):
@@ -124,18 +159,18 @@ def stem(spec, dtype=None):
 class DenseNet(keras.Model):
     """Built at construction for inputs (None, None, None, in_channels): no dummy call needed."""
 
-    def __init__(self, spec, dtype=None, **kwargs):
+    def __init__(self, spec, dtype=None, memory_efficient=False, **kwargs):
         spec = get_spec(spec)
         # autocast=False: Keras would cast any float input to the model's dtype before call(),
         # so a float64 batch would slip silently into a float32 model past validate_input.
         super().__init__(name=spec.name, dtype=dtype, autocast=False, **kwargs)
-        self.spec = spec
+        self.spec, self.memory_efficient = spec, memory_efficient
         dtype = self.dtype_policy
         features = stem(spec, dtype)
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):
                 block = DenseBlock(len(stage.layers), spec.growth_rate, spec.bn_size, spec.conv_bias,
-                                   spec.drop_rate, name=stage.name, dtype=dtype)
+                                   spec.drop_rate, memory_efficient, name=stage.name, dtype=dtype)
             else:
                 block = transition_block(stage.out_channels, spec.conv_bias, stage.name, dtype)
             features.append(block)
@@ -152,11 +187,13 @@ class DenseNet(keras.Model):
             input_shape = layer.compute_output_shape(input_shape)
 
     def get_config(self):
-        return {"spec": self.spec.to_json(), "dtype": keras.dtype_policies.serialize(self.dtype_policy)}
+        return {"spec": self.spec.to_json(), "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+                "memory_efficient": self.memory_efficient}
 
     @classmethod
     def from_config(cls, config):
-        return cls(DenseNetSpec.from_json(config["spec"]), dtype=keras.dtype_policies.deserialize(config["dtype"]))
+        return cls(DenseNetSpec.from_json(config["spec"]), dtype=keras.dtype_policies.deserialize(config["dtype"]),
+                   memory_efficient=config.get("memory_efficient", False))
 
     def call(self, X, training=None):
         validate_input(self.spec, X.shape, dtype_name(X.dtype), "NHWC", self.compute_dtype)

@@ -111,9 +111,10 @@ def preprocess_input(images):
     return (images - ops.convert_to_tensor(zoo.IMAGENET_MEAN)) / ops.convert_to_tensor(zoo.IMAGENET_STD)
 
 
-def _densenet(name, include_top=True, weights=None, input_shape=None, pooling=None, classes=1000):
+def _densenet(name, include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
+              memory_efficient=False):
     spec, state = zoo.weights_for(name, weights, classes)
-    model = DenseNet(spec)
+    model = DenseNet(spec, memory_efficient=memory_efficient)
     if state is not None:
         load_canonical(model, state)
     if include_top:
@@ -131,18 +132,23 @@ def _feature_extractor(model, input_shape, pooling):
     return keras.Sequential([inputs, model.features, model.relu, *pools[pooling]], name=f"{model.spec.name}_features")
 
 
-def DenseNet121(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000):
+def DenseNet121(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
+                memory_efficient=False):
     """`keras.applications.DenseNet121`: `weights` is None or a path in any format `convert` reads.
-    Returns logits (no softmax, unlike Keras applications' default)."""
-    return _densenet("densenet121", include_top, weights, input_shape, pooling, classes)
+    Returns logits (no softmax, unlike Keras applications' default). `memory_efficient`
+    (torchvision's option) recomputes each dense layer's concatenation and first BN-ReLU-Conv
+    in the backward pass: the same weights, less activation memory."""
+    return _densenet("densenet121", include_top, weights, input_shape, pooling, classes, memory_efficient)
 
 
-def DenseNet169(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000):
-    return _densenet("densenet169", include_top, weights, input_shape, pooling, classes)
+def DenseNet169(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
+                memory_efficient=False):
+    return _densenet("densenet169", include_top, weights, input_shape, pooling, classes, memory_efficient)
 
 
-def DenseNet201(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000):
-    return _densenet("densenet201", include_top, weights, input_shape, pooling, classes)
+def DenseNet201(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
+                memory_efficient=False):
+    return _densenet("densenet201", include_top, weights, input_shape, pooling, classes, memory_efficient)
 
 
 def zoo_sample(path, spec, x_nchw, seed=0):

@@ -38,8 +38,8 @@ class Backend(backends.BackendBase):
             return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
         return "cpu"
 
-    def build(self, spec, dtype="float32"):
-        return DenseNet(spec).to(self.device, getattr(torch, dtype))
+    def build(self, spec, dtype="float32", memory_efficient=False):
+        return DenseNet(spec, memory_efficient).to(self.device, getattr(torch, dtype))
 
     def load_state(self, model, state):
         load_canonical(model, state)

@@ -5,11 +5,14 @@ The d2l chapter's conv_block, DenseBlock, transition_block and DenseNet, grown t
 torchvision's, so `state_dict()` keys are the canonical checkpoint keys.
 """
 
+import contextlib
+import functools
 from collections import OrderedDict
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils.checkpoint import checkpoint
 
 from conformance.specs import channel_plan, get_spec, validate_input
 
@@ -44,17 +47,54 @@ def conv_block(input_channels, num_channels, bn_size=None, bias=True):
     ))
 
 
+@contextlib.contextmanager
+def running_stats_restored(layer):
+    """Recomputing a train-mode BatchNorm moves its running statistics a second time: put them back."""
+    saved = [buffer.clone() for buffer in layer.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in zip(layer.buffers(), saved):
+                buffer.copy_(value)
+
+
+def recompute_contexts(layer):
+    return contextlib.nullcontext(), running_stats_restored(layer)
+
+
+def concat_bn_relu_conv(layer, *features):
+    return layer[:3](torch.cat(features, dim=1))
+
+
+def checkpointed_layer(layer, features):
+    """One dense layer on the list of feature maps, its concatenation and first BN-ReLU
+    recomputed in the backward pass (torchvision's `_DenseLayer.bn_function`; recomputation
+    stops before conv1, whose output norm2 keeps anyway). Selective checkpointing of the whole
+    layer keeping only convolution outputs kept less memory but ran slower on the CPU."""
+    # torch.compile recomputes inside its own graph, where the statistics update stays in the forward pass
+    contexts = {} if torch.compiler.is_compiling() else {"context_fn": functools.partial(recompute_contexts, layer)}
+    Y = checkpoint(concat_bn_relu_conv, layer, *features, use_reentrant=False, **contexts)
+    return layer[3:](Y)
+
+
 class DenseBlock(nn.Module):
     """`num_convs` conv blocks; each one's output is concatenated to its input."""
 
-    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0):
+    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0,
+                 memory_efficient=False):
         super().__init__()
-        self.drop_rate = drop_rate
+        self.drop_rate, self.memory_efficient = drop_rate, memory_efficient
         for i in range(num_convs):
             layer = conv_block(input_channels + i * num_channels, num_channels, bn_size, bias)
             self.add_module(f"denselayer{i + 1}", layer)
 
     def forward(self, X):
+        if self.memory_efficient and not torch.jit.is_scripting():
+            features = [X]
+            for layer in self.children():
+                features.append(F.dropout(checkpointed_layer(layer, features), p=self.drop_rate, training=self.training))
+            return torch.cat(features, dim=1)
         for layer in self.children():
             Y = F.dropout(layer(X), p=self.drop_rate, training=self.training)
             X = torch.cat((X, Y), dim=1)
@@ -91,14 +131,14 @@ def check_input(spec, X, dtype):
 class DenseNet(nn.Module):
     __jit_ignored_attributes__ = ["spec"]  # TorchScript cannot compile the spec dataclass; only check_input reads it
 
-    def __init__(self, spec):
+    def __init__(self, spec, memory_efficient=False):
         super().__init__()
         self.spec = spec = get_spec(spec)
         features = stem(spec)
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):
                 block = DenseBlock(len(stage.layers), stage.in_channels, spec.growth_rate,
-                                   spec.bn_size, spec.conv_bias, spec.drop_rate)
+                                   spec.bn_size, spec.conv_bias, spec.drop_rate, memory_efficient)
             else:
                 block = transition_block(stage.in_channels, stage.out_channels, spec.conv_bias)
             features.append((stage.name, block))

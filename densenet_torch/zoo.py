@@ -3,7 +3,7 @@
 torchvision's DenseNet module names are ours, so its state dicts are canonical states; the
 files it publishes use the pre-2018 keys (`norm.1` for `norm1`), which `conformance.zoo`
 renames. Files are read with `torch.load(weights_only=True)`: a pickle that would run code
-is refused. `memory_efficient` (gradient checkpointing) is not offered yet: it is issue 13.
+is refused. `memory_efficient=True` is torchvision's option: the same weights, less memory.
 """
 
 import io
@@ -49,33 +49,33 @@ def preprocess_input(images):
     return (images.float() / 255.0 - mean) / std
 
 
-def _densenet(name, weights=None, num_classes=1000):
+def _densenet(name, weights=None, num_classes=1000, memory_efficient=False):
     spec, state = zoo.weights_for(name, weights, num_classes)
-    model = DenseNet(spec)
+    model = DenseNet(spec, memory_efficient)
     if state is not None:
         load_canonical(model, state)
     return model
 
 
-def densenet121(weights=None, num_classes=1000):
+def densenet121(weights=None, num_classes=1000, memory_efficient=False):
     """torchvision's `densenet121`: `weights` is None or a path in any format `convert` reads."""
-    return _densenet("densenet121", weights, num_classes)
+    return _densenet("densenet121", weights, num_classes, memory_efficient)
 
 
-def densenet161(weights=None, num_classes=1000):
-    return _densenet("densenet161", weights, num_classes)
+def densenet161(weights=None, num_classes=1000, memory_efficient=False):
+    return _densenet("densenet161", weights, num_classes, memory_efficient)
 
 
-def densenet169(weights=None, num_classes=1000):
-    return _densenet("densenet169", weights, num_classes)
+def densenet169(weights=None, num_classes=1000, memory_efficient=False):
+    return _densenet("densenet169", weights, num_classes, memory_efficient)
 
 
-def densenet201(weights=None, num_classes=1000):
-    return _densenet("densenet201", weights, num_classes)
+def densenet201(weights=None, num_classes=1000, memory_efficient=False):
+    return _densenet("densenet201", weights, num_classes, memory_efficient)
 
 
-def densenet264(weights=None, num_classes=1000):
-    return _densenet("densenet264", weights, num_classes)
+def densenet264(weights=None, num_classes=1000, memory_efficient=False):
+    return _densenet("densenet264", weights, num_classes, memory_efficient)
 
 
 def zoo_sample(path, spec, x_nchw, seed=0):

@@ -13,7 +13,7 @@ import pytest
 
 from conformance import backends, data, specs
 from conformance.backends import BACKENDS, PRECISIONS
-from conformance.bench import harness, worker
+from conformance.bench import harness, memory_report, worker
 from conformance.cli import main
 from conformance.training import fashion_mnist_spec
 
@@ -39,7 +39,9 @@ def check_outputs(out: Path, backends_run, device="cpu") -> dict:
 def test_bench_on_a_tiny_net_writes_json_markdown_and_png(tmp_path):
     pytest.importorskip("torch", reason="the bench test times the PyTorch backend")
     out, published = tmp_path / "bench", tmp_path / "docs"
-    assert main(["bench", "--backends", "torch", *TINY, "--out", str(out), "--publish", str(published), "--quiet"]) == 0
+    assert main(["bench", "--section", "speed", "--backends", "torch", *TINY, "--out", str(out), "--publish",
+                 str(published), "--quiet"]) == 0
+    assert not (out / "memory_cpu.json").exists()  # the memory section did not run
     result = check_outputs(out, ["torch"])
     assert [r["status"] for r in result["rows"]] == ["ok"] * (1 + len(PRECISIONS))
     assert {r["run"]: r["arithmetic"].split()[0] for r in result["rows"]} == {
@@ -65,6 +67,9 @@ def test_a_missing_framework_is_reported_as_skipped(tmp_path, monkeypatch):
     assert "no anchor for backend 'ghost'" in result["rows"][0]["reason"]
     assert all("no_such_framework_xyz" in r["reason"] for r in result["rows"][1:])
     assert "| ghost | trainer fp32 (exact) | skipped: backend 'ghost' is not available" in (tmp_path / "bench.md").read_text()
+    memory = json.loads((tmp_path / "memory_cpu.json").read_text())  # both sections ran
+    assert [r["status"] for r in memory["rows"]] == ["skipped"] * len(harness.MEMORY_MODES)
+    assert memory["summary"][0]["status"] == "skipped" and "no_such_framework_xyz" in memory["summary"][0]["reason"]
 
 
 def test_bench_rejects_bad_options_clearly(capsys):
@@ -75,8 +80,52 @@ def test_bench_rejects_bad_options_clearly(capsys):
     assert "0 is not a positive integer" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 1"):
         harness.run(device="cpu", warmup=0)
+    with pytest.raises(ValueError, match="sections must be among speed, memory; got speeed"):
+        harness.run(device="cpu", sections=("speeed",))
+    with pytest.raises(SystemExit):
+        main(["bench", "--section", "speeed"])
+    assert "invalid choice: 'speeed'" in capsys.readouterr().err
     assert main(["bench", "--backends", "torch,nope"]) == 2
     assert "unknown backend 'nope'" in capsys.readouterr().err
+
+
+def test_memory_section_measures_each_mode_in_its_own_process(tmp_path, monkeypatch):
+    pytest.importorskip("torch", reason="the memory section test times the PyTorch backend")
+    monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "nomechanism=nomechanism_backend")
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + ":" + str(Path(__file__).parents[1]))
+    out, published = tmp_path / "bench", tmp_path / "docs"
+    assert main(["bench", "--section", "memory", "--backends", "torch,nomechanism", *TINY, "--out", str(out),
+                 "--publish", str(published), "--quiet"]) == 0
+    assert not (out / "bench.json").exists()  # the speed section did not run
+    result = json.loads((out / "memory_cpu.json").read_text())
+    assert [(r["backend"], r["mode"]) for r in result["rows"]] == [
+        (b, mode) for b in ("torch", "nomechanism") for mode in harness.MEMORY_MODES]
+    assert {r["run"] for r in result["rows"]} == {harness.MEMORY_PRECISION}
+    logs = sorted(path.name for path in (out / "logs").iterdir())  # one worker process per mode
+    assert logs == sorted(f"tiny_d2l-16-{b}-{harness.MEMORY_PRECISION}{suffix}.log" for b in ("torch", "nomechanism")
+                          for suffix in ("", "-memory_efficient"))
+    torch_entry, unsupported = result["summary"]
+    assert torch_entry["status"] == "ok" and torch_entry["peak_plain"] > torch_entry["added_plain"] > 0
+    assert torch_entry["time_ratio"] == torch_entry["step_s_efficient"] / torch_entry["step_s_plain"] > 0
+    assert torch_entry["target_met"] == (torch_entry["memory_ratio"] <= 0.5 and torch_entry["time_ratio"] <= 1.2)
+    assert unsupported["status"] == "unsupported" and "cannot recompute" in unsupported["reason"]
+    markdown = (out / "memory_cpu.md").read_text()
+    assert "| torch | " in markdown and "| nomechanism | no mechanism in this framework: this framework" in markdown
+    for name in memory_report.files("cpu"):
+        assert (published / name).read_bytes() == (out / name).read_bytes()
+    assert (out / "memory_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_memory_target_needs_half_the_memory_for_at_most_a_fifth_more_time():
+    def run(peak, step_s):
+        return {"status": "ok", "peak_bytes": peak, "before_steps_bytes": 100, "seconds": 3 * step_s, "steps": 3,
+                "peak_kind": "process peak RSS", "device": "cpu", "arithmetic": "fp32"}
+
+    plain = run(1100, 1.0)
+    assert memory_report.compare(plain, run(600, 1.15))["target_met"]
+    assert not memory_report.compare(plain, run(601, 1.0))["target_met"]  # training adds 501 of 1000
+    assert not memory_report.compare(plain, run(300, 1.25))["target_met"]
+    assert memory_report.compare(run(100, 1.0), run(100, 1.0))["memory_ratio"] is None  # nothing to compare
 
 
 def test_index_batches_follow_the_shared_order_in_full_batches():

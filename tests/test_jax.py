@@ -1,5 +1,7 @@
 """JAX/Flax-specific behaviour; the shared contract is in test_backends.py."""
 
+from functools import partial
+
 import numpy as np
 import pytest
 
@@ -185,3 +187,108 @@ def test_a_fast_trainer_leaves_exact_arithmetic_for_the_checks():
     trainer.train_step(x.transpose(0, 2, 3, 1), y)
     assert jax.config.jax_default_matmul_precision == "highest"
     assert jax.tree.leaves(trainer.model.variables)[0].dtype == jnp.float32  # float32 parameters
+
+
+# Memory-efficient model (issue 13): nn.remat of each dense layer with the dots policy.
+
+def deep_block_spec():
+    return ARCHS["tiny"].replace(block_config=(12,))  # one block deep enough for its quadratic memory
+
+
+def residual_bytes(spec, memory_efficient, batch=8, size=48):
+    """Bytes jax.vjp keeps for the backward pass of a train-mode forward: the leaves of the
+    function it returns, traced by eval_shape (nothing is computed or compiled)."""
+    model = DenseNet(spec, memory_efficient=memory_efficient)
+    variables = variable_shapes(model)
+    x = jax.ShapeDtypeStruct((batch, size, size, spec.in_channels), jnp.float32)
+
+    def residuals(variables, x):
+        def logits(params):
+            return model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])[0]
+        return jax.vjp(logits, variables["params"])[1]
+
+    kept = jax.tree.leaves(jax.eval_shape(residuals, variables, x))
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in kept)
+
+
+@pytest.mark.parametrize("arch, size", [("tiny", 19), ("tiny_d2l", 13)])
+def test_memory_efficient_model_matches_the_reference(arch, size):
+    from conformance import checks
+
+    results = checks.compare_with_reference(load_backend("jax"), arch, size, memory_efficient=True)
+    failures = {f"{dtype}/{name}": item for dtype, items in results.items()
+                for name, item in items.items() if not item["passed"]}
+    assert set(results) == {"float32", "float64"} and not failures
+
+
+def test_memory_efficient_model_keeps_the_variables_and_the_numbers():
+    backend, spec = load_backend("jax"), ARCHS["tiny"]
+    state = weights.init_state(spec, randomize_bn=True)
+    plain, efficient = backend.build(spec), backend.build(spec, memory_efficient=True)
+    assert efficient.module.memory_efficient and not plain.module.memory_efficient
+    for model in (plain, efficient):
+        backend.load_state(model, state)
+    assert backend.count_params(efficient) == backend.count_params(plain)
+    assert backend.export_state(efficient).keys() == state.keys()
+    x = specs.to_layout(np.random.default_rng(0).standard_normal((2, 3, 19, 19)).astype(np.float32), "NHWC")
+    np.testing.assert_allclose(backend.forward(efficient, x, train=False), backend.forward(plain, x, train=False),
+                               rtol=1e-6, atol=1e-6)
+
+
+@partial(jax.jit, static_argnums=0)
+def train_logits_and_gradients(module, variables, x, dropout_key):
+    def loss(params):
+        logits, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
+                                 rngs={"dropout": dropout_key})
+        return (logits ** 2).sum(), logits
+
+    gradients, logits = jax.grad(loss, has_aux=True)(variables["params"])
+    return logits, gradients
+
+
+def test_memory_efficient_dropout_draws_the_plain_model_s_masks():
+    spec = ARCHS["tiny"].replace(drop_rate=0.5)
+    variables = load_canonical(DenseNet(spec), weights.init_state(spec, randomize_bn=True))
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 19, 19, 3)), jnp.float32)
+    plain, efficient = DenseNet(spec), DenseNet(spec, memory_efficient=True)
+    logits, gradients = train_logits_and_gradients(plain, variables, x, KEY)
+    assert not np.array_equal(train_logits_and_gradients(plain, variables, x, jax.random.key(1))[0], logits)
+    efficient_logits, efficient_gradients = train_logits_and_gradients(efficient, variables, x, KEY)
+    assert np.array_equal(efficient_logits, logits)
+    for path, gradient in flatten_dict(gradients).items():
+        np.testing.assert_allclose(flatten_dict(efficient_gradients)[path], gradient, rtol=1e-5, atol=1e-6,
+                                   err_msg=str(path))
+
+
+def test_memory_efficient_model_keeps_only_the_convolution_outputs():
+    # What the backward pass may keep, before XLA compiles it: on a 12-layer block, the plain
+    # model keeps every concatenation and BN-ReLU output, the remat'ed one the inputs of each
+    # layer and its convolutions' outputs.
+    spec = deep_block_spec()
+    assert residual_bytes(spec, True) < 0.5 * residual_bytes(spec, False)
+
+
+def test_zoo_constructor_accepts_memory_efficient(monkeypatch):
+    from densenet_jax import DenseNet121, zoo
+
+    monkeypatch.setattr(zoo, "load_canonical", lambda module, state: state)  # tracing DenseNet-121 is slow
+    module, state = DenseNet121(num_classes=10, memory_efficient=True)
+    assert module.memory_efficient and module.spec.name == "densenet121"
+    assert state["classifier.weight"].shape == (10, 1024)
+
+
+@pytest.mark.slow
+def test_compiled_backward_pass_keeps_less_when_xla_keeps_remat_s_barriers():
+    # XLA's CPU compiler removes jax.checkpoint's optimization barriers (its pass
+    # cse_barrier_expander) before common-subexpression elimination, which then merges the
+    # recomputation back into the forward pass: by default both models compile to the same
+    # memory on a CPU. With the barriers kept, the memory-efficient one needs much less.
+    spec, options = deep_block_spec(), {"xla_disable_hlo_passes": "cse_barrier_expander"}
+    x = jax.ShapeDtypeStruct((16, 48, 48, spec.in_channels), jnp.float32)
+
+    def temp_bytes(memory_efficient):
+        module = DenseNet(spec, memory_efficient=memory_efficient)
+        compiled = train_logits_and_gradients.lower(module, variable_shapes(module), x, KEY).compile(options)
+        return compiled.memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(True) < 0.75 * temp_bytes(False)

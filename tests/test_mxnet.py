@@ -17,7 +17,8 @@ from conformance import checks, reference, specs, weights  # noqa: E402
 from conformance.specs import ARCHS, InputError  # noqa: E402
 from densenet_mxnet import DenseBlock, DenseNet, conv_block, transition_block  # noqa: E402
 from densenet_mxnet import export_canonical, load_canonical  # noqa: E402
-from densenet_mxnet import compat  # noqa: E402
+from densenet_mxnet import compat, zoo  # noqa: E402
+from densenet_mxnet.model import NO_MEMORY_EFFICIENT  # noqa: E402
 from densenet_mxnet.backend import Backend  # noqa: E402
 from densenet_mxnet.weights import canonical_key, structural_params  # noqa: E402
 
@@ -172,6 +173,54 @@ def test_dropout_is_active_only_in_training():
         a = model(x)
         mx.random.seed(1)
         assert not (a == model(x)).all()
+
+
+# --- memory_efficient (issue 13): accepted, says it does nothing, computes the plain numbers
+
+def memory_efficient_build(backend, spec, dtype="float32"):
+    with pytest.warns(UserWarning, match="no effect in MXNet 1.9"):
+        return backend.build(spec, dtype, memory_efficient=True)
+
+
+@pytest.mark.parametrize("arch, size", [("tiny", 19), ("tiny_d2l", 13)])
+def test_memory_efficient_model_matches_the_reference(arch, size):
+    with pytest.warns(UserWarning, match="no effect in MXNet 1.9"):
+        results = checks.compare_with_reference(Backend(), arch, size, memory_efficient=True)
+    assert set(results) == {"float32", "float64"} and checks.all_passed(results)
+
+
+def test_memory_efficient_model_says_it_has_no_mechanism():
+    """What the benchmark and the report read: MXNet 1.9's mirroring never reaches Gluon."""
+    backend = Backend()
+    model = memory_efficient_build(backend, ARCHS["tiny"])
+    assert model.memory_efficient and model.memory_efficient_unsupported == NO_MEMORY_EFFICIENT
+    assert not backend.build(ARCHS["tiny"]).memory_efficient_unsupported
+    assert "docs/memory.md" in NO_MEMORY_EFFICIENT
+
+
+def test_memory_efficient_model_loads_the_same_checkpoint():
+    backend, spec = Backend(), ARCHS["tiny"].replace(drop_rate=0.2)
+    state = weights.init_state(spec, 4, randomize_bn=True)
+    x = onp.random.default_rng(0).standard_normal((2, 3, 19, 19))
+    y = onp.array([1, 3])
+    outputs = []
+    for model in (backend.build(spec, "float64"), memory_efficient_build(backend, spec, "float64")):
+        backend.load_state(model, state)
+        assert backend.count_params(model) == backend.count_params(backend.build(spec))
+        assert export_canonical(model).keys() == state.keys()
+        mx.random.seed(7)  # dropout: the same mask in both
+        train_logits = backend.forward(model, x, train=True)
+        mx.random.seed(7)
+        outputs.append((backend.forward(model, x, train=False), train_logits, backend.gradients(model, x, y)[1]))
+    (eval_a, train_a, grads_a), (eval_b, train_b, grads_b) = outputs
+    assert eval_a.tobytes() == eval_b.tobytes() and train_a.tobytes() == train_b.tobytes()
+    assert all(grads_a[key].tobytes() == grads_b[key].tobytes() for key in grads_a)
+
+
+def test_zoo_constructors_accept_memory_efficient():
+    with pytest.warns(UserWarning, match="no effect in MXNet 1.9"):
+        model = zoo.densenet121(classes=10, memory_efficient=True)
+    assert model.memory_efficient and model.classifier.weight.shape == (10, 1024)
 
 
 # --- the compatibility module

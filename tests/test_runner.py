@@ -24,6 +24,14 @@ def test_broken_backend_fails_the_run_naming_backend_and_check(tmp_path, with_br
     assert any(f.startswith("broken: tiny@19 float32 forward_eval: error") for f in report["failures"])
     assert not any(f.startswith("torch:") for f in report["failures"])
     assert "broken: tiny@19 float32 forward_eval" in out and "VERDICT: FAILED" in out
+    assert report["memory_efficient"] == [list(config) for config in runner.MEMORY_EFFICIENT]
+    assert any(f.startswith("broken: tiny@19 memory-efficient float32 forward_eval: error") for f in report["failures"])
+    efficient = [row for row in report["rows"] if row["config"].endswith(" memory-efficient")]
+    assert {row["config"] for row in efficient} == {f"{a}@{s} memory-efficient" for a, s, _ in runner.MEMORY_EFFICIENT}
+    assert {(row["dtype"], row["check"]) for row in efficient} >= {("float64", "running_stats_update"),
+                                                                   ("float32", "gradients")}
+    assert all(row["results"]["torch"]["passed"] for row in efficient)
+    assert "| tiny_d2l@13 memory-efficient float64 running_stats_update |" in (tmp_path / "report.md").read_text()
     assert report["cross"]["errors"]["torch"]["torch"] == 0.0
     assert report["cross"]["errors"]["broken"]["torch"] > report["cross"]["tolerance"]  # broken loads torch's export
     for name in ("report.md", "errors.png", "cross_backend.png", "torch.json", "broken.json"):

@@ -1,19 +1,27 @@
 """TensorFlow/Keras-specific behaviour; the shared contract is in test_backends.py."""
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
 pytest.importorskip("keras", reason="Keras is not installed")
 
+import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 from conformance import checks, reference, specs, weights  # noqa: E402
 from conformance.specs import ARCHS, InputError  # noqa: E402
 from densenet_tf import DenseBlock, DenseNet, conv_block, export_canonical, load_canonical, transition_block  # noqa: E402
 from densenet_tf.backend import Backend  # noqa: E402
-from densenet_tf.train import Trainer, loss_and_gradients  # noqa: E402
+from densenet_tf.train import Trainer, gradient_step, loss_and_gradients  # noqa: E402
 from densenet_tf.weights import canonical_variables  # noqa: E402
+from densenet_tf.zoo import DenseNet121  # noqa: E402
 
 
 def batch(spec, size, n=4, seed=0, dtype=np.float32):
@@ -185,3 +193,92 @@ def test_a_fast_trainer_leaves_exact_arithmetic_for_the_checks():
         trainer.train_step(x.transpose(0, 2, 3, 1), y)
     assert not tf.config.experimental.tensor_float_32_execution_enabled()
     assert checks.all_passed(checks.compare_with_reference(backend, spec, 13, 2, 0, ("float32",)))
+
+
+@pytest.mark.parametrize("arch, size, run_eagerly", [("tiny", 19, False), ("tiny_d2l", 13, True)])
+def test_memory_efficient_model_matches_the_reference(arch, size, run_eagerly):
+    """Forward, gradients, SGD step and running statistics moved once (not twice by the
+    recomputation), float32 and float64."""
+    results = checks.compare_with_reference(Backend(run_eagerly=run_eagerly), arch, size, memory_efficient=True)
+    failures = {f"{dtype}/{name}": item for dtype, items in results.items()
+                for name, item in items.items() if not item["passed"]}
+    assert not failures
+
+
+def plain_and_memory_efficient(spec, dtype="float32"):
+    """Two models with the same canonical state and the same dropout seeds."""
+    state = weights.init_state(spec, seed=5, randomize_bn=True)
+    models = []
+    for memory_efficient in (False, True):
+        keras.utils.set_random_seed(7)  # Keras draws each Dropout's seed at construction
+        models.append(DenseNet(spec, dtype=dtype, memory_efficient=memory_efficient))
+        load_canonical(models[-1], state)
+    return models
+
+
+def test_memory_efficient_model_loads_the_same_checkpoint():
+    plain, efficient = plain_and_memory_efficient(ARCHS["tiny"])
+    assert list(canonical_variables(plain)) == list(canonical_variables(efficient))
+    assert Backend().count_params(plain) == Backend().count_params(efficient)
+    x = batch(ARCHS["tiny"], 19)[1]
+    np.testing.assert_array_equal(plain(x, training=False), efficient(x, training=False))
+    assert DenseNet.from_config(efficient.get_config()).memory_efficient
+
+
+def test_memory_efficient_dropout_draws_the_same_masks():
+    spec = ARCHS["tiny"].replace(drop_rate=0.5)
+    _, x, y = batch(spec, 19, dtype=np.float64)
+    (logits, loss, grads), (logits_me, loss_me, grads_me) = (
+        gradient_step(model, x, tf.constant(y, tf.int32)) for model in plain_and_memory_efficient(spec, "float64"))
+    np.testing.assert_allclose(logits_me, logits, rtol=1e-12, atol=1e-12)
+    for grad, grad_me in zip(grads, grads_me):
+        np.testing.assert_allclose(grad_me, grad, rtol=1e-10, atol=1e-12)
+
+
+def test_memory_efficient_model_trains_in_keras_fit():
+    """model.fit's own tf.function step: the same weights and running statistics as plain."""
+    spec = ARCHS["tiny_d2l"]
+    _, x, y = batch(spec, 13, n=8)
+    states = []
+    for model in plain_and_memory_efficient(spec):
+        model.compile(optimizer=keras.optimizers.SGD(0.1),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
+        states.append(export_canonical(model))
+    for key, value in states[0].items():
+        np.testing.assert_allclose(states[1][key], value, rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+def allocator_peaks(arch, size, n):
+    """{memory_efficient: peak bytes TensorFlow's CPU allocator held during one eager
+    forward-backward}; needs TF_CPU_ALLOCATOR_USE_BFC=true before TensorFlow starts."""
+    x, y = checks.make_batch(ARCHS[arch], size, n, 0)
+    peaks = {}
+    for memory_efficient in (False, True):
+        model = DenseNet(arch, memory_efficient=memory_efficient)
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        loss_and_gradients(model, specs.to_layout(x, "NHWC"), y)
+        peaks[memory_efficient] = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
+    return peaks
+
+
+def test_memory_efficient_model_holds_less_activation_memory():
+    """The recomputation is really on: a deep net's forward-backward peak, measured by TensorFlow's
+    own allocator in a fresh process, is well under the plain model's (about 40% measured)."""
+    code = ("import json, test_tf; "
+            "print(json.dumps(test_tf.allocator_peaks('densenet_bc100_k12', 32, 8)))")
+    tests = Path(__file__).parent
+    env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true",
+           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peaks = json.loads(run.stdout.strip().splitlines()[-1])
+    assert peaks["true"] < 0.7 * peaks["false"], peaks
+
+
+def test_zoo_constructor_builds_a_memory_efficient_model():
+    model = DenseNet121(memory_efficient=True)
+    blocks = [layer for layer in model.features.layers if isinstance(layer, DenseBlock)]
+    assert len(blocks) == 4 and all(block.memory_efficient for block in blocks)
+    assert Backend().count_params(model)[0] == 7_978_856  # torchvision's densenet121

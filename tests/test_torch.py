@@ -79,3 +79,88 @@ def test_a_fast_trainer_switches_tf32_for_its_own_steps_only():
     assert seen == [False, True, True]
     assert not torch.backends.cuda.matmul.allow_tf32 and not torch.backends.cudnn.allow_tf32
     assert checks.all_passed(checks.compare_with_reference(backend, spec, 13, 2, 0, ("float32",)))
+
+
+# Memory-efficient DenseNet (issue 13): the same network, its concatenations and first BN-ReLU recomputed.
+
+def test_memory_efficient_model_passes_the_conformance_checks():
+    from conformance import checks
+    from conformance.backends import load_backend
+
+    backend = load_backend("torch")
+    for arch, size in (("tiny", 19), ("tiny_d2l", 13)):
+        results = checks.compare_with_reference(backend, arch, size, 2, 0, memory_efficient=True)
+        assert checks.all_passed(results), (arch, results)
+
+
+def test_one_canonical_state_loads_into_plain_and_memory_efficient_models():
+    from conformance.backends import load_backend
+
+    backend, state = load_backend("torch"), weights.init_state(ARCHS["tiny"], randomize_bn=True)
+    plain, efficient = DenseNet("tiny"), DenseNet("tiny", memory_efficient=True)
+    assert backend.count_params(plain) == backend.count_params(efficient)
+    for model in (plain, efficient):
+        load_canonical(model, state)
+    x = torch.randn(2, 3, 19, 19)
+    assert torch.equal(plain.eval()(x), efficient.eval()(x))
+
+
+def train_step_outputs(model, x, seed):
+    torch.manual_seed(seed)
+    logits = model.train()(x)
+    logits.square().sum().backward()
+    return logits.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+
+def test_memory_efficient_dropout_draws_the_plain_masks_and_moves_statistics_once():
+    spec = ARCHS["tiny"].replace(drop_rate=0.5)
+    state = weights.init_state(spec, randomize_bn=True)
+    plain, efficient = DenseNet(spec), DenseNet(spec, memory_efficient=True)
+    for model in (plain, efficient):
+        load_canonical(model, state)
+    x = torch.randn(2, 3, 19, 19)
+    (plain_logits, plain_grads), (logits, grads) = (train_step_outputs(m, x, seed=3) for m in (plain, efficient))
+    assert torch.equal(plain_logits, logits)
+    assert all(torch.equal(plain_grads[name], grads[name]) for name in grads)
+    assert all(torch.equal(a, b) for a, b in zip(plain.buffers(), efficient.buffers()))
+    assert efficient.features.denseblock1.denselayer1.norm1.num_batches_tracked.item() == 1
+
+
+def kept_bytes(model, x):
+    """Bytes of the tensors a train-mode forward pass leaves alive for the backward pass:
+    every op's output storage that is still referenced, except parameters, buffers and logits."""
+    from torch.multiprocessing.reductions import StorageWeakRef
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_leaves
+
+    class RecordOutputs(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.storages = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for storage in (t.untyped_storage() for t in tree_leaves(out) if isinstance(t, torch.Tensor)):
+                self.storages[storage.data_ptr()] = StorageWeakRef(storage), storage.nbytes()
+            return out
+
+    owned = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    with RecordOutputs() as recorded:
+        logits = model.train()(x)
+    alive = (nbytes for ptr, (ref, nbytes) in recorded.storages.items() if not ref.expired() and ptr not in owned)
+    return sum(alive) - logits.untyped_storage().nbytes()
+
+
+def test_memory_efficient_model_keeps_under_half_the_activations_of_a_deep_net():
+    x = torch.randn(2, 3, 16, 16)
+    plain = kept_bytes(DenseNet("densenet_bc100_k12"), x)
+    efficient = kept_bytes(DenseNet("densenet_bc100_k12", memory_efficient=True), x)
+    assert efficient < 0.5 * plain, f"memory-efficient keeps {efficient / plain:.0%} of the plain model's activations"
+
+
+def test_zoo_constructor_builds_the_memory_efficient_model():
+    from densenet_torch.zoo import densenet121
+
+    model = densenet121(memory_efficient=True)
+    blocks = [m for m in model.modules() if isinstance(m, DenseBlock)]
+    assert len(blocks) == 4 and all(block.memory_efficient for block in blocks)

@@ -1,9 +1,11 @@
 """`densenet-xf bench`: every measurement in its own process, on the same data, then a report.
 
-For each shape (the quick recipe's on the CPU; the d2l recipe's and densenet121 at 224x224
-on a GPU), for each backend: the d2l book's code for its framework (the anchor), then the
-project's trainer in each precision. The data set is written once, as uint8 .npy files,
-and every measurement steps through the same seeded index batches of it.
+Section `speed`: for each shape (the quick recipe's on the CPU; the d2l recipe's and
+densenet121 at 224x224 on a GPU), for each backend: the d2l book's code for its framework
+(the anchor), then the project's trainer in each precision. Section `memory`: for each
+backend, densenet121's trainer plain and memory-efficient (issue 13), each in a process of
+its own, since peak memory is per process. The data set is written once per shape, as uint8
+.npy files, and every measurement steps through the same seeded index batches of it.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import numpy as np
 from .. import data
 from ..backends import PRECISIONS, backend_names, check_device
 from ..training import RECIPES, fashion_mnist_spec
-from . import report
+from . import memory_report, report
 
 RUNS = ("anchor", *PRECISIONS)
+SECTIONS = ("speed", "memory")
+MEMORY_MODES = ("plain", "memory_efficient")
+MEMORY_PRECISION = "tf32"  # the trainer's fast default (plain fp32 on a CPU), as a user trains
 WORKER_TIMEOUT_S = 900
 
 
@@ -52,13 +57,19 @@ SHAPES = {  # the quick recipe's on a CPU; on a GPU the d2l recipe's and densene
 # (warm-up steps, measured steps): a full CPU run of the four backends stays near ten minutes on two cores.
 STEPS = {"cpu": (5, 30), "gpu": (20, 200)}
 QUICK_STEPS = (2, 5)
+MEMORY_SHAPES = {  # densenet121: on the CPU at a size two cores step through in seconds, on a GPU at ImageNet's
+    "cpu": [Shape("densenet121", 64, 32, 128)],
+    "gpu": [Shape("densenet121", 224, 128, 1024)],
+}
+MEMORY_STEPS = {"cpu": (1, 3), "gpu": (5, 20)}  # one warm-up step: the first, timed apart
 
 
-def shapes_for(device, arch=None, size=None, batch=None, examples=None) -> list[Shape]:
-    """The device's shapes, or one shape built from the overrides (tests use a tiny net)."""
+def shapes_for(device, arch=None, size=None, batch=None, examples=None, table=SHAPES) -> list[Shape]:
+    """The device's shapes in `table` (SHAPES, MEMORY_SHAPES), or one shape built from the
+    overrides (tests use a tiny net)."""
     if arch is None and size is None and batch is None and examples is None:
-        return SHAPES[device]
-    first = SHAPES[device][0]
+        return table[device]
+    first = table[device][0]
     batch = batch or first.batch
     shape = Shape(arch or first.arch, size or first.size, batch, examples or max(first.examples, batch))
     if shape.examples < shape.batch:
@@ -82,14 +93,15 @@ def write_data(shape: Shape, directory: Path, data_dir=None) -> None:
     np.save(directory / "labels.npy", np.ascontiguousarray(labels))
 
 
-def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_dir) -> dict:
-    name = f"{shape.arch}-{shape.size}-{backend}-{run}"
+def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_dir, memory_efficient=False) -> dict:
+    name = f"{shape.arch}-{shape.size}-{backend}-{run}" + ("-memory_efficient" if memory_efficient else "")
     result_path, log = out_dir / "runs" / f"{name}.json", out_dir / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "conformance.bench.worker", "--backend", backend, "--run", run,
                "--spec", fashion_mnist_spec(shape.arch).to_json(), "--batch", str(shape.batch),
                "--data", str(data_path), "--device", device, "--warmup", str(warmup), "--steps", str(steps),
-               "--out", str(result_path)] + (["--compile"] if compile else [])
+               "--out", str(result_path)] + (["--compile"] if compile else []) + (
+               ["--memory-efficient"] if memory_efficient else [])
     with open(log, "w") as stream:
         try:
             code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
@@ -117,46 +129,71 @@ def _skip_reason(rows, backend, shape, device) -> str | None:
 
 
 def run(out_dir="build/bench", device="cpu", backends=None, warmup=None, steps=None, quick=False,
-        shapes=None, compile=False, data_dir=None, publish=None, progress=True) -> int:
-    """Measure, write bench.json, bench.md and bench.png in `out_dir`; non-zero if a measurement crashed."""
-    from tqdm.auto import tqdm
-
+        shapes=None, compile=False, data_dir=None, publish=None, progress=True, sections=SECTIONS,
+        memory_shapes=None) -> int:
+    """Measure the `sections`: speed writes bench.json, bench.md and bench.png in `out_dir`,
+    memory memory_<device>.json/.md/.png; non-zero if a measurement crashed."""
     check_device(device)
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown or not sections:
+        raise ValueError(f"bench sections must be among {', '.join(SECTIONS)}; got {', '.join(sections) or 'none'}")
     backends = list(backends or backend_names())
-    shapes = shapes or SHAPES[device]
-    default_warmup, default_steps = QUICK_STEPS if quick else STEPS[device]
-    warmup = default_warmup if warmup is None else warmup
-    steps = default_steps if steps is None else steps
-    if warmup < 1 or steps < 1:
-        raise ValueError(f"warm-up and measured steps must be at least 1, got {warmup} and {steps}")
+    speed_steps = _steps(QUICK_STEPS if quick else STEPS[device], warmup, steps)
+    memory_steps = _steps(tuple(map(min, QUICK_STEPS, MEMORY_STEPS[device])) if quick else MEMORY_STEPS[device],
+                          warmup, steps)
     out_dir = Path(out_dir)
     for stale in ("runs", "logs", "data"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
+    rows = []
+    if "speed" in sections:
+        measurements = [(backend, name, None) for backend in backends for name in RUNS]
+        rows += _section(report, shapes or SHAPES[device], measurements, device, speed_steps, compile, out_dir,
+                         data_dir, progress, publish)
+    if "memory" in sections:
+        measurements = [(backend, MEMORY_PRECISION, mode) for backend in backends for mode in MEMORY_MODES]
+        rows += _section(memory_report, memory_shapes or MEMORY_SHAPES[device], measurements, device, memory_steps,
+                         compile, out_dir, data_dir, progress, publish)
+    return 1 if any(row["status"] == "error" for row in rows) else 0
+
+
+def _steps(defaults, warmup, steps) -> tuple[int, int]:
+    warmup, steps = (defaults[0] if warmup is None else warmup), (defaults[1] if steps is None else steps)
+    if warmup < 1 or steps < 1:
+        raise ValueError(f"warm-up and measured steps must be at least 1, got {warmup} and {steps}")
+    return warmup, steps
+
+
+def _section(writer, shapes, measurements, device, steps, compile, out_dir, data_dir, progress, publish) -> list[dict]:
+    """Each (backend, run, memory mode or None) of `measurements` on each shape in a worker
+    process; `writer` (report, memory_report) writes and publishes the section's files."""
+    from tqdm.auto import tqdm
+
     started = time.time()
     rows = []
-    bar = tqdm(total=len(shapes) * len(backends) * len(RUNS), desc="bench", unit="run", disable=not progress)
+    bar = tqdm(total=len(shapes) * len(measurements), desc="bench", unit="run", disable=not progress)
     try:
         for shape in shapes:
             data_path = out_dir / "data" / f"{shape.arch}-{shape.size}"
             write_data(shape, data_path, data_dir)
-            for backend in backends:
-                for run_name in RUNS:
-                    bar.set_description(f"bench {shape.arch}@{shape.size} {backend} {run_name}")
-                    reason = _skip_reason(rows, backend, shape, device)
-                    result = ({"status": "skipped", "reason": reason} if reason else
-                              _worker(backend, run_name, shape, data_path, device, warmup, steps, compile, out_dir))
-                    rows.append({"shape": shape.name, "backend": backend, "run": run_name, **result})
-                    bar.update(1)
+            for backend, run_name, mode in measurements:
+                bar.set_description(f"bench {shape.arch}@{shape.size} {backend} {mode or run_name}")
+                reason = _skip_reason(rows, backend, shape, device)
+                result = ({"status": "skipped", "reason": reason} if reason else
+                          _worker(backend, run_name, shape, data_path, device, *steps, compile, out_dir,
+                                  mode == "memory_efficient"))
+                rows.append({"shape": shape.name, "backend": backend, "run": run_name, **({"mode": mode} if mode else {}),
+                             **result})
+                bar.update(1)
             shutil.rmtree(data_path, ignore_errors=True)
     finally:
         bar.close()
         shutil.rmtree(out_dir / "data", ignore_errors=True)
-    result = report.build(rows, device, [asdict(s) | {"name": s.name} for s in shapes], warmup, steps,
-                          compile, seconds=time.time() - started)
-    report.write(out_dir, result)
-    print(report.markdown(result))
-    print(f"bench: {out_dir / 'bench.md'} (and bench.json, bench.png)")
+    result = writer.build(rows, device, [asdict(s) | {"name": s.name} for s in shapes], *steps, compile,
+                          seconds=time.time() - started)
+    writer.write(out_dir, result)
+    print(writer.markdown(result))
+    print(f"bench: {', '.join(str(out_dir / name) for name in writer.files(device))}")
     if publish:
-        report.publish(out_dir, Path(publish))
+        writer.publish(out_dir, Path(publish), device)
         print(f"published to {publish}")
-    return 1 if any(row["status"] == "error" for row in rows) else 0
+    return rows

@@ -84,7 +84,9 @@ def markdown(result: dict) -> str:
            "project's, with the data set on the device and one host read per measured window.",
            "- Peak memory: the framework allocator's peak on a GPU, else the process's peak resident "
            "set size (RSS: includes the framework's own libraries).",
-           f"- Total time: {result['seconds']:.0f} s.", ""]
+           f"- Total time: {result['seconds']:.0f} s.",
+           "- Peak memory and time per step of densenet121, plain and memory-efficient: `memory_cpu.md`, "
+           "`memory_gpu.md` (`densenet-xf bench --section memory`).", ""]
     for shape in result["shapes"]:
         rows = [row for row in result["rows"] if row["shape"] == shape["name"]]
         fastest = result["fastest_anchor"].get(shape["name"])
@@ -131,7 +133,11 @@ def write(out_dir, result: dict) -> None:
     plot(result, out_dir / "bench.png")
 
 
-def publish(out_dir, dest: Path) -> None:
+def files(device) -> tuple[str, ...]:
+    return FILES
+
+
+def publish(out_dir, dest: Path, device=None) -> None:
     """Copy bench.json, bench.md and bench.png to `dest` (docs/results), each atomically."""
-    for name in FILES:
+    for name in files(device):
         atomic_write_bytes(Path(dest) / name, (Path(out_dir) / name).read_bytes())

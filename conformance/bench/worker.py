@@ -1,14 +1,16 @@
 """One measurement of `densenet-xf bench`, in a Python process of its own.
 
     python -m conformance.bench.worker --backend B --run anchor|fp32|tf32|bf16 --config JSON
-        --data DIR --device cpu|gpu --warmup W --steps N --out RESULT.json
+        --data DIR --device cpu|gpu --warmup W --steps N --out RESULT.json [--memory-efficient]
 
 `anchor` times the d2l book's code for B's framework (bench/anchors/B_d2l.py); a precision
 times the project's trainer. Both step through the same index batches of the same uint8
 images (DIR/images.npy, DIR/labels.npy). The first step (compilation, allocation) and the
 rest of the warm-up are timed apart from the measured steps. Peak memory is the framework
 allocator's peak on a GPU, else this process's peak resident set size; a process of its own
-per measurement keeps one from inflating the next.
+per measurement keeps one from inflating the next. `--memory-efficient` builds the trainer's
+model with `memory_efficient=True`; a model that says it has no mechanism for it (attribute
+NO_MECHANISM) is reported "unsupported", not timed.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import resource
 import sys
 import time
@@ -32,6 +35,12 @@ ANCHOR_DIR = Path(__file__).resolve().parents[2] / "bench" / "anchors"
 LR = 0.1
 # A GPU run whose backend fell back to the CPU (MXNet on Hopper) takes only a few steps.
 CPU_FALLBACK_STEPS = (1, 3)
+# A memory-efficient model whose framework offers no way to recompute sets this attribute to the reason.
+NO_MECHANISM = "memory_efficient_unsupported"
+
+
+class Unsupported(RuntimeError):
+    """The backend's memory-efficient model has no mechanism in its framework."""
 
 
 class NoAnchor(RuntimeError):
@@ -95,9 +104,11 @@ class AnchorRun:
 class TrainerRun:
     """The project's trainer: data on the device, one host read per `sync`."""
 
-    def __init__(self, backend_name, precision, compile, spec, device, images, labels):
+    def __init__(self, backend_name, precision, compile, spec, device, images, labels, memory_efficient=False):
         backend = load_backend(backend_name, device)
-        model = backend.build(spec)
+        model = backend.build(spec, memory_efficient=memory_efficient)
+        if memory_efficient and getattr(model, NO_MECHANISM, None):
+            raise Unsupported(getattr(model, NO_MECHANISM))
         backend.load_state(model, weights.init_state(spec, 0))
         self.trainer = backend.make_trainer(model, LR, 0.0, precision=precision, compile=compile)
         self.trainer.set_data(images, labels)
@@ -145,6 +156,11 @@ def peak_memory(backend: str, on_gpu: bool) -> tuple[int, str]:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process peak RSS"  # Linux: KiB
 
 
+def resident_bytes() -> int:
+    """This process's resident set size now (Linux)."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 def measure(args) -> dict:
     spec = DenseNetSpec.from_json(args.spec)
     images = np.load(Path(args.data) / "images.npy")
@@ -152,15 +168,18 @@ def measure(args) -> dict:
     if args.run == "anchor":
         run = AnchorRun(load_anchor(args.backend), spec, args.device, images, labels)
     else:
-        run = TrainerRun(args.backend, args.run, args.compile, spec, args.device, images, labels)
+        run = TrainerRun(args.backend, args.run, args.compile, spec, args.device, images, labels, args.memory_efficient)
     warmup, steps = args.warmup, args.steps
     on_gpu = not run.device_name.startswith("cpu")
     if args.device == "gpu" and not on_gpu:
         warmup, steps = min(warmup, CPU_FALLBACK_STEPS[0]), min(steps, CPU_FALLBACK_STEPS[1])
+    before, kind = peak_memory(args.backend, on_gpu)
+    before = resident_bytes() if "RSS" in kind else before  # the model, its trainer and the data set
     result = time_steps(run, index_batches(len(labels), args.batch, warmup + steps), max(warmup, 1))
     peak, kind = peak_memory(args.backend, on_gpu)
     return {"status": "ok", "device": run.device_name, "device_note": run.note, "arithmetic": run.arithmetic,
-            "warmup": max(warmup, 1), "steps": steps, **result, "peak_bytes": peak, "peak_kind": kind}
+            "warmup": max(warmup, 1), "steps": steps, **result, "peak_bytes": peak, "peak_kind": kind,
+            "before_steps_bytes": before}
 
 
 def main(argv=None) -> int:
@@ -174,12 +193,15 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, required=True)
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--memory-efficient", action="store_true", help="build the model with memory_efficient=True")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
         result = measure(args)
     except (BackendUnavailable, NoAnchor) as error:
         result = {"status": "skipped", "reason": str(error)}
+    except Unsupported as error:
+        result = {"status": "unsupported", "reason": str(error)}
     except Exception as error:  # reported in the table; the other measurements go on
         result = {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     weights.atomic_write_text(args.out, json.dumps(result, indent=2, default=float))

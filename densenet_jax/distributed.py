@@ -1,0 +1,122 @@
+"""Data-parallel training in JAX: the global batch sharded over a device mesh.
+
+Synchronised BatchNorm needs no code: under `jax.jit` a batch sharded on its first axis is
+still one global array, so BatchNorm's mean and variance are the global batch's (XLA inserts
+the all-reduces). Per-shard BatchNorm is what `jax.shard_map` computes: each device runs the
+step on its shard, the shards' mean losses are averaged with `pmean` (so their gradients
+are too) and the running statistics are averaged. CPU devices are simulated with
+`jax_num_cpu_devices`, which must be set before JAX first touches a device.
+"""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from conformance.distributed import check_semantics, even_part
+
+from .train import Trainer, eval_logits, float32_mode, loss_and_logits, train_step
+
+ENGINE = "jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)"
+BN_SEMANTICS = {"cpu": ("sync", "per_shard"), "gpu": ("sync", "per_shard")}
+RUNNING_STATS = "mean"  # per-shard running statistics are pmean-ed
+DTYPES = {"sync": ("float32", "float64"), "per_shard": ("float32", "float64")}
+AXIS = "data"
+
+
+def simulate_devices(n):
+    jax.config.update("jax_num_cpu_devices", n)
+
+
+def data_mesh(devices, platform):
+    available = jax.devices(platform)
+    if len(available) < devices:
+        raise ValueError(f"{devices} devices asked for, but JAX sees {len(available)} {platform} device(s); on the CPU "
+                         f"simulate them in a fresh process (conformance.distributed.prepare)")
+    # Auto axes: jit places the computation (Explicit axes, make_mesh's default, type the shardings).
+    return jax.make_mesh((devices,), (AXIS,), (jax.sharding.AxisType.Auto,), devices=available[:devices])
+
+
+def shard_loss_and_logits(apply_fn, params, batch_stats, X, y, dropout_key):
+    loss, (logits, batch_stats) = loss_and_logits(apply_fn, params, batch_stats, X, y, dropout_key)
+    # The mean of the shards' losses: its gradient is the mean of their gradients.
+    return jax.lax.pmean(loss, AXIS), (logits, jax.lax.pmean(batch_stats, AXIS))
+
+
+shard_grad_fn = jax.value_and_grad(shard_loss_and_logits, argnums=1, has_aux=True)
+
+
+def shard_step(state, X, y):
+    """train_step on one device's shard, BatchNorm on the shard's statistics."""
+    dropout_key = jax.random.fold_in(jax.random.fold_in(state.dropout_key, state.step), jax.lax.axis_index(AXIS))
+    (loss, (logits, batch_stats)), grads = shard_grad_fn(state.apply_fn, state.params, state.batch_stats, X, y,
+                                                         dropout_key)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, loss, jax.lax.psum((logits.argmax(axis=-1) == y).sum(), AXIS)
+
+
+def per_shard_step(mesh):
+    return jax.jit(jax.shard_map(shard_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P()),
+                   donate_argnums=0)
+
+
+@partial(jax.jit, donate_argnums=0, static_argnums=(4, 5))
+def gather_step(state, images, labels, indices, dtype, step):
+    """`step` on the examples `indices` of the device-resident set, made float there."""
+    X = (images[indices].astype(jnp.float32) / 255)[..., None]
+    return step(state, X.astype(dtype), labels[indices])
+
+
+class DataParallelTrainer(Trainer):
+    """The single-device Trainer's state, replicated over `devices` devices; each step's
+    global batch is split evenly over them."""
+
+    def __init__(self, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False, platform="cpu"):
+        self.bn_semantics = check_semantics(BN_SEMANTICS, platform, sync_bn, "jax")
+        self.devices, self.running_stats, self.engine = devices, RUNNING_STATS, ENGINE
+        mesh = data_mesh(devices, platform)
+        self.replicated, self.batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+        self.step = train_step if self.bn_semantics == "sync" else per_shard_step(mesh)
+        super().__init__(model, lr, momentum, precision)
+        self.keep(jax.device_put(self.state, self.replicated))
+
+    def current_state(self):
+        return jax.device_put(super().current_state(), self.replicated)  # weights loaded since: replicate them
+
+    def shard(self, x):
+        return jax.device_put(x, self.batch_sharding)
+
+    def train_step(self, x, y):
+        if len(x) % self.devices:
+            raise ValueError(f"a batch of {len(x)} does not split evenly over {self.devices} devices")
+        with float32_mode(self.precision):
+            state, loss, correct = self.step(self.current_state(), self.shard(np.asarray(x).astype(self.dtype)),
+                                             self.shard(y))
+        self.keep(state)
+        return float(loss), int(correct)
+
+    def set_data(self, images, labels):
+        self.images, self.labels = jax.device_put((images, labels), self.replicated)
+        self.reset_sums()
+
+    def step_on(self, indices):
+        indices = even_part(indices, self.devices)
+        with float32_mode(self.precision):
+            state, loss, correct = gather_step(self.current_state(), self.images, self.labels, self.shard(indices),
+                                               self.dtype, self.step)
+        self.keep(state)
+        self.record_step(loss, correct, len(indices))
+
+    def predict(self, x):
+        return np.asarray(eval_logits(self.model.module.apply, self.model.variables, jax.device_put(x, self.replicated)))
+
+    def load_optimizer_state(self, state):
+        super().load_optimizer_state(state)
+        self.keep(jax.device_put(self.state, self.replicated))
+
+
+def make_trainer(backend, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
+    return DataParallelTrainer(model, lr, momentum, precision, devices, sync_bn, backend.device.platform)

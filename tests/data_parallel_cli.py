@@ -1,0 +1,37 @@
+"""What the data-parallel command-line tests share: one tiny run of `densenet-xf train
+--devices 2`, and the training loop's own batches for replaying that run in the reference."""
+
+import json
+
+import numpy as np
+
+from conformance import data, training, weights
+from conformance.cli import main
+
+RECIPE = training.Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.0, epochs=1, train_examples=128,
+                         test_examples=32)
+ARCH = "tiny_d2l"
+
+
+def train_on_two_devices(backend, out, capfd, *extra) -> tuple[dict, dict]:
+    """Run the tiny recipe on 2 devices; (what the command printed, its metrics.json)."""
+    argv = ["train", "--backend", backend, "--arch", ARCH, "--size", str(RECIPE.size), "--epochs", "1",
+            "--batch-size", str(RECIPE.batch_size), "--lr", str(RECIPE.lr), "--momentum", "0",
+            "--train-examples", str(RECIPE.train_examples), "--test-examples", str(RECIPE.test_examples),
+            "--quiet", "--out", str(out), "--devices", "2", *extra]
+    assert main(argv) == 0
+    printed = json.loads(capfd.readouterr().out)
+    saved = json.loads((out / "metrics.json").read_text())
+    assert printed["devices"] == saved["devices"] == 2
+    assert printed["bn_semantics"] == saved["bn_semantics"]
+    return printed, saved
+
+
+def loop_batches():
+    """(spec, initial state, the epoch's batches in the training loop's order)."""
+    spec = training.fashion_mnist_spec(ARCH)
+    images, labels, _, _ = training.load_dataset(RECIPE)
+    order = data.epoch_order(len(images), RECIPE.seed, 1)
+    batches = [(data.to_batch(images[i]), labels[i].astype(np.int64))
+               for i in np.split(order, len(order) // RECIPE.batch_size)]
+    return spec, weights.init_state(spec, RECIPE.seed), batches
