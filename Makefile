@@ -49,7 +49,8 @@ results: setup data
 
 # Each backend's trainer (fp32, tf32, bf16) timed against the d2l book's code for its framework
 # (bench/anchors/), in one run: build/bench/bench.md, .json, .png; then densenet121 plain against memory-efficient:
-# build/bench/memory_$(DEVICE).md, .json, .png. BENCH_ARGS: e.g. --quick, --section memory, --publish docs/results
+# build/bench/memory_$(DEVICE).md, .json, .png; then 1 device against 2, data-parallel: scaling_$(DEVICE).*.
+# BENCH_ARGS: e.g. --quick, --section memory (or speed, scaling), --publish docs/results
 BENCH_ARGS ?=
 bench: setup data
 	$(VENV)/bin/densenet-xf bench --device $(DEVICE) --out build/bench $(BENCH_ARGS)

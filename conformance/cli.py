@@ -326,9 +326,10 @@ def build_parser():
     p.add_argument("--data-dir")
     p.add_argument("--publish", help="also copy bench.md/json/png to this directory (docs/results)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--section", choices=("all", "speed", "memory"), default="all",
+    p.add_argument("--section", choices=("all", "speed", "memory", "scaling"), default="all",
                    help="speed: trainers against the d2l code (bench.md); memory: densenet121 plain against "
-                        "memory-efficient (memory_<device>.md); default both")
+                        "memory-efficient (memory_<device>.md); scaling: 1 device against 2, data-parallel "
+                        "(scaling_<device>.md); default all three")
     p.set_defaults(run=cmd_bench)
     return parser
 

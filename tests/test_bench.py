@@ -67,9 +67,11 @@ def test_a_missing_framework_is_reported_as_skipped(tmp_path, monkeypatch):
     assert "no anchor for backend 'ghost'" in result["rows"][0]["reason"]
     assert all("no_such_framework_xyz" in r["reason"] for r in result["rows"][1:])
     assert "| ghost | trainer fp32 (exact) | skipped: backend 'ghost' is not available" in (tmp_path / "bench.md").read_text()
-    memory = json.loads((tmp_path / "memory_cpu.json").read_text())  # both sections ran
+    memory = json.loads((tmp_path / "memory_cpu.json").read_text())  # every section ran
     assert [r["status"] for r in memory["rows"]] == ["skipped"] * len(harness.MEMORY_MODES)
     assert memory["summary"][0]["status"] == "skipped" and "no_such_framework_xyz" in memory["summary"][0]["reason"]
+    scaling = json.loads((tmp_path / "scaling_cpu.json").read_text())  # and the third
+    assert [r["status"] for r in scaling["rows"]] == ["skipped"] * len(harness.SCALING_DEVICES)
 
 
 def test_bench_rejects_bad_options_clearly(capsys):
@@ -80,7 +82,7 @@ def test_bench_rejects_bad_options_clearly(capsys):
     assert "0 is not a positive integer" in capsys.readouterr().err
     with pytest.raises(ValueError, match="at least 1"):
         harness.run(device="cpu", warmup=0)
-    with pytest.raises(ValueError, match="sections must be among speed, memory; got speeed"):
+    with pytest.raises(ValueError, match="sections must be among speed, memory, scaling; got speeed"):
         harness.run(device="cpu", sections=("speeed",))
     with pytest.raises(SystemExit):
         main(["bench", "--section", "speeed"])
@@ -114,6 +116,24 @@ def test_memory_section_measures_each_mode_in_its_own_process(tmp_path, monkeypa
     for name in memory_report.files("cpu"):
         assert (published / name).read_bytes() == (out / name).read_bytes()
     assert (out / "memory_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scaling_section_runs_one_and_two_devices_on_each_engine(tmp_path):
+    """PyTorch's 2-device run goes through torchrun (two processes, rank 0 writes), MXNet's
+    through two contexts of one process; each device count in a process of its own."""
+    pytest.importorskip("torch", reason="the scaling test launches PyTorch's DDP")
+    pytest.importorskip("densenet_mxnet.compat", reason="the scaling test runs MXNet's contexts")
+    out = tmp_path / "bench"
+    assert main(["bench", "--section", "scaling", "--backends", "torch,mxnet", *TINY, "--out", str(out), "--quiet"]) == 0
+    result = json.loads((out / "scaling_cpu.json").read_text())
+    assert [(r["backend"], r["mode"], r["devices"]) for r in result["rows"]] == [
+        (b, n, n) for b in ("torch", "mxnet") for n in harness.SCALING_DEVICES]
+    for entry in result["summary"]:
+        assert entry["status"] == "ok" and entry["bn_semantics"] == "per_shard"
+        assert entry["ratio"] == entry["two"] / entry["one"] > 0
+    markdown = (out / "scaling_cpu.md").read_text()
+    assert "| torch | " in markdown and "engine's overhead, not a speed-up" in markdown
+    assert (out / "scaling_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_memory_target_needs_half_the_memory_for_at_most_a_fifth_more_time():

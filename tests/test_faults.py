@@ -258,8 +258,10 @@ def test_sigterm_mid_epoch_stops_cleanly_and_the_run_resumes(tmp_path, shared_ca
 @needs_fashion_mnist
 def test_sigint_after_the_first_batches_stops_cleanly(tmp_path, shared_cache):
     out = tmp_path / "run"
-    process = start_training(out, shared_cache, 6400)
-    wait_for(process, r"epoch 1/2:.*\| *[1-9]\d*/200|torch epoch 1: loss")  # a batch has run
+    # The whole training set: two epochs last far longer than reading the output takes, even
+    # when a fast machine steps through a few hundred batches before the test reads a line.
+    process = start_training(out, shared_cache, 60000)
+    wait_for(process, r"epoch 1/2:.*\| *[1-9]\d*/1875")  # a batch has run, the epoch has not ended
     assert_stopped_cleanly(process, stop(process, signal.SIGINT), signal.SIGINT, out)
     assert not (out / "metrics.json").exists() or json.loads((out / "metrics.json").read_text())["epochs"]
     assert not list(out.rglob("*.tmp"))

@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data
+from .. import data, distributed
 from ..backends import PRECISIONS, backend_names, check_device
 from ..training import RECIPES, fashion_mnist_spec
-from . import memory_report, report
+from . import memory_report, report, scaling_report
 
 RUNS = ("anchor", *PRECISIONS)
-SECTIONS = ("speed", "memory")
+SECTIONS = ("speed", "memory", "scaling")
 MEMORY_MODES = ("plain", "memory_efficient")
 MEMORY_PRECISION = "tf32"  # the trainer's fast default (plain fp32 on a CPU), as a user trains
 WORKER_TIMEOUT_S = 900
@@ -62,6 +62,9 @@ MEMORY_SHAPES = {  # densenet121: on the CPU at a size two cores step through in
     "gpu": [Shape("densenet121", 224, 128, 1024)],
 }
 MEMORY_STEPS = {"cpu": (1, 3), "gpu": (5, 20)}  # one warm-up step: the first, timed apart
+# Section scaling (issue 16): the trainer on 1 device, then data-parallel on 2 (simulated CPU
+# devices share the same cores: there the ratio is the engine's overhead, not a speed-up).
+SCALING_DEVICES = (1, 2)
 
 
 def shapes_for(device, arch=None, size=None, batch=None, examples=None, table=SHAPES) -> list[Shape]:
@@ -93,21 +96,28 @@ def write_data(shape: Shape, directory: Path, data_dir=None) -> None:
     np.save(directory / "labels.npy", np.ascontiguousarray(labels))
 
 
-def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_dir, memory_efficient=False) -> dict:
-    name = f"{shape.arch}-{shape.size}-{backend}-{run}" + ("-memory_efficient" if memory_efficient else "")
+def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_dir, mode=None) -> dict:
+    """One measurement in a process of its own; `mode` is a memory mode, or a device count."""
+    devices = mode if isinstance(mode, int) else 1
+    name = f"{shape.arch}-{shape.size}-{backend}-{run}" + (f"-{mode}" if mode not in (None, "plain") else "")
     result_path, log = out_dir / "runs" / f"{name}.json", out_dir / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "conformance.bench.worker", "--backend", backend, "--run", run,
-               "--spec", fashion_mnist_spec(shape.arch).to_json(), "--batch", str(shape.batch),
-               "--data", str(data_path), "--device", device, "--warmup", str(warmup), "--steps", str(steps),
-               "--out", str(result_path)] + (["--compile"] if compile else []) + (
-               ["--memory-efficient"] if memory_efficient else [])
+    module_args = ["-m", "conformance.bench.worker", "--backend", backend, "--measure", run,
+                   "--spec", fashion_mnist_spec(shape.arch).to_json(), "--batch", str(shape.batch),
+                   "--data", str(data_path), "--device", device, "--warmup", str(warmup), "--steps", str(steps),
+                   "--devices", str(devices), "--out", str(result_path)] + (["--compile"] if compile else []) + (
+                   ["--memory-efficient"] if mode == "memory_efficient" else [])
     with open(log, "w") as stream:
-        try:
-            code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
-        except subprocess.TimeoutExpired:
-            code = None
+        if devices > 1:  # the framework's launcher (torchrun for PyTorch), in a fresh process
+            code = distributed.launch(backend, devices, module_args, WORKER_TIMEOUT_S, stdout=stream,
+                                      stderr=subprocess.STDOUT)
+        else:
+            try:
+                code = subprocess.run([sys.executable, *module_args], stdout=stream, stderr=subprocess.STDOUT,
+                                      timeout=WORKER_TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+            except subprocess.TimeoutExpired:
+                code = None
+        code = None if code == -1 else code
     if result_path.is_file():
         return json.loads(result_path.read_text())
     why = f"timed out after {WORKER_TIMEOUT_S} s" if code is None else f"worker exited with code {code}"
@@ -153,6 +163,10 @@ def run(out_dir="build/bench", device="cpu", backends=None, warmup=None, steps=N
         measurements = [(backend, MEMORY_PRECISION, mode) for backend in backends for mode in MEMORY_MODES]
         rows += _section(memory_report, memory_shapes or MEMORY_SHAPES[device], measurements, device, memory_steps,
                          compile, out_dir, data_dir, progress, publish)
+    if "scaling" in sections:
+        measurements = [(backend, MEMORY_PRECISION, devices) for backend in backends for devices in SCALING_DEVICES]
+        rows += _section(scaling_report, shapes or SHAPES[device], measurements, device, speed_steps, compile,
+                         out_dir, data_dir, progress, publish)
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
 
@@ -179,10 +193,9 @@ def _section(writer, shapes, measurements, device, steps, compile, out_dir, data
                 bar.set_description(f"bench {shape.arch}@{shape.size} {backend} {mode or run_name}")
                 reason = _skip_reason(rows, backend, shape, device)
                 result = ({"status": "skipped", "reason": reason} if reason else
-                          _worker(backend, run_name, shape, data_path, device, *steps, compile, out_dir,
-                                  mode == "memory_efficient"))
-                rows.append({"shape": shape.name, "backend": backend, "run": run_name, **({"mode": mode} if mode else {}),
-                             **result})
+                          _worker(backend, run_name, shape, data_path, device, *steps, compile, out_dir, mode))
+                rows.append({"shape": shape.name, "backend": backend, "run": run_name,
+                             **({"mode": mode} if mode is not None else {}), **result})
                 bar.update(1)
             shutil.rmtree(data_path, ignore_errors=True)
     finally:

@@ -41,14 +41,20 @@ def compare(plain: dict, efficient: dict) -> dict:
 
 def summarize(rows) -> list[dict]:
     """One entry per shape and backend: `compare` of its two runs, or why there is none."""
+    return pair_up(rows, "plain", "memory_efficient", compare)
+
+
+def pair_up(rows, first, second, compare) -> list[dict]:
+    """One entry per shape and backend: `compare` of its runs in modes `first` and `second`,
+    or the status and reason of the one that did not run."""
     out = []
     for shape, backend in dict.fromkeys((row["shape"], row["backend"]) for row in rows):
         runs = {row["mode"]: row for row in rows if row["shape"] == shape and row["backend"] == backend}
-        plain, efficient = runs.get("plain", {}), runs.get("memory_efficient", {})
-        failed = next((row for row in (plain, efficient) if row.get("status") != "ok"), None)
+        pair = runs.get(first, {}), runs.get(second, {})
+        failed = next((row for row in pair if row.get("status") != "ok"), None)
         entry = {"shape": shape, "backend": backend}
         if failed is None:
-            entry.update(compare(plain, efficient))
+            entry.update(compare(*pair))
         else:
             entry.update(status=failed.get("status", "error"), reason=failed.get("reason", "no result"))
         out.append(entry)
@@ -102,14 +108,20 @@ def markdown(result: dict) -> str:
            f"- Target (issue 13): memory at most {TARGET_MEMORY:.0%} of the plain model's for at most "
            f"{TARGET_TIME - 1:.0%} more time per step; judged on *training adds*.",
            f"- Total time: {result['seconds']:.0f} s.", ""]
+    head = ["| backend | training adds, plain | memory-efficient | ratio | peak, plain | memory-efficient | "
+            "s/step, plain | memory-efficient | ratio | target met | device |",
+            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    picture = f"![memory and time, plain and memory-efficient]({files(result['device'])[2]})"
+    return "\n".join(out + shape_tables(result, head, _row, picture))
+
+
+def shape_tables(result, head: list[str], row, picture: str) -> list[str]:
+    """Per shape a heading and a table (`head`: its header lines, `row`: one entry's line), then the plot."""
+    out = []
     for shape in result["shapes"]:
-        out += [f"## {shape['name']}", "",
-                "| backend | training adds, plain | memory-efficient | ratio | peak, plain | memory-efficient | "
-                "s/step, plain | memory-efficient | ratio | target met | device |",
-                "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
-        out += [_row(e) for e in result["summary"] if e["shape"] == shape["name"]] + [""]
-    out += [f"![memory and time, plain and memory-efficient]({files(result['device'])[2]})", ""]
-    return "\n".join(out)
+        out += [f"## {shape['name']}", "", *head]
+        out += [row(e) for e in result["summary"] if e["shape"] == shape["name"]] + [""]
+    return out + [picture, ""]
 
 
 def plot(result, path) -> None:
@@ -139,15 +151,24 @@ def plot(result, path) -> None:
     plt.close(figure)
 
 
-def write(out_dir, result: dict) -> None:
+def write_section(out_dir, result: dict, names, markdown, plot) -> None:
+    """A bench section's .json, .md (from `markdown`) and .png (from `plot`), each atomically."""
     out_dir = Path(out_dir)
-    json_name, md_name, png_name = files(result["device"])
+    json_name, md_name, png_name = names
     atomic_write_text(out_dir / json_name, json.dumps(result, indent=2, default=float))
     atomic_write_text(out_dir / md_name, markdown(result))
     plot(result, out_dir / png_name)
 
 
-def publish(out_dir, dest: Path, device) -> None:
-    """Copy memory_<device>.json, .md and .png to `dest` (docs/results), each atomically."""
-    for name in files(device):
+def publish_files(out_dir, dest: Path, names) -> None:
+    """Copy a section's files to `dest` (docs/results), each atomically."""
+    for name in names:
         atomic_write_bytes(Path(dest) / name, (Path(out_dir) / name).read_bytes())
+
+
+def write(out_dir, result: dict) -> None:
+    write_section(out_dir, result, files(result["device"]), markdown, plot)
+
+
+def publish(out_dir, dest: Path, device) -> None:
+    publish_files(out_dir, dest, files(device))

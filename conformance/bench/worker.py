@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data, weights
+from .. import data, distributed, weights
 from ..backends import BackendUnavailable, load_backend
 from ..specs import DenseNetSpec
 
@@ -104,13 +104,19 @@ class AnchorRun:
 class TrainerRun:
     """The project's trainer: data on the device, one host read per `sync`."""
 
-    def __init__(self, backend_name, precision, compile, spec, device, images, labels, memory_efficient=False):
-        backend = load_backend(backend_name, device)
+    def __init__(self, backend_name, precision, compile, spec, device, images, labels, memory_efficient=False,
+                 devices=1):
+        if devices > 1:  # data-parallel: simulated CPU devices exist only if made before the framework starts
+            backend, _ = distributed.prepare(backend_name, devices, device)
+        else:
+            backend = load_backend(backend_name, device)
         model = backend.build(spec, memory_efficient=memory_efficient)
         if memory_efficient and getattr(model, NO_MECHANISM, None):
             raise Unsupported(getattr(model, NO_MECHANISM))
         backend.load_state(model, weights.init_state(spec, 0))
-        self.trainer = backend.make_trainer(model, LR, 0.0, precision=precision, compile=compile)
+        self.trainer = (distributed.make_trainer(backend, model, LR, 0.0, precision, devices) if devices > 1 else
+                        backend.make_trainer(model, LR, 0.0, precision=precision, compile=compile))
+        self.bn_semantics = getattr(self.trainer, "bn_semantics", "sync")
         self.trainer.set_data(images, labels)
         self.device_name, self.note, self.arithmetic = backend.device_name, backend.device_note, self.trainer.arithmetic
 
@@ -165,10 +171,11 @@ def measure(args) -> dict:
     spec = DenseNetSpec.from_json(args.spec)
     images = np.load(Path(args.data) / "images.npy")
     labels = np.load(Path(args.data) / "labels.npy")
-    if args.run == "anchor":
+    if args.measure == "anchor":
         run = AnchorRun(load_anchor(args.backend), spec, args.device, images, labels)
     else:
-        run = TrainerRun(args.backend, args.run, args.compile, spec, args.device, images, labels, args.memory_efficient)
+        run = TrainerRun(args.backend, args.measure, args.compile, spec, args.device, images, labels, args.memory_efficient,
+                         args.devices)
     warmup, steps = args.warmup, args.steps
     on_gpu = not run.device_name.startswith("cpu")
     if args.device == "gpu" and not on_gpu:
@@ -179,13 +186,14 @@ def measure(args) -> dict:
     peak, kind = peak_memory(args.backend, on_gpu)
     return {"status": "ok", "device": run.device_name, "device_note": run.note, "arithmetic": run.arithmetic,
             "warmup": max(warmup, 1), "steps": steps, **result, "peak_bytes": peak, "peak_kind": kind,
-            "before_steps_bytes": before}
+            "before_steps_bytes": before, "devices": args.devices, "bn_semantics": getattr(run, "bn_semantics", None)}
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", required=True)
-    parser.add_argument("--run", required=True, help="anchor, or a trainer precision (fp32, tf32, bf16)")
+    # not --run: torchrun, which starts the data-parallel runs, would take it for its --run-path
+    parser.add_argument("--measure", required=True, help="anchor, or a trainer precision (fp32, tf32, bf16)")
     parser.add_argument("--spec", required=True, help="the architecture as DenseNetSpec JSON")
     parser.add_argument("--batch", type=int, required=True)
     parser.add_argument("--data", required=True, help="directory with images.npy and labels.npy")
@@ -194,6 +202,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--memory-efficient", action="store_true", help="build the model with memory_efficient=True")
+    parser.add_argument("--devices", type=int, default=1, help="data-parallel over N devices (started by the "
+                        "framework's launcher: conformance.distributed)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:
@@ -204,7 +214,8 @@ def main(argv=None) -> int:
         result = {"status": "unsupported", "reason": str(error)}
     except Exception as error:  # reported in the table; the other measurements go on
         result = {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-    weights.atomic_write_text(args.out, json.dumps(result, indent=2, default=float))
+    if distributed.process_index() == 0:  # torchrun's other ranks measured the same steps
+        weights.atomic_write_text(args.out, json.dumps(result, indent=2, default=float))
     return 0 if result["status"] != "error" else 1
 
 
