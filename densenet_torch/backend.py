@@ -1,5 +1,7 @@
 """The PyTorch backend as the conformance suite sees it: NumPy in, NumPy out."""
 
+import os
+
 import torch
 
 from conformance import backends
@@ -30,12 +32,14 @@ class Backend(backends.BackendBase):
         torch.backends.cudnn.allow_tf32 = False
         if device == "gpu" and not torch.cuda.is_available():
             self.device_note = "PyTorch sees no CUDA device; ran on the CPU"
-        self.device = torch.device("cuda" if device == "gpu" and torch.cuda.is_available() else "cpu")
+        on_gpu = device == "gpu" and torch.cuda.is_available()
+        # torchrun sets LOCAL_RANK: each data-parallel process builds its model on its own GPU
+        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
 
     @property
     def device_name(self):
         if self.device.type == "cuda":
-            return f"cuda:{torch.cuda.current_device()} {torch.cuda.get_device_name()}"
+            return f"cuda:{self.device.index} {torch.cuda.get_device_name(self.device)}"
         return "cpu"
 
     def build(self, spec, dtype="float32", memory_efficient=False):
