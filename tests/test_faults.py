@@ -214,8 +214,11 @@ def start_training(out, cache, examples, *extra):
     command = [sys.executable, "-m", "conformance.cli", "train", "--backend", "torch", "--arch", ARCH,
                "--size", "28", "--batch-size", "32", "--train-examples", str(examples), "--test-examples", "64",
                "--epochs", "2", "--out", str(out), *extra]
+    # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
+    # inherited SIG_IGN: the child gets SIGINT's default back, as a program run at a terminal has.
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONUNBUFFERED": "1"},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def wait_for(process, pattern, timeout=300) -> str:
