@@ -2,7 +2,7 @@
 the launcher that starts a process with simulated devices, and the check against the
 NumPy reference.
 
-Each backend's `densenet_<fw>/distributed.py` offers ENGINE, BN_SEMANTICS, RUNNING_STATS,
+Each backend's `densenet_<fw>/distributed.py` offers DECLARED (its entry of ENGINES below),
 DTYPES, `simulate_devices(n)` and `make_trainer(...)` (docs/distributed.md). Simulated CPU
 devices must exist before a framework initialises, so data-parallel work runs in a process
 of its own, started here:
@@ -41,7 +41,7 @@ class Engine:
     multi_node: str  # the command that launches it across machines
 
 
-# The declared semantics; each backend's distributed.py must declare the same (tested).
+# What each engine runs, declared once: each backend's distributed.py reads its own entry (DECLARED).
 ENGINES = {
     "torch": Engine("DistributedDataParallel (gloo on CPUs, NCCL on GPUs)",
                     {"cpu": ("per_shard",), "gpu": ("per_shard", "sync")}, "rank0",
@@ -205,7 +205,8 @@ def check(backend, module, devices: int = 2, arch=CHECK_ARCH, size: int = CHECK_
     state = init_state(spec, seed, randomize_bn=True)
     lr, momentum = checks.effective_hyperparameters(backend)
     batches = [checks.make_batch(spec, size, batch, seed + k) for k in range(steps)]
-    semantics = module.BN_SEMANTICS.get(device_kind(backend), ())
+    declared = ENGINES[backend.name]
+    semantics = declared.bn_semantics.get(device_kind(backend), ())
     jobs = [(sem, dtype) for sem in semantics for dtype in module.DTYPES[sem] if dtype in dtypes]
     rows = []
     for sem, dtype in tqdm(jobs, desc=f"{backend.name} data-parallel check", disable=not progress):
@@ -219,7 +220,7 @@ def check(backend, module, devices: int = 2, arch=CHECK_ARCH, size: int = CHECK_
             if n not in (1, steps):
                 continue
             (ours, ref_losses), (theirs, _) = [
-                reference.data_parallel_train(spec, state, batches[:n], lr, devices, semantics, module.RUNNING_STATS,
+                reference.data_parallel_train(spec, state, batches[:n], lr, devices, semantics, declared.running_stats,
                                               backend.running_var, momentum) for semantics in (sem, other)]
             errors = compare_states(state, backend.export_state(model), ours, theirs)
             first = (checks.relative_error(loss, ref_losses[0]), loss) if n == 1 else None
@@ -274,9 +275,10 @@ def run_check(args) -> dict:
         training = train_recipe(backend, args.recipe, args.devices, Path(args.out).parent, args.data_dir)
     except Exception as error:
         return {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-    return {"status": "ok", "device": backend.device_name, "devices": args.devices, "engine": module.ENGINE,
-            "bn_semantics": list(module.BN_SEMANTICS.get(device_kind(backend), ())),
-            "running_stats": module.RUNNING_STATS, "running_var": backend.running_var, "rows": rows,
+    declared = ENGINES[backend.name]
+    return {"status": "ok", "device": backend.device_name, "devices": args.devices, "engine": declared.engine,
+            "bn_semantics": list(declared.bn_semantics.get(device_kind(backend), ())),
+            "running_stats": declared.running_stats, "running_var": backend.running_var, "rows": rows,
             "training": training}
 
 

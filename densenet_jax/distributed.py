@@ -16,13 +16,13 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conformance.distributed import check_semantics, even_part
+from conformance.distributed import ENGINES, check_semantics, even_part
 
 from .train import Trainer, eval_logits, float32_mode, loss_and_logits, train_step
 
-ENGINE = "jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)"
-BN_SEMANTICS = {"cpu": ("sync", "per_shard"), "gpu": ("sync", "per_shard")}
-RUNNING_STATS = "mean"  # per-shard running statistics are pmean-ed
+# The engine, its BatchNorm semantics and running statistics (mean: per-shard statistics are
+# pmean-ed), as documented.
+DECLARED = ENGINES["jax"]
 DTYPES = {"sync": ("float32", "float64"), "per_shard": ("float32", "float64")}
 AXIS = "data"
 
@@ -75,8 +75,8 @@ class DataParallelTrainer(Trainer):
     global batch is split evenly over them."""
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False, platform="cpu"):
-        self.bn_semantics = check_semantics(BN_SEMANTICS, platform, sync_bn, "jax")
-        self.devices, self.running_stats, self.engine = devices, RUNNING_STATS, ENGINE
+        self.bn_semantics = check_semantics(DECLARED.bn_semantics, platform, sync_bn, "jax")
+        self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         mesh = data_mesh(devices, platform)
         self.replicated, self.batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
         self.step = train_step if self.bn_semantics == "sync" else per_shard_step(mesh)

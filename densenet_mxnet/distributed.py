@@ -16,13 +16,13 @@ from . import compat  # noqa: F401  (before mxnet)
 import mxnet as mx
 from mxnet import autograd
 
-from conformance.distributed import check_semantics, even_part
+from conformance.distributed import ENGINES, check_semantics, even_part
 
 from .train import Trainer, loss_fn, model_context
 
-ENGINE = "gluon.Trainer(kvstore='device') over several contexts"
-BN_SEMANTICS = {"cpu": ("per_shard",), "gpu": ("per_shard",)}  # SyncBatchNorm is legacy-mode only (see above)
-RUNNING_STATS = "per_device"  # one copy of the running statistics per context; context 0's is exported
+# The engine, its BatchNorm semantics (per_shard only: SyncBatchNorm is legacy-mode only, see
+# above) and running statistics (per_device: context 0's copy is exported), as documented.
+DECLARED = ENGINES["mxnet"]
 DTYPES = {"per_shard": ("float32", "float64")}
 
 
@@ -54,8 +54,8 @@ class DataParallelTrainer(Trainer):
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
         device_type = model_context(model).device_type
-        self.bn_semantics = check_semantics(BN_SEMANTICS, "cpu" if device_type == "cpu" else "gpu", sync_bn, "mxnet")
-        self.devices, self.running_stats, self.engine = devices, RUNNING_STATS, ENGINE
+        self.bn_semantics = check_semantics(DECLARED.bn_semantics, "cpu" if device_type == "cpu" else "gpu", sync_bn, "mxnet")
+        self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         self.contexts = replica_contexts(devices, device_type)
         model.collect_params().reset_ctx(self.contexts)  # gluon.Trainer reads the contexts when made
         super().__init__(model, lr, momentum, precision)  # gluon.Trainer's default kvstore: "device"

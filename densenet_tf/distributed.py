@@ -20,13 +20,13 @@ import functools
 import tensorflow as tf
 from keras import layers, ops
 
-from conformance.distributed import check_semantics, even_part
+from conformance.distributed import ENGINES, check_semantics, even_part
 
 from .train import Trainer, compiled, float32_mode, gradient_step, to_tensors
 
-ENGINE = "tf.distribute.MirroredStrategy"
-BN_SEMANTICS = {"cpu": ("per_shard", "sync"), "gpu": ("per_shard", "sync")}
-RUNNING_STATS = "rank0"  # every step starts from replica 0's running statistics (pull)
+# The engine, its BatchNorm semantics and running statistics (rank0: every step starts from
+# replica 0's, see pull), as documented.
+DECLARED = ENGINES["tf"]
 DTYPES = {"sync": ("float32", "float64"), "per_shard": ("float32", "float64")}
 
 
@@ -59,8 +59,8 @@ class DataParallelTrainer(Trainer):
     each step's global batch is split evenly over them."""
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False, device_type="cpu"):
-        self.bn_semantics = check_semantics(BN_SEMANTICS, device_type, sync_bn, "tf")
-        self.devices, self.running_stats, self.engine = devices, RUNNING_STATS, ENGINE
+        self.bn_semantics = check_semantics(DECLARED.bn_semantics, device_type, sync_bn, "tf")
+        self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         self.strategy, self.source = mirrored_strategy(devices, device_type), model
         with self.strategy.scope():  # the replicas' and the optimizer's variables are mirrored
             super().__init__(replicate(model, self.bn_semantics == "sync"), lr, momentum, precision)

@@ -15,13 +15,13 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conformance.distributed import check_semantics, even_part
+from conformance.distributed import ENGINES, check_semantics, even_part
 
 from .train import Trainer, model_device, to_device
 
-ENGINE = "DistributedDataParallel (gloo on CPUs, NCCL on GPUs)"
-BN_SEMANTICS = {"cpu": ("per_shard",), "gpu": ("per_shard", "sync")}  # SyncBatchNorm runs on CUDA only
-RUNNING_STATS = "rank0"  # broadcast_buffers=True: every forward starts from rank 0's buffers
+# The engine, its BatchNorm semantics (SyncBatchNorm runs on CUDA only) and running statistics
+# (rank0: broadcast_buffers=True starts every forward from rank 0's buffers), as documented.
+DECLARED = ENGINES["torch"]
 DTYPES = {"sync": ("float32", "float64"), "per_shard": ("float32", "float64")}
 PROCESS_GROUP_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
@@ -59,8 +59,8 @@ class DataParallelTrainer(Trainer):
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
         device_type = model_device(model).type
-        self.bn_semantics = check_semantics(BN_SEMANTICS, "cpu" if device_type == "cpu" else "gpu", sync_bn, "torch")
-        self.devices, self.running_stats, self.engine = devices, RUNNING_STATS, ENGINE
+        self.bn_semantics = check_semantics(DECLARED.bn_semantics, "cpu" if device_type == "cpu" else "gpu", sync_bn, "torch")
+        self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         device = replica_device(device_type)
         join_process_group(devices, device_type)
         self.rank = dist.get_rank()

@@ -30,7 +30,7 @@ def test_mxnet_matches_the_reference_on_two_contexts():
     assert not failed
     measured = {(r["config"].split()[-1], r["dtype"]) for r in rows}
     assert measured == {("per_shard", "float32"), ("per_shard", "float64")}  # SyncBatchNorm: legacy mode only
-    assert module.RUNNING_STATS == "per_device"
+    assert module.DECLARED.running_stats == "per_device"
 
 
 def test_each_context_keeps_its_own_running_statistics():
