@@ -37,10 +37,6 @@ def replica_contexts(devices, device_type):
     return [mx.Context(device_type, i) for i in range(devices)]
 
 
-def model_context_list(model):
-    return model.classifier.weight.list_ctx()
-
-
 def shards(array, contexts):
     """A global batch's contiguous, equal shards, one on each context (`split_and_load`
     fails in NumPy mode under NumPy 2, so the slicing is by hand)."""
@@ -59,19 +55,10 @@ class DataParallelTrainer(Trainer):
         self.contexts = replica_contexts(devices, device_type)
         model.collect_params().reset_ctx(self.contexts)  # gluon.Trainer reads the contexts when made
         super().__init__(model, lr, momentum, precision)  # gluon.Trainer's default kvstore: "device"
-        model.collect_params().reset_ctx(self.contexts[:1])  # until the first step: see replicate
-
-    def replicate(self):
-        """Copy context 0's parameters to every context, at the first step. Until then they
-        live on context 0 alone, because backend.load_state loads weights onto one context
-        (Gluon refuses to load a parameter that lives on several)."""
-        if len(model_context_list(self.model)) < self.devices:
-            self.model.collect_params().reset_ctx(self.contexts)
 
     def step(self, X, y):
         """One SGD step on the global batch (X, y), a shard on each context; the loss and the
         correct count stay on context 0."""
-        self.replicate()
         with autograd.record():
             outputs = [(self.model(X_r), y_r) for X_r, y_r in zip(shards(X, self.contexts), shards(y, self.contexts))]
             losses = [loss_fn(logits, y_r) for logits, y_r in outputs]

@@ -38,11 +38,13 @@ def load_canonical(model, state, ctx=None):
     state = validate_state(state, model.spec)
     for name, param in structural_params(model).items():
         # What load_parameters does per parameter: set the data, initialising it if needed.
-        param._load_init(np.array(state[canonical_key(name)]), ctx, cast_dtype=True)
+        # An initialised parameter is loaded onto every context it lives on (data parallelism)
+        param._load_init(np.array(state[canonical_key(name)]), None if param._data is not None else ctx, cast_dtype=True)
 
 
 def export_canonical(model):
-    return to_canonical({name: param.data() for name, param in structural_params(model).items()})
+    # The first context's copy: with several (data parallelism) data() would pick the current context
+    return to_canonical({name: param.data(param.list_ctx()[0]) for name, param in structural_params(model).items()})
 
 
 def to_canonical(named_arrays):
