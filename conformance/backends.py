@@ -217,7 +217,8 @@ class BackendBase(ABC):
 
     @abstractmethod
     def gradients(self, model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Train-mode mean cross-entropy and the gradient of every trainable parameter (canonical)."""
+        """Train-mode mean cross-entropy and the gradient of every trainable parameter (canonical);
+        its train-mode pass moves the running statistics once, as a training step's does."""
 
     @abstractmethod
     def make_trainer(self, model, lr: float, momentum: float = 0.0, precision: str = "fp32",

@@ -238,9 +238,11 @@ def command(name: str, devices: int, module_args: list[str]) -> list[str]:
     return [sys.executable, *launcher, *module_args]
 
 
-def launch(name: str, devices: int, module_args: list[str], timeout: float | None = None, **run_kwargs) -> int:
-    """Run `-m module_args` for backend `name` in a fresh process (or torchrun's processes)."""
-    env = {**os.environ, LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+def launch(name: str, devices: int, module_args: list[str], timeout: float | None = None, env: dict | None = None,
+           **run_kwargs) -> int:
+    """Run `-m module_args` for backend `name` in a fresh process (or torchrun's processes),
+    in `env` (default: this process's environment)."""
+    env = {**(env or os.environ), LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
     try:
         return subprocess.run(command(name, devices, module_args), env=env, timeout=timeout, **run_kwargs).returncode
     except subprocess.TimeoutExpired:
@@ -248,7 +250,7 @@ def launch(name: str, devices: int, module_args: list[str], timeout: float | Non
 
 
 def launch_check(name: str, out, devices: int = 2, device: str = "cpu", timeout: float = TIMEOUT_S,
-                 log=None, extra: list[str] = ()) -> dict:
+                 log=None, extra: list[str] = (), env: dict | None = None) -> dict:
     """The data-parallel check of backend `name` in a process of its own; its result dict
     (status ok with rows, skipped with a reason, or error)."""
     out = Path(out)
@@ -257,7 +259,7 @@ def launch_check(name: str, out, devices: int = 2, device: str = "cpu", timeout:
     for path in (out, Path(log or os.devnull)):
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(log or os.devnull, "w") as stream:
-        code = launch(name, devices, args, timeout, stdout=stream, stderr=subprocess.STDOUT)
+        code = launch(name, devices, args, timeout, env, stdout=stream, stderr=subprocess.STDOUT)
     if out.is_file():
         return json.loads(out.read_text())
     reason = f"timed out after {timeout} s" if code == -1 else f"exited with code {code}"
@@ -272,7 +274,7 @@ def run_check(args) -> dict:
     try:
         rows = check(backend, module, args.devices, args.arch, args.size, args.batch, args.steps,
                      progress=process_index() == 0, dtypes=args.dtypes.split(","))
-        training = train_recipe(backend, args.recipe, args.devices, Path(args.out).parent, args.data_dir)
+        training = train_recipe(backend, args.recipe, args.devices, args.train_dir, args.data_dir)
     except Exception as error:
         return {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     declared = ENGINES[backend.name]
@@ -282,42 +284,53 @@ def run_check(args) -> dict:
             "training": training}
 
 
-def train_recipe(backend, recipe_name: str, devices: int, out_dir: Path, data_dir=None) -> dict | None:
+def train_recipe(backend, recipe_name: str, devices: int, run_dir, data_dir=None) -> dict | None:
     """The conformance recipe trained data-parallel (per-shard BatchNorm, which every engine
-    runs): its last epoch, to compare with the single-device run's."""
-    import shutil
-
+    runs) in `run_dir`, continuing the run there if it holds one (conformance_phase branches the
+    single-device run into it); the summary of its last epoch."""
     from . import training
 
     if not recipe_name:
         return None
     recipe = training.get_recipe(recipe_name)
-    run_dir = out_dir / "train-dp" / backend.name
-    if run_dir.exists() and process_index() == 0:
-        shutil.rmtree(run_dir)
-    record = training.train(backend, "d2l", recipe, run_dir, data_dir, progress=False, devices=devices)
+    record = training.train(backend, "d2l", recipe, run_dir, data_dir, resume=True, progress=False, devices=devices)
     return {"recipe": recipe.name, "max_spread": recipe.max_spread, **{k: record[k] for k in ("devices", "bn_semantics")},
+            "epochs": [e["epoch"] for e in record["epochs"] if e["epoch"] > record.get("branched_from", {}).get("epoch", 0)],
             **{k: record["epochs"][-1][k] for k in ("test_acc", "loss", "examples_per_s")}}
 
 
-def conformance_phase(name: str, out_dir: Path, device: str, recipe: str = "", data_dir=None) -> None:
+def conformance_phase(name: str, out_dir: Path, device: str, recipe: str = "", data_dir=None,
+                      env: dict | None = None) -> None:
     """`make conformance`'s data-parallel part for backend `name`, after its checks phase:
-    the check on 2 devices (and the recipe trained on them) in a process of its own; the rows
-    join the backend's result, and a run without distributed.py is noted as skipped."""
+    the check on 2 devices in a process of its own, which also trains the recipe's last epoch
+    on them, continuing the single-device run from the epoch before (a short run whose final
+    accuracy is compared with the single-device run's); the rows join the backend's result,
+    and a run without distributed.py is noted as skipped."""
+    import shutil
+
+    from . import training
+
     path = out_dir / f"{name}.json"
     data = json.loads(path.read_text()) if path.is_file() else {}
     if data.get("status") != "ok":
         return
-    extra = ["--recipe", recipe] + (["--data-dir", str(data_dir)] if data_dir else [])
+    run_dir = out_dir / "data_parallel" / "train-dp" / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    extra = ["--recipe", recipe, "--train-dir", str(run_dir)] + (["--data-dir", str(data_dir)] if data_dir else [])
+    single = (data.get("training") or {}).get("epochs") or []
+    if recipe and len(single) > 1:
+        training.branch(out_dir / "train" / name, run_dir, len(single) - 1)
     result = launch_check(name, out_dir / "data_parallel" / f"{name}.json", 2, device,
-                          log=out_dir / "logs" / f"{name}.data_parallel.log", extra=extra)
+                          log=out_dir / "logs" / f"{name}.data_parallel.log", extra=extra, env=env)
     rows = result.get("rows", [])
-    single, parallel = ((data.get("training") or {}).get("epochs") or [{}])[-1], result.get("training")
-    if parallel and "test_acc" in single:
-        difference = abs(parallel["test_acc"] - single["test_acc"])
-        rows.append({"config": f"dp2 d2l {parallel['recipe']} {parallel['bn_semantics']}", "check":
-                     "dp test accuracy vs 1 device", **checks.measurement(difference, parallel["max_spread"],
-                                                                          value=parallel["test_acc"])})
+    parallel = result.get("training")
+    if parallel and single:
+        difference = abs(parallel["test_acc"] - single[-1]["test_acc"])
+        first, last = parallel["epochs"][0], parallel["epochs"][-1]
+        epochs = f"epoch {last}" if first == last else f"epochs {first}-{last}"
+        rows.append({"config": f"dp2 d2l {parallel['recipe']} {parallel['bn_semantics']} {epochs}",
+                     "check": "dp test accuracy vs 1 device",
+                     **checks.measurement(difference, parallel["max_spread"], value=parallel["test_acc"])})
     if result["status"] == "error":
         rows.append({"config": "dp2", "check": "data-parallel check", "passed": False, "value": result["reason"],
                      "expected": "it runs"})
@@ -339,9 +352,13 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=CHECK_STEPS)
     p.add_argument("--dtypes", default=",".join(checks.DTYPES), help="comma-separated (default: both)")
     p.add_argument("--recipe", default="", help="also train this recipe data-parallel (default: none)")
+    # Not --run: torchrun, which passes these on, would take it for its own --run-path.
+    p.add_argument("--train-dir", help="the recipe's run directory (needed with --recipe); a run there is continued")
     p.add_argument("--data-dir")
     p.add_argument("--out", required=True, help="result JSON")
     args = parser.parse_args(argv)
+    if args.recipe and not args.train_dir:
+        parser.error("--recipe needs --train-dir DIR, the run directory to train (or continue) it in")
     result = run_check(args)
     if process_index() == 0:
         atomic_write_text(Path(args.out), json.dumps(result, indent=2, default=float))

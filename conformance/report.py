@@ -177,6 +177,15 @@ def _cell(result: dict | None) -> str:
     return mark
 
 
+def _trainer_step_note(matrix) -> str:
+    """Which configs check the trainer's SGD step (checks.Config.trainer_step)."""
+    without = [f"{arch}@{size}" for arch, size, _, *step in matrix if step and not step[0]]
+    if not without:
+        return ""
+    return (f" The trainer's step (sgd_update) is the same code on every net, and is not rebuilt for "
+            f"{', '.join(without)}: there the running statistics are read after the gradients' train-mode pass.")
+
+
 def matrix_table(corner: str, rows, columns, cell) -> list[str]:
     """A Markdown table: `rows` down, `columns` across, `cell(row, column)` in each place."""
     out = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
@@ -214,7 +223,7 @@ def markdown(result: dict) -> str:
             + (" Configs marked memory-efficient build the model with `memory_efficient=True` (its dense "
                "layers recompute their concatenation and first BN-ReLU in the backward pass; docs/memory.md): "
                "the same checks, the same tolerances, and running statistics that must move once per step."
-               if result.get("memory_efficient") else ""), "",
+               if result.get("memory_efficient") else "") + _trainer_step_note(result["matrix"]), "",
             "| check | tolerance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in result["rows"]:
         tolerance = f"{row['tolerance']:.0e}" if row.get("tolerance") is not None else "exact"

@@ -19,23 +19,36 @@ from pathlib import Path
 
 from . import checks, distributed, report
 from .backends import backend_names, check_device
+from .checks import Config
 from .data import check_readable
 from .weights import WriteError, atomic_write_text
 
 MATRICES = {
-    # The d2l net at the book's 96x96, a bottleneck net, and densenet121 at a size two CPU cores afford.
-    "default": [("d2l", 96, 4), ("densenet_bc100_k12", 32, 4), ("densenet121", 64, 2)],
-    "tiny": [("tiny", 19, 4), ("tiny_d2l", 13, 4)],
+    # The d2l net at the book's 96x96, a bottleneck net, and densenet121 at a size two CPU cores
+    # afford. The trainer's step is the same code on every net: it is checked on the d2l net (and
+    # on the memory-efficient and data-parallel rows), not rebuilt for the two big ones.
+    "default": [Config("d2l", 96, 4), Config("densenet_bc100_k12", 32, 4, trainer_step=False),
+                Config("densenet121", 64, 2, trainer_step=False)],
+    "tiny": [Config("tiny", 19, 4), Config("tiny_d2l", 13, 4)],
 }
 # Checked again as memory-efficient models (issue 13), in every matrix: the cheapest nets with
 # both dense-layer kinds (a bottleneck and a plain 3x3 layer) behind the ImageNet stem.
-MEMORY_EFFICIENT = [("tiny", 19, 4), ("tiny_d2l", 13, 4)]
+MEMORY_EFFICIENT = [Config("tiny", 19, 4), Config("tiny_d2l", 13, 4)]
 WORKER_TIMEOUT_S = 1800
 # Measured worker time, longest first (docs/results/report.md): started first when workers run concurrently.
 SLOWEST_FIRST = ("jax", "tf", "mxnet", "torch")
 
 
-def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[str]) -> tuple[int, str]:
+def worker_env(jobs: int) -> dict:
+    """The environment of a worker that shares the cores with `jobs` - 1 others: its share of
+    them as OpenMP threads (unless the user set OMP_NUM_THREADS). PyTorch's and MXNet's OpenMP
+    threads spin while they wait; with a thread per core each, a torch and an MXNet worker side
+    by side took 70 s where they take 50 s with one each (2 cores, measured 2026-11-23)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", str(threads))}
+
+
+def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[str], env: dict) -> tuple[int, str]:
     log = out_dir / "logs" / f"{backend}.{phase}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, "-m", "conformance.worker", "--backend", backend, "--phase", phase,
@@ -43,7 +56,7 @@ def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[st
     with open(log, "w") as stream:
         try:
             code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
-                                  env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                                  env=env).returncode
         except subprocess.TimeoutExpired:
             code = -1
     return code, str(log)
@@ -91,21 +104,24 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     configs = MATRICES[matrix]
+    env = worker_env(jobs)
     started = time.time()
 
     print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}, "
           f"{jobs} worker(s) at a time")
-    sensitivity = {f"{arch}@{size}": checks.gradient_sensitivity(arch, size, batch) for arch, size, batch in configs}
+    # The reference's own float32 conditioning, for the report: NumPy, measured while the workers run.
+    sensitivity = ThreadPoolExecutor(1).submit(
+        lambda: {f"{c.arch}@{c.size}": checks.gradient_sensitivity(c.arch, c.size, c.batch) for c in configs})
     extra = ["--matrix", json.dumps(configs), "--memory-efficient", json.dumps(MEMORY_EFFICIENT),
              "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
     def checks_phase(name):
         t = time.time()
         print(f"  {name}: shapes, parameters, reference checks" + (", training" if recipe else "") + " ...", flush=True)
-        code, log = _worker(name, "checks", out_dir, device, extra)
+        code, log = _worker(name, "checks", out_dir, device, extra, env)
         if code != 0:
             _record_failure(out_dir, name, "checks", code, log)
         if matrix == "default":  # 2 simulated devices against the reference (docs/distributed.md)
-            distributed.conformance_phase(name, out_dir, device, recipe or "", data_dir)
+            distributed.conformance_phase(name, out_dir, device, recipe or "", data_dir, env)
         print(f"  {name}: {_status(out_dir, name)} ({time.time() - t:.0f} s)", flush=True)
 
     _each(backends, jobs, checks_phase)
@@ -113,13 +129,13 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
     exports = {name: data["export"] for name, data in report.load_results(out_dir, backends).items()
                if data.get("status") == "ok" and "export" in data}
     def cross_phase(name):
-        code, log = _worker(name, "cross", out_dir, device, ["--exports", json.dumps(exports)])
+        code, log = _worker(name, "cross", out_dir, device, ["--exports", json.dumps(exports)], env)
         if code != 0:
             _record_failure(out_dir, name, "cross", code, log)
 
     _each(list(exports), jobs, cross_phase)
 
-    result = report.build(out_dir, backends, configs, device, recipe, sensitivity, require_all,
+    result = report.build(out_dir, backends, configs, device, recipe, sensitivity.result(), require_all,
                           seconds=time.time() - started, jobs=jobs, memory_efficient=MEMORY_EFFICIENT)
     report.write(out_dir, result)
     print(report.summary_text(result))

@@ -313,6 +313,26 @@ class EpochTotals:
         return self.correct / self.seen
 
 
+def branch(source, out_dir, epoch: int) -> None:
+    """Start the run directory `out_dir` from `source`'s first `epoch` epochs (their record,
+    checkpoint and optimiser files), to be continued differently with resume: on more devices,
+    say. The record names the run and epoch it branched from."""
+    import shutil
+
+    source, run = Run(source), Run(out_dir)
+    record = source.read()
+    if record is None or len(record["epochs"]) < epoch:
+        raise TrainingError(f"cannot branch from epoch {epoch} of {source.dir}: it holds "
+                            f"{len(record['epochs']) if record else 'no'} completed epoch(s)")
+    if run.dir.exists():
+        raise TrainingError(f"{run.dir} already exists; branch into a new directory")
+    run.checkpoint(epoch).parent.mkdir(parents=True)
+    for path in source.epoch_files(epoch):
+        shutil.copy2(path, run.dir / path.relative_to(source.dir))
+    record.update(epochs=record["epochs"][:epoch], branched_from={"run": str(source.dir), "epoch": epoch})
+    weights.atomic_write_text(run.metrics_path, json.dumps(record, indent=2))
+
+
 def check_devices(recipe: Recipe, devices: int, sync_bn: bool) -> None:
     if sync_bn and devices < 2:
         raise ValueError("synchronised BatchNorm (--sync-bn) needs --devices 2 or more")

@@ -36,7 +36,7 @@ def cross_batch():
 
 def run_matrix(backend, matrix) -> list[dict]:
     rows = []
-    for arch, size, batch in matrix:
+    for arch, size, batch, trainer_step in (checks.Config(*entry) for entry in matrix):
         spec = specs.get_spec(arch)
         label = f"{arch}@{size}"
         start = time.perf_counter()
@@ -49,7 +49,7 @@ def run_matrix(backend, matrix) -> list[dict]:
         counts = list(backend.count_params(model))
         rows.append({"config": label, "check": "parameter counts", "passed": counts == list(specs.count_params(spec)),
                      "value": counts, "expected": list(specs.count_params(spec))})
-        results = checks.compare_with_reference(backend, spec, size, batch)
+        results = checks.compare_with_reference(backend, spec, size, batch, trainer_step=trainer_step)
         for dtype, items in results.items():
             for name, item in items.items():
                 rows.append({"config": label, "dtype": dtype, "check": name, **item})
@@ -60,9 +60,10 @@ def run_matrix(backend, matrix) -> list[dict]:
 def run_memory_efficient(backend, matrix) -> list[dict]:
     """The reference comparison again, on the memory-efficient model (config "ARCH@SIZE memory-efficient")."""
     rows = []
-    for arch, size, batch in matrix:
+    for arch, size, batch, trainer_step in (checks.Config(*entry) for entry in matrix):
         label = f"{arch}@{size} {MEMORY_EFFICIENT_LABEL}"
-        results = checks.compare_with_reference(backend, arch, size, batch, memory_efficient=True)
+        results = checks.compare_with_reference(backend, arch, size, batch, memory_efficient=True,
+                                                trainer_step=trainer_step)
         rows += [{"config": label, "dtype": dtype, "check": name, **item}
                  for dtype, items in results.items() for name, item in items.items()]
     return rows
@@ -154,8 +155,9 @@ def main(argv=None):
     parser.add_argument("--phase", choices=("checks", "cross"), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--matrix", default="[]", help="JSON list of [arch, size, batch]")
-    parser.add_argument("--memory-efficient", default="[]", help="JSON list of [arch, size, batch], checked memory-efficient")
+    parser.add_argument("--matrix", default="[]", help="JSON list of [arch, size, batch, trainer_step]")
+    parser.add_argument("--memory-efficient", default="[]",
+                        help="JSON list of [arch, size, batch, trainer_step], checked memory-efficient")
     parser.add_argument("--recipe", default="", help="training recipe; empty: no training")
     parser.add_argument("--data-dir")
     parser.add_argument("--exports", default="{}", help="JSON {backend: export} for phase cross")

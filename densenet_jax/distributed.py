@@ -115,7 +115,7 @@ class DataParallelTrainer(Trainer):
 
     def load_optimizer_state(self, state):
         super().load_optimizer_state(state)
-        self.keep(jax.device_put(self.state, self.replicated))
+        self.state = jax.device_put(self.state, self.replicated)  # the model's variables stay the weights
 
 
 def make_trainer(backend, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):

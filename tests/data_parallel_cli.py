@@ -13,13 +13,17 @@ RECIPE = training.Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.0, e
 ARCH = "tiny_d2l"
 
 
-def train_on_two_devices(backend, out, capfd, *extra) -> tuple[dict, dict]:
-    """Run the tiny recipe on 2 devices; (what the command printed, its metrics.json)."""
-    argv = ["train", "--backend", backend, "--arch", ARCH, "--size", str(RECIPE.size), "--epochs", "1",
+def train_argv(backend, out, *extra) -> list[str]:
+    """`densenet-xf train` with the tiny recipe (`extra` flags come last, and win)."""
+    return ["train", "--backend", backend, "--arch", ARCH, "--size", str(RECIPE.size), "--epochs", "1",
             "--batch-size", str(RECIPE.batch_size), "--lr", str(RECIPE.lr), "--momentum", "0",
             "--train-examples", str(RECIPE.train_examples), "--test-examples", str(RECIPE.test_examples),
-            "--quiet", "--out", str(out), "--devices", "2", *extra]
-    assert main(argv) == 0
+            "--quiet", "--out", str(out), *extra]
+
+
+def train_on_two_devices(backend, out, capfd, *extra) -> tuple[dict, dict]:
+    """Run the tiny recipe on 2 devices; (what the command printed, its metrics.json)."""
+    assert main(train_argv(backend, out, "--devices", "2", *extra)) == 0
     printed = json.loads(capfd.readouterr().out)
     saved = json.loads((out / "metrics.json").read_text())
     assert printed["devices"] == saved["devices"] == 2
@@ -27,11 +31,11 @@ def train_on_two_devices(backend, out, capfd, *extra) -> tuple[dict, dict]:
     return printed, saved
 
 
-def loop_batches():
+def loop_batches(epoch=1):
     """(spec, initial state, the epoch's batches in the training loop's order)."""
     spec = training.fashion_mnist_spec(ARCH)
     images, labels, _, _ = training.load_dataset(RECIPE)
-    order = data.epoch_order(len(images), RECIPE.seed, 1)
+    order = data.epoch_order(len(images), RECIPE.seed, epoch)
     batches = [(data.to_batch(images[i]), labels[i].astype(np.int64))
                for i in np.split(order, len(order) // RECIPE.batch_size)]
     return spec, weights.init_state(spec, RECIPE.seed), batches

@@ -73,6 +73,15 @@ def test_running_variance_convention_is_the_declared_one(backend):
     assert item["error_under_other_convention"] > 1e6 * item["tolerance"]
 
 
+def test_gradients_pass_moves_running_statistics_once(backend):
+    """Without the trainer's step (the big nets of `make conformance`), the running statistics
+    are read after the gradients' train-mode pass: it must move them as one step does."""
+    results = checks.compare_with_reference(backend, "tiny", 19, 4, dtypes=("float64",), trainer_step=False)["float64"]
+    assert "sgd_update" not in results
+    item = results["running_stats_update"]
+    assert item["passed"] and item["error_under_other_convention"] > 1e6 * item["tolerance"]
+
+
 def _batch(backend, spec, size, n=2, dtype=np.float32):
     return specs.to_layout(np.zeros((n, spec.in_channels, size, size), dtype), backend.layout)
 

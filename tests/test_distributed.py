@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import backends, checks, data, distributed, reference, report, training
+from conformance import backends, checks, data, distributed, reference, report, training, weights
 from conformance.backends import BackendUnavailable
 from conformance.distributed import NoDataParallel
 from conformance.specs import get_spec, is_running_stat
@@ -181,3 +181,27 @@ def test_jax_trains_on_two_devices_from_the_command_line(tmp_path, capfd):
     assert single["devices"] == 1
     np.testing.assert_allclose(saved["epochs"][0]["batch_losses"], single["epochs"][0]["batch_losses"], rtol=1e-4)
     assert os.path.isfile(tmp_path / "dp" / "model.safetensors")
+
+
+@pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR), reason="Fashion-MNIST not installed")
+@pytest.mark.parametrize("name", list(backends.BACKENDS))
+def test_a_run_continued_on_two_devices_starts_from_its_checkpoint(name, tmp_path, capfd):
+    """What `make conformance` does: a one-device run branched after epoch 1, resumed on 2
+    devices. Its first step must be the reference's data-parallel step from epoch 1's weights
+    (a trainer that kept its initial weights once fooled the accuracy comparison)."""
+    from conftest import backend_or_skip
+    from data_parallel_cli import RECIPE, loop_batches, train_argv, train_on_two_devices
+
+    from conformance.cli import main
+
+    backend = backend_or_skip(name)
+    assert main(train_argv("reference", tmp_path / "one")) == 0
+    capfd.readouterr()  # its printed record
+    training.branch(tmp_path / "one", tmp_path / "two", 1)
+    _, saved = train_on_two_devices(name, tmp_path / "two", capfd, "--epochs", "2", "--resume")
+    spec, _, batches = loop_batches(epoch=2)
+    state = weights.load_state(tmp_path / "one" / "checkpoints" / "epoch-001.safetensors", spec)
+    _, losses = reference.data_parallel_train(spec, state, batches[:1], RECIPE.lr, 2, saved["bn_semantics"],
+                                              saved["running_stats"], backend.running_var)
+    assert [e["epoch"] for e in saved["epochs"]] == [1, 2] and saved["branched_from"]["epoch"] == 1
+    np.testing.assert_allclose(saved["epochs"][1]["batch_losses"][0], losses[0], rtol=1e-5)

@@ -27,7 +27,7 @@ def test_broken_backend_fails_the_run_naming_backend_and_check(tmp_path, with_br
     assert report["memory_efficient"] == [list(config) for config in runner.MEMORY_EFFICIENT]
     assert any(f.startswith("broken: tiny@19 memory-efficient float32 forward_eval: error") for f in report["failures"])
     efficient = [row for row in report["rows"] if row["config"].endswith(" memory-efficient")]
-    assert {row["config"] for row in efficient} == {f"{a}@{s} memory-efficient" for a, s, _ in runner.MEMORY_EFFICIENT}
+    assert {row["config"] for row in efficient} == {f"{c.arch}@{c.size} memory-efficient" for c in runner.MEMORY_EFFICIENT}
     assert {(row["dtype"], row["check"]) for row in efficient} >= {("float64", "running_stats_update"),
                                                                    ("float32", "gradients")}
     assert all(row["results"]["torch"]["passed"] for row in efficient)

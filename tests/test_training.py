@@ -102,6 +102,30 @@ def test_resume_refuses_another_recipe(tmp_path):
         training.train(backend, ARCH, tiny.replace(lr=0.5), tmp_path, resume=True, progress=False)
 
 
+def test_a_branch_continues_as_the_run_it_came_from(tmp_path):
+    """`branch` starts a run from another's epoch (make conformance continues the single-device
+    run on 2 devices): continued alike, it ends where the original did."""
+    from conformance.backends import load_backend
+
+    backend = load_backend("reference")
+    short = RECIPE.replace(epochs=2, train_examples=64, test_examples=32)
+    original = training.train(backend, ARCH, short, tmp_path / "original", progress=False)
+    training.branch(tmp_path / "original", tmp_path / "branch", 1)
+    start = json.loads((tmp_path / "branch" / "metrics.json").read_text())
+    assert [e["epoch"] for e in start["epochs"]] == [1] and start["branched_from"]["epoch"] == 1
+    continued = training.train(backend, ARCH, short, tmp_path / "branch", resume=True, progress=False)
+    assert continued["epochs"][0] == original["epochs"][0]
+    # The reference trains in float64 and checkpoints hold float32: the continued epoch starts
+    # from weights rounded to float32, so its losses agree to about float32's precision.
+    np.testing.assert_allclose(continued["epochs"][1]["batch_losses"], original["epochs"][1]["batch_losses"],
+                               rtol=1e-6)
+    assert continued["epochs"][1]["test_acc"] == original["epochs"][1]["test_acc"]
+    with pytest.raises(TrainingError, match="already exists"):
+        training.branch(tmp_path / "original", tmp_path / "branch", 1)
+    with pytest.raises(TrainingError, match="cannot branch from epoch 3 .* holds 2 completed"):
+        training.branch(tmp_path / "original", tmp_path / "other", 3)
+
+
 @pytest.fixture(scope="module")
 def torch_checkpoint(tmp_path_factory):
     from conftest import backend_or_skip
