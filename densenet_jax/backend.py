@@ -12,7 +12,7 @@ from conformance.specs import channel_plan, get_spec
 from conformance.weights import init_state
 
 from .model import DenseBlock, DenseNet, Model, TransitionBlock
-from .train import Trainer, check_logits, loss_and_gradients, to_device, train_pass
+from .train import Trainer, eval_logits, loss_and_gradients, to_device, train_pass
 from .weights import export_canonical, load_canonical
 
 
@@ -89,7 +89,7 @@ class Backend(backends.BackendBase):
 
     def forward(self, model, x, train):
         if not train:
-            return np.asarray(check_logits(model.module.apply, model.variables, to_device(model, x)))
+            return np.asarray(eval_logits(model.module.apply, model.variables, to_device(model, x)))
         # The gradients' program, which XLA compiles once for both (labels do not change logits).
         _, logits, _ = train_pass(model, x, np.zeros(len(x), np.int64))
         return np.asarray(logits)

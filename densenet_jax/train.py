@@ -40,20 +40,10 @@ def to_device(model, x, y=None):
 # on the outermost jit: the training loop's gather_step and the checks' compute_gradients.
 KEEP_REMAT = {"xla_disable_hlo_passes": "cse_barrier_expander"}
 
-# The checks run their programs a few times per model, so building them is what they cost: LLVM
-# optimisation level 0 halves XLA's compile (over a minute for densenet121 on a CPU), and without
-# XLA:CPU's YNN fusions a cached densenet121 program loads in 4 s, not 10 (perf: their thunks'
-# deserialiser looks instructions up by id, quadratically), and runs as fast at batch 2.
-# Training keeps the defaults.
-CHECK_PROGRAM = {"xla_backend_optimization_level": 0, "xla_cpu_experimental_ynn_fusion_type": ""}
 
-
-def eval_mode_logits(apply_fn, variables, X):
+@partial(jax.jit, static_argnums=0)
+def eval_logits(apply_fn, variables, X):
     return apply_fn(variables, X, train=False)
-
-
-eval_logits = jax.jit(eval_mode_logits, static_argnums=0)
-check_logits = jax.jit(eval_mode_logits, static_argnums=0, compiler_options=CHECK_PROGRAM)  # for the checks
 
 
 @partial(jax.jit, static_argnums=0)
@@ -72,7 +62,10 @@ def loss_and_logits(apply_fn, params, batch_stats, X, y, dropout_key):
 grad_fn = jax.value_and_grad(loss_and_logits, argnums=1, has_aux=True)
 
 
-@partial(jax.jit, static_argnums=0, compiler_options={**KEEP_REMAT, **CHECK_PROGRAM})
+# The checks run this program a few times per model, so XLA's compile time is what it costs
+# (over a minute for densenet121 on a CPU): LLVM optimisation level 0 halves that compile, and
+# its code still runs densenet121 at batch 2 in under a second. Training steps keep the default.
+@partial(jax.jit, static_argnums=0, compiler_options={**KEEP_REMAT, "xla_backend_optimization_level": 0})
 def compute_gradients(apply_fn, params, batch_stats, X, y, dropout_key):
     (loss, (logits, batch_stats)), grads = grad_fn(apply_fn, params, batch_stats, X, y, dropout_key)
     return loss, logits, grads, batch_stats
