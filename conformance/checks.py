@@ -46,6 +46,8 @@ TOLERANCES = {
         "sgd_update": 1e-10,
     },
 }
+
+
 class Config(NamedTuple):
     """One net of a conformance matrix: its input size and batch, and whether the trainer's
     step is checked on it (see compare_with_reference)."""

@@ -316,13 +316,19 @@ def conformance_phase(name: str, out_dir: Path, device: str, recipe: str = "", d
         return
     run_dir = out_dir / "data_parallel" / "train-dp" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    extra = ["--recipe", recipe, "--train-dir", str(run_dir)] + (["--data-dir", str(data_dir)] if data_dir else [])
     single = (data.get("training") or {}).get("epochs") or []
+    rows = []
     if recipe and len(single) > 1:
-        training.branch(out_dir / "train" / name, run_dir, len(single) - 1)
+        try:
+            training.branch(out_dir / "train" / name, run_dir, len(single) - 1)
+        except training.TrainingError as error:  # the single-device run's files are gone or damaged
+            rows.append({"config": "dp2", "check": "branch the single-device run", "passed": False,
+                         "value": str(error), "expected": "its second-to-last epoch's files"})
+            recipe, single = "", []  # the check still runs, without the recipe
+    extra = ["--recipe", recipe, "--train-dir", str(run_dir)] + (["--data-dir", str(data_dir)] if data_dir else [])
     result = launch_check(name, out_dir / "data_parallel" / f"{name}.json", 2, device,
                           log=out_dir / "logs" / f"{name}.data_parallel.log", extra=extra, env=env)
-    rows = result.get("rows", [])
+    rows += result.get("rows", [])
     parallel = result.get("training")
     if parallel and single:
         difference = abs(parallel["test_acc"] - single[-1]["test_acc"])

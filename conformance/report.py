@@ -179,7 +179,7 @@ def _cell(result: dict | None) -> str:
 
 def _trainer_step_note(matrix) -> str:
     """Which configs check the trainer's SGD step (checks.Config.trainer_step)."""
-    without = [f"{arch}@{size}" for arch, size, _, *step in matrix if step and not step[0]]
+    without = [f"{c.arch}@{c.size}" for c in (checks.Config(*entry) for entry in matrix) if not c.trainer_step]
     if not without:
         return ""
     return (f" The trainer's step (sgd_update) is the same code on every net, and is not rebuilt for "

@@ -110,7 +110,8 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
     print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}, "
           f"{jobs} worker(s) at a time")
     # The reference's own float32 conditioning, for the report: NumPy, measured while the workers run.
-    sensitivity = ThreadPoolExecutor(1).submit(
+    reference_thread = ThreadPoolExecutor(1)
+    sensitivity = reference_thread.submit(
         lambda: {f"{c.arch}@{c.size}": checks.gradient_sensitivity(c.arch, c.size, c.batch) for c in configs})
     extra = ["--matrix", json.dumps(configs), "--memory-efficient", json.dumps(MEMORY_EFFICIENT),
              "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
@@ -137,6 +138,7 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
 
     result = report.build(out_dir, backends, configs, device, recipe, sensitivity.result(), require_all,
                           seconds=time.time() - started, jobs=jobs, memory_efficient=MEMORY_EFFICIENT)
+    reference_thread.shutdown()
     report.write(out_dir, result)
     print(report.summary_text(result))
     print(f"report: {out_dir / 'report.md'} (and report.json, *.png)")

@@ -138,6 +138,20 @@ def test_conformance_notes_a_backend_without_data_parallelism(monkeypatch, tmp_p
     assert "nodp: data-parallel check skipped: backend 'nodp' has no data-parallel trainer" in report.markdown(result)
 
 
+def test_a_lost_single_device_run_fails_the_row_not_the_job(monkeypatch, tmp_path):
+    """The data-parallel phase branches the single-device run: files gone since are a failed
+    row naming them, and the check itself still runs."""
+    monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "nodp=json")
+    record = {"status": "ok", "rows": [], "training": {"epochs": [{"epoch": 1}, {"epoch": 2}]}}
+    (tmp_path / "nodp.json").write_text(json.dumps(record))
+    distributed.conformance_phase("nodp", tmp_path, "cpu", recipe="quick")
+    saved = json.loads((tmp_path / "nodp.json").read_text())
+    [row] = saved["rows"]
+    assert row["check"] == "branch the single-device run" and not row["passed"]
+    assert "cannot branch from epoch 1" in row["value"] and str(tmp_path / "train" / "nodp") in row["value"]
+    assert saved["data_parallel"]["status"] == "skipped"
+
+
 def test_sync_bn_needs_devices_and_an_even_batch(capsys):
     from conformance.cli import main
 
