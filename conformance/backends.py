@@ -216,9 +216,15 @@ class BackendBase(ABC):
         pass alone also moves the running statistics differs between frameworks)."""
 
     @abstractmethod
+    def train_pass(self, model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
+        """One train-mode pass, as a training step makes it: the logits, the mean cross-entropy
+        and the gradient of every trainable parameter (canonical); it moves the running
+        statistics once."""
+
     def gradients(self, model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """Train-mode mean cross-entropy and the gradient of every trainable parameter (canonical);
-        its train-mode pass moves the running statistics once, as a training step's does."""
+        """train_pass without the logits."""
+        _, loss, grads = self.train_pass(model, x, y)
+        return loss, grads
 
     @abstractmethod
     def make_trainer(self, model, lr: float, momentum: float = 0.0, precision: str = "fp32",

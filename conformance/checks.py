@@ -49,13 +49,14 @@ TOLERANCES = {
 
 
 class Config(NamedTuple):
-    """One net of a conformance matrix: its input size and batch, and whether the trainer's
-    step is checked on it (see compare_with_reference)."""
+    """One net of a conformance matrix: its input size and batch, whether the trainer's step is
+    checked on it, and whether float32 checks its train-mode pass too (see compare_with_reference)."""
 
     arch: str
     size: int
     batch: int
     trainer_step: bool = True
+    float32_training: bool = True
 
 
 LR = 0.1  # one plain SGD step; compared as the update (new - old), not as the new value
@@ -95,8 +96,14 @@ def measurement(error: float, tolerance: float, **details) -> dict:
     return {"error": error, "tolerance": tolerance, "passed": bool(error <= tolerance), **details}
 
 
-def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int = 0,
-                           dtypes=DTYPES, memory_efficient: bool = False, trainer_step: bool = True) -> dict:
+def checked_spec(arch):
+    """The spec the checks build: dropout off, so that train-mode passes are deterministic."""
+    return get_spec(arch).replace(drop_rate=0.0)
+
+
+def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int = 0, dtypes=DTYPES,
+                           memory_efficient: bool = False, trainer_step: bool = True,
+                           float32_training: bool = True, float32_model=None) -> dict:
     """{dtype: {check: measurement}} for `backend` against the float64 reference.
 
     The state has random BatchNorm parameters and statistics (so gamma, beta, mean and
@@ -107,8 +114,12 @@ def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int =
     `trainer_step` also takes one step with the backend's trainer (check sgd_update) and reads
     the running statistics after it; without it they are read after the gradients' train-mode
     pass, and the big nets skip the trainer program, which TF and JAX take ~20 s each to build.
+    Without `float32_training`, float32 checks the eval forward pass only: the train-mode pass
+    is the same code in both dtypes, held to near machine precision in float64, and in float32
+    to coarse tolerances only (the module docstring); JAX compiles a program for it per net and
+    dtype. `float32_model`: the caller's float32 model of checked_spec(arch), already built.
     """
-    spec = get_spec(arch).replace(drop_rate=0.0)
+    spec = checked_spec(arch)
     state = init_state(spec, seed, randomize_bn=True)
     x, y = make_batch(spec, size, batch, seed)
     ref_eval = reference.forward(spec, state, x, train=False)
@@ -118,9 +129,13 @@ def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int =
         update={key: -lr * grad for key, grad in ref.grads.items()},
         stats=reference.update_running_stats(state, ref.batch_stats, backend.running_var, bn_momentum),
         other_stats=reference.update_running_stats(state, ref.batch_stats, other_convention(backend.running_var), bn_momentum))
-    return {dtype: _compare(backend.build(spec, dtype, memory_efficient), backend, state,
-                            to_layout(x, backend.layout).astype(dtype), y, ref_eval, ref, expected,
-                            TOLERANCES[dtype], trainer_step)
+    def model(dtype):
+        return float32_model if dtype == "float32" and float32_model is not None else backend.build(
+            spec, dtype, memory_efficient)
+
+    return {dtype: _compare(model(dtype), backend, state, to_layout(x, backend.layout).astype(dtype), y,
+                            ref_eval, ref, expected, TOLERANCES[dtype], trainer_step,
+                            training=float32_training or dtype != "float32")
             for dtype in dtypes}
 
 
@@ -141,23 +156,22 @@ def other_convention(running_var: str) -> str:
     return "biased" if running_var == "unbiased" else "unbiased"
 
 
-def _compare(model, backend, state, x, y, ref_eval, ref, expected, tolerances, trainer_step=True):
+def _compare(model, backend, state, x, y, ref_eval, ref, expected, tolerances, trainer_step=True, training=True):
     results = {}
 
     backend.load_state(model, state)
     results["forward_eval"] = measurement(
         relative_error(backend.forward(model, x, train=False), ref_eval), tolerances["forward_eval"])
+    if not training:
+        return results
 
     backend.load_state(model, state)
-    results["forward_train"] = measurement(
-        relative_error(backend.forward(model, x, train=True), ref.logits), tolerances["forward_train"])
-
-    backend.load_state(model, state)
-    loss, grads = backend.gradients(model, x, y)
+    logits, loss, grads = backend.train_pass(model, x, y)
+    results["forward_train"] = measurement(relative_error(logits, ref.logits), tolerances["forward_train"])
     results["loss"] = measurement(relative_error(loss, ref.loss), tolerances["loss"], value=loss, reference=ref.loss)
     error, key = worst_error(grads, ref.grads)
     results["gradients"] = measurement(error, tolerances["gradients"], worst_key=key, tensors=len(ref.grads))
-    if not trainer_step:  # that train-mode pass moved the running statistics once
+    if not trainer_step:  # the train-mode pass moved the running statistics once
         results["running_stats_update"] = _compare_running_stats(backend, state, backend.export_state(model),
                                                                  expected, tolerances)
         return results

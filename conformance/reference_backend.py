@@ -86,9 +86,9 @@ class Backend(backends.BackendBase):
         model.state.update({key: value.astype(np.float32) for key, value in result.running_stats.items()})
         return result.logits
 
-    def gradients(self, model, x, y):
+    def train_pass(self, model, x, y):
         result = reference.loss_and_gradients(model.spec, model.state, x, y)
-        return result.loss, result.grads
+        return result.logits, result.loss, result.grads
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         backends.check_precision(precision)

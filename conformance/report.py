@@ -177,13 +177,20 @@ def _cell(result: dict | None) -> str:
     return mark
 
 
-def _trainer_step_note(matrix) -> str:
-    """Which configs check the trainer's SGD step (checks.Config.trainer_step)."""
-    without = [f"{c.arch}@{c.size}" for c in (checks.Config(*entry) for entry in matrix) if not c.trainer_step]
-    if not without:
-        return ""
-    return (f" The trainer's step (sgd_update) is the same code on every net, and is not rebuilt for "
-            f"{', '.join(without)}: there the running statistics are read after the gradients' train-mode pass.")
+def _matrix_notes(matrix) -> str:
+    """Which configs skip the trainer's SGD step, and which check only the eval pass in float32
+    (checks.Config.trainer_step, float32_training)."""
+    configs = [checks.Config(*entry) for entry in matrix]
+    no_step = [f"{c.arch}@{c.size}" for c in configs if not c.trainer_step]
+    eval_only = [f"{c.arch}@{c.size}" for c in configs if not c.float32_training]
+    notes = ""
+    if no_step:
+        notes += (f" The trainer's step (sgd_update) is the same code on every net, and is not rebuilt for "
+                  f"{', '.join(no_step)}: there the running statistics are read after the gradients' train-mode pass.")
+    if eval_only:
+        notes += (f" {', '.join(eval_only)}: float32 checks the eval pass; the train-mode pass (the same code in "
+                  f"both dtypes) is checked in float64, to near machine precision.")
+    return notes
 
 
 def matrix_table(corner: str, rows, columns, cell) -> list[str]:
@@ -223,7 +230,7 @@ def markdown(result: dict) -> str:
             + (" Configs marked memory-efficient build the model with `memory_efficient=True` (its dense "
                "layers recompute their concatenation and first BN-ReLU in the backward pass; docs/memory.md): "
                "the same checks, the same tolerances, and running statistics that must move once per step."
-               if result.get("memory_efficient") else "") + _trainer_step_note(result["matrix"]), "",
+               if result.get("memory_efficient") else "") + _matrix_notes(result["matrix"]), "",
             "| check | tolerance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in result["rows"]:
         tolerance = f"{row['tolerance']:.0e}" if row.get("tolerance") is not None else "exact"

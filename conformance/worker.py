@@ -25,7 +25,8 @@ import numpy as np
 from . import checks, export, specs, weights
 from .backends import BackendUnavailable, load_backend
 
-CROSS_ARCH, CROSS_SIZE, CROSS_BATCH = "d2l", 64, 4
+# The d2l net at the matrix's size and batch: the trainer step that exports compiles once (JAX).
+CROSS_ARCH, CROSS_SIZE, CROSS_BATCH = "d2l", 96, 4
 MEMORY_EFFICIENT_LABEL = "memory-efficient"
 
 
@@ -36,8 +37,9 @@ def cross_batch():
 
 def run_matrix(backend, matrix) -> list[dict]:
     rows = []
-    for arch, size, batch, trainer_step in (checks.Config(*entry) for entry in matrix):
-        spec = specs.get_spec(arch)
+    for config in (checks.Config(*entry) for entry in matrix):
+        arch, size, batch = config.arch, config.size, config.batch
+        spec = checks.checked_spec(arch)
         label = f"{arch}@{size}"
         start = time.perf_counter()
         model = backend.build(spec)
@@ -49,7 +51,8 @@ def run_matrix(backend, matrix) -> list[dict]:
         counts = list(backend.count_params(model))
         rows.append({"config": label, "check": "parameter counts", "passed": counts == list(specs.count_params(spec)),
                      "value": counts, "expected": list(specs.count_params(spec))})
-        results = checks.compare_with_reference(backend, spec, size, batch, trainer_step=trainer_step)
+        results = checks.compare_with_reference(backend, spec, size, batch, trainer_step=config.trainer_step,
+                                                float32_training=config.float32_training, float32_model=model)
         for dtype, items in results.items():
             for name, item in items.items():
                 rows.append({"config": label, "dtype": dtype, "check": name, **item})
@@ -60,10 +63,11 @@ def run_matrix(backend, matrix) -> list[dict]:
 def run_memory_efficient(backend, matrix) -> list[dict]:
     """The reference comparison again, on the memory-efficient model (config "ARCH@SIZE memory-efficient")."""
     rows = []
-    for arch, size, batch, trainer_step in (checks.Config(*entry) for entry in matrix):
-        label = f"{arch}@{size} {MEMORY_EFFICIENT_LABEL}"
-        results = checks.compare_with_reference(backend, arch, size, batch, memory_efficient=True,
-                                                trainer_step=trainer_step)
+    for config in (checks.Config(*entry) for entry in matrix):
+        label = f"{config.arch}@{config.size} {MEMORY_EFFICIENT_LABEL}"
+        results = checks.compare_with_reference(backend, config.arch, config.size, config.batch, memory_efficient=True,
+                                                trainer_step=config.trainer_step,
+                                                float32_training=config.float32_training)
         rows += [{"config": label, "dtype": dtype, "check": name, **item}
                  for dtype, items in results.items() for name, item in items.items()]
     return rows
@@ -155,9 +159,9 @@ def main(argv=None):
     parser.add_argument("--phase", choices=("checks", "cross"), required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--matrix", default="[]", help="JSON list of [arch, size, batch, trainer_step]")
+    parser.add_argument("--matrix", default="[]", help="JSON list of checks.Config fields")
     parser.add_argument("--memory-efficient", default="[]",
-                        help="JSON list of [arch, size, batch, trainer_step], checked memory-efficient")
+                        help="JSON list of checks.Config fields, checked memory-efficient")
     parser.add_argument("--recipe", default="", help="training recipe; empty: no training")
     parser.add_argument("--data-dir")
     parser.add_argument("--exports", default="{}", help="JSON {backend: export} for phase cross")

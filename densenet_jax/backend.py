@@ -12,7 +12,7 @@ from conformance.specs import channel_plan, get_spec
 from conformance.weights import init_state
 
 from .model import DenseBlock, DenseNet, Model, TransitionBlock
-from .train import Trainer, eval_logits, loss_and_gradients, to_device, train_pass
+from .train import Trainer, eval_logits, to_device, train_pass
 from .weights import export_canonical, load_canonical
 
 
@@ -91,11 +91,10 @@ class Backend(backends.BackendBase):
         if not train:
             return np.asarray(eval_logits(model.module.apply, model.variables, to_device(model, x)))
         # The gradients' program, which XLA compiles once for both (labels do not change logits).
-        _, logits, _ = train_pass(model, x, np.zeros(len(x), np.int64))
-        return np.asarray(logits)
+        return train_pass(model, x, np.zeros(len(x), np.int64))[0]
 
-    def gradients(self, model, x, y):
-        return loss_and_gradients(model, x, y)
+    def train_pass(self, model, x, y):
+        return train_pass(model, x, y)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         backends.check_precision(precision)

@@ -72,19 +72,14 @@ def compute_gradients(apply_fn, params, batch_stats, X, y, dropout_key):
 
 
 def train_pass(model, x, y, seed=0):
-    """Train-mode loss, logits and every parameter's gradient, from one compiled program
-    (BN running statistics update too)."""
+    """Train-mode logits, loss and every parameter's gradient (canonical), from one compiled
+    program (BN running statistics update too)."""
     X, y = to_device(model, x, y)
     params, batch_stats = model.variables["params"], model.variables["batch_stats"]
     loss, logits, grads, batch_stats = compute_gradients(model.module.apply, params, batch_stats, X, y,
                                                          jax.random.key(seed))
     model.variables = {"params": params, "batch_stats": batch_stats}
-    return loss, logits, grads
-
-
-def loss_and_gradients(model, x, y, seed=0):
-    loss, _, grads = train_pass(model, x, y, seed)
-    return float(loss), to_canonical(grads)
+    return np.asarray(logits), float(loss), to_canonical(grads)
 
 
 class TrainState(train_state.TrainState):

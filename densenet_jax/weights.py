@@ -6,14 +6,14 @@ and the layouts differ: Flax convolution kernels are HWIO and dense kernels (in,
 PyTorch's OIHW and (out, in). Transposes are exact, so the round trip is bit for bit.
 """
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
 from conformance.specs import get_spec
 from conformance.weights import hwio_to_oihw, oihw_to_hwio, validate_state
 
-from .model import variable_shapes
+from .model import DenseNet, variable_shapes
 
 # Canonical leaf name -> (Flax collection, leaf name), for a BatchNorm and for a Conv or Dense.
 NORM_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
@@ -38,18 +38,19 @@ def to_canonical(tree, collection="params"):
 
 def from_canonical(arrays, like, collection="params", dtype=None):
     """The inverse of to_canonical: a tree shaped like `like`, in `dtype` (or like's dtypes)."""
-    def leaf(path, old):
-        return jnp.asarray(oihw_to_hwio(arrays[canonical_key((collection, *path))]), dtype or old.dtype)
+    def leaf(path, old):  # cast by NumPy: jnp.asarray would compile a cast on the device for every shape
+        return np.asarray(oihw_to_hwio(arrays[canonical_key((collection, *path))]), dtype or old.dtype)
 
-    return unflatten_dict({path: leaf(path, old) for path, old in flatten_dict(like).items()})
+    return jax.device_put(unflatten_dict({path: leaf(path, old) for path, old in flatten_dict(like).items()}))
 
 
 def load_canonical(module, state):
     """Flax variables {'params', 'batch_stats'} for `module` from a canonical state, bit for bit."""
     state = validate_state(state, get_spec(module.spec))
     # Shapes come from tracing the module, so a variable the state does not name is a KeyError.
-    return {collection: from_canonical(state, tree, collection, module.dtype)
-            for collection, tree in variable_shapes(module).items()}
+    # They are the spec's: one trace serves every dtype and the memory-efficient model.
+    shapes = variable_shapes(DenseNet(module.spec))
+    return {collection: from_canonical(state, tree, collection, module.dtype) for collection, tree in shapes.items()}
 
 
 def export_canonical(variables):

@@ -10,7 +10,7 @@ from mxnet import autograd, init
 from conformance import backends
 
 from .model import DenseNet
-from .train import Trainer, loss_and_gradients, to_context
+from .train import Trainer, to_context, train_pass
 from .weights import export_canonical, load_canonical
 
 
@@ -98,8 +98,8 @@ class Backend(backends.BackendBase):
         with autograd.train_mode() if train else autograd.predict_mode():
             return model(to_context(model, x)).asnumpy()
 
-    def gradients(self, model, x, y):
-        return loss_and_gradients(model, x, y)
+    def train_pass(self, model, x, y):
+        return train_pass(model, x, y)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         backends.check_precision(precision)

@@ -32,13 +32,14 @@ def to_context(model, x, y=None):
     return X if y is None else (X, np.array(y, dtype="int64", ctx=ctx))
 
 
-def loss_and_gradients(model, x, y):
-    """Train-mode mean loss and every trainable parameter's gradient (running statistics update too)."""
+def train_pass(model, x, y):
+    """Train-mode logits, mean loss and every trainable parameter's gradient (running statistics update too)."""
     X, y = to_context(model, x, y)
     with autograd.record():
-        loss = loss_fn(model(X), y).mean()
+        logits = model(X)
+        loss = loss_fn(logits, y).mean()
     loss.backward()
-    return loss.item(), to_canonical({name: p.grad() for name, p in trainable_params(model).items()})
+    return logits.asnumpy(), loss.item(), to_canonical({name: p.grad() for name, p in trainable_params(model).items()})
 
 
 def float32_mode(precision):

@@ -9,7 +9,7 @@ import tensorflow as tf
 from conformance import backends
 
 from .model import DenseNet
-from .train import Trainer, compiled, loss_and_gradients, to_tensors
+from .train import Trainer, compiled, to_tensors, train_pass
 from .weights import export_canonical, load_canonical
 
 
@@ -87,8 +87,8 @@ class Backend(backends.BackendBase):
     def forward(self, model, x, train):
         return compiled(functools.partial(model, training=train), self.run_eagerly)(to_tensors(x)).numpy()
 
-    def gradients(self, model, x, y):
-        return loss_and_gradients(model, x, y, self.run_eagerly)
+    def train_pass(self, model, x, y):
+        return train_pass(model, x, y, self.run_eagerly)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         backends.check_precision(precision)

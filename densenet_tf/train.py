@@ -41,9 +41,10 @@ def gradient_step(model, X, y):
     return logits, loss, tape.gradient(loss, model.trainable_variables)
 
 
-def loss_and_gradients(model, x, y, run_eagerly=True):
-    _, loss, grads = compiled(functools.partial(gradient_step, model), run_eagerly)(*to_tensors(x, y))
-    return float(loss), to_canonical(model, {v.path: g for v, g in zip(model.trainable_variables, grads)})
+def train_pass(model, x, y, run_eagerly=True):
+    """gradient_step on NumPy input: logits, loss and canonical gradients out."""
+    logits, loss, grads = compiled(functools.partial(gradient_step, model), run_eagerly)(*to_tensors(x, y))
+    return logits.numpy(), float(loss), to_canonical(model, {v.path: g for v, g in zip(model.trainable_variables, grads)})
 
 
 def learning_rate(lr, dtype):

@@ -7,7 +7,7 @@ import torch
 from conformance import backends
 
 from .model import DenseNet
-from .train import Trainer, loss_and_gradients, to_device
+from .train import Trainer, to_device, train_pass
 from .weights import export_canonical, load_canonical
 
 
@@ -74,8 +74,8 @@ class Backend(backends.BackendBase):
         with torch.no_grad():
             return model(to_device(model, x)).cpu().numpy()
 
-    def gradients(self, model, x, y):
-        return loss_and_gradients(model, x, y)
+    def train_pass(self, model, x, y):
+        return train_pass(model, x, y)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         backends.check_precision(precision)

@@ -22,14 +22,15 @@ def to_device(model, x, y=None):
     return X if y is None else (X, torch.from_numpy(y).long().to(device))
 
 
-def loss_and_gradients(model, x, y):
-    """Train-mode loss and every parameter's gradient (BN running statistics update too)."""
+def train_pass(model, x, y):
+    """Train-mode logits, loss and every parameter's gradient (BN running statistics update too)."""
     X, y = to_device(model, x, y)
     model.train()
     model.zero_grad(set_to_none=True)
-    loss = loss_fn(model(X), y)
+    logits = model(X)
+    loss = loss_fn(logits, y)
     loss.backward()
-    return loss.item(), to_canonical({name: p.grad for name, p in model.named_parameters()})
+    return logits.detach().cpu().numpy(), loss.item(), to_canonical({name: p.grad for name, p in model.named_parameters()})
 
 
 @contextlib.contextmanager

@@ -65,3 +65,22 @@ def test_stage_shapes_follow_the_spec(rng):
 def test_reference_validates_its_input(rng):
     with pytest.raises(InputError, match="too small"):
         reference.forward(ARCHS["d2l"], init_state(ARCHS["d2l"]), rng.standard_normal((1, 1, 28, 28)))
+
+
+def test_a_config_without_float32_training_checks_float32_in_eval_mode_only():
+    """The big nets of `make conformance` (checks.Config.float32_training=False): float32 runs
+    the eval pass only, float64 every check; the caller's float32 model is the one checked."""
+    from conformance import checks
+    from conformance.backends import load_backend
+
+    backend = load_backend("reference")
+    built = []
+    build = backend.build
+    backend.build = lambda *args, **kwargs: built.append(args) or build(*args, **kwargs)
+    model = build(checks.checked_spec("tiny"))
+    results = checks.compare_with_reference(backend, "tiny", 19, 2, trainer_step=False, float32_training=False,
+                                            float32_model=model)
+    assert list(results["float32"]) == ["forward_eval"]
+    assert {"forward_train", "loss", "gradients", "running_stats_update"} <= set(results["float64"])
+    assert [args[1] for args in built] == ["float64"]  # float32's model was not built again
+    assert results["float32"]["forward_eval"]["passed"]

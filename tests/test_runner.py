@@ -61,3 +61,12 @@ def test_gpu_run_without_a_gpu_falls_back_with_a_note(tmp_path):
     assert report["backends"]["torch"]["device"] == "cpu"
     assert "no CUDA device; ran on the CPU" in report["backends"]["torch"]["device_note"]
     assert "no CUDA device" in (tmp_path / "report.md").read_text()
+
+
+def test_the_report_says_which_configs_skip_the_step_and_float32_training():
+    from conformance import report
+
+    notes = report._matrix_notes([list(config) for config in runner.MATRICES["default"]])
+    assert "not rebuilt for densenet_bc100_k12@32, densenet121@64" in notes
+    assert "densenet_bc100_k12@32, densenet121@64: float32 checks the eval pass" in notes
+    assert report._matrix_notes([["tiny", 19, 4]]) == ""  # old four- and three-field matrices still read

@@ -19,7 +19,7 @@ from conformance import checks, reference, specs, weights  # noqa: E402
 from conformance.specs import ARCHS, InputError  # noqa: E402
 from densenet_tf import DenseBlock, DenseNet, conv_block, export_canonical, load_canonical, transition_block  # noqa: E402
 from densenet_tf.backend import Backend  # noqa: E402
-from densenet_tf.train import Trainer, gradient_step, loss_and_gradients  # noqa: E402
+from densenet_tf.train import Trainer, gradient_step, train_pass  # noqa: E402
 from densenet_tf.weights import canonical_variables  # noqa: E402
 from densenet_tf.zoo import DenseNet121  # noqa: E402
 
@@ -117,7 +117,7 @@ def test_exported_momentum_follows_pytorchs_convention():
     _, x, y = batch(spec, 13, dtype=np.float64)
     model = DenseNet(spec, dtype="float64")
     load_canonical(model, state)
-    _, grads = loss_and_gradients(model, x, y)
+    _, _, grads = train_pass(model, x, y)
     load_canonical(model, state)
     trainer = Trainer(model, lr=0.1, momentum=0.9)
     trainer.train_step(x, y)
@@ -258,7 +258,7 @@ def allocator_peaks(arch, size, n):
         model = DenseNet(arch, memory_efficient=memory_efficient)
         tf.config.experimental.reset_memory_stats("CPU:0")
         before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        loss_and_gradients(model, specs.to_layout(x, "NHWC"), y)
+        train_pass(model, specs.to_layout(x, "NHWC"), y)
         peaks[memory_efficient] = tf.config.experimental.get_memory_info("CPU:0")["peak"] - before
     return peaks
 
