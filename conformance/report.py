@@ -177,6 +177,12 @@ def _cell(result: dict | None) -> str:
     return mark
 
 
+def _step_words(matrix) -> str:
+    """Where the memory-efficient rows step the trainer, in words."""
+    with_step = [f"{c.arch}@{c.size}" for c in (checks.Config(*entry) for entry in matrix) if c.trainer_step]
+    return f" (the trainer's step on {', '.join(with_step)})" if with_step else " but the trainer's step (make test steps it)"
+
+
 def _matrix_notes(matrix) -> str:
     """Which configs skip the trainer's SGD step, and which check only the eval pass in float32
     (checks.Config.trainer_step, float32_training)."""
@@ -229,7 +235,8 @@ def markdown(result: dict) -> str:
             "gradient tolerance is coarse on purpose: see the conditioning table below and docs/numerics.md."
             + (" Configs marked memory-efficient build the model with `memory_efficient=True` (its dense "
                "layers recompute their concatenation and first BN-ReLU in the backward pass; docs/memory.md): "
-               "the same checks, the same tolerances, and running statistics that must move once per step."
+               f"the same checks and tolerances{_step_words(result['memory_efficient'])}, and running statistics "
+               "that must move once per train-mode pass although BatchNorm runs twice."
                if result.get("memory_efficient") else "") + _matrix_notes(result["matrix"]), "",
             "| check | tolerance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
     for row in result["rows"]:

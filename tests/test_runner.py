@@ -70,3 +70,6 @@ def test_the_report_says_which_configs_skip_the_step_and_float32_training():
     assert "not rebuilt for densenet_bc100_k12@32, densenet121@64" in notes
     assert "densenet_bc100_k12@32, densenet121@64: float32 checks the eval pass" in notes
     assert report._matrix_notes([["tiny", 19, 4]]) == ""  # old four- and three-field matrices still read
+    assert "but the trainer's step (make test steps it)" in report._step_words(
+        [list(config) for config in runner.MEMORY_EFFICIENT])
+    assert report._step_words([["tiny", 19, 4]]) == " (the trainer's step on tiny@19)"
