@@ -177,18 +177,22 @@ def _cell(result: dict | None) -> str:
     return mark
 
 
+def _labels(matrix, keep) -> list[str]:
+    """ARCH@SIZE of the matrix's checks.Config entries for which `keep(config)` holds."""
+    return [f"{c.arch}@{c.size}" for c in (checks.Config(*entry) for entry in matrix) if keep(c)]
+
+
 def _step_words(matrix) -> str:
     """Where the memory-efficient rows step the trainer, in words."""
-    with_step = [f"{c.arch}@{c.size}" for c in (checks.Config(*entry) for entry in matrix) if c.trainer_step]
+    with_step = _labels(matrix, lambda c: c.trainer_step)
     return f" (the trainer's step on {', '.join(with_step)})" if with_step else " but the trainer's step (make test steps it)"
 
 
 def _matrix_notes(matrix) -> str:
     """Which configs skip the trainer's SGD step, and which check only the eval pass in float32
     (checks.Config.trainer_step, float32_training)."""
-    configs = [checks.Config(*entry) for entry in matrix]
-    no_step = [f"{c.arch}@{c.size}" for c in configs if not c.trainer_step]
-    eval_only = [f"{c.arch}@{c.size}" for c in configs if not c.float32_training]
+    no_step = _labels(matrix, lambda c: not c.trainer_step)
+    eval_only = _labels(matrix, lambda c: not c.float32_training)
     notes = ""
     if no_step:
         notes += (f" The trainer's step (sgd_update) is the same code on every net, and is not rebuilt for "
