@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 FRAMEWORKS := torch==2.13.0 tensorflow-cpu==2.21.0 jax==0.10.2 jaxlib==0.10.2 flax==0.12.8 optax==0.2.8 setuptools
 MXNET      := mxnet==1.9.1 graphviz==0.8.4
 
-.PHONY: setup data test test-all conformance results bench docs docs-serve browser clean
+.PHONY: setup data lint test test-all conformance results bench docs docs-serve browser clean
 
 setup: $(STAMP)
 
@@ -31,8 +31,13 @@ $(STAMP): pyproject.toml Makefile
 data: setup
 	$(PY) -m conformance.data --ensure
 
+# ruff: lint and formatting, configured in pyproject.toml (`ruff format .` fixes the formatting).
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 # pytest exits 5 when it collected no tests: that fails the target, with a message.
-test: setup data browser
+test: setup lint data browser
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; fi; exit $$rc
 

@@ -69,12 +69,13 @@ def arithmetic_words(precision: str, on_gpu: bool, mixed: str) -> str:
     return "fp32 (TF32 exists only on GPUs)" if precision == "tf32" and not on_gpu else precision
 
 
-def load_backend(name: str, device: str = "cpu") -> "BackendBase":
+def load_backend(name: str, device: str = "cpu") -> BackendBase:
     """Import backend `name` and return its adapter; BackendUnavailable if its framework is missing."""
     device = "gpu" if device == "cuda" else device
     check_device(device)
     if name == REFERENCE:
         from .reference_backend import Backend
+
         return Backend(device)
     check_backend_name(name)
     module_name = registered_backends()[name]
@@ -111,8 +112,9 @@ class Trainer(ABC):
         from .data import to_batch
         from .specs import to_layout
 
-        loss, correct = self.train_step(to_layout(to_batch(self.images[indices]), self.layout),
-                                        self.labels[indices].astype(np.int64))
+        loss, correct = self.train_step(
+            to_layout(to_batch(self.images[indices]), self.layout), self.labels[indices].astype(np.int64)
+        )
         self.record_step(loss, correct, len(indices))
 
     def reset_sums(self) -> None:
@@ -227,8 +229,9 @@ class BackendBase(ABC):
         return loss, grads
 
     @abstractmethod
-    def make_trainer(self, model, lr: float, momentum: float = 0.0, precision: str = "fp32",
-                     compile: bool = False) -> Trainer:
+    def make_trainer(
+        self, model, lr: float, momentum: float = 0.0, precision: str = "fp32", compile: bool = False
+    ) -> Trainer:
         """An SGD trainer for `model` (the framework's own optimiser).
 
         `precision` (one of PRECISIONS) is the trainer's own: the backend keeps exact float32

@@ -101,9 +101,18 @@ def checked_spec(arch):
     return get_spec(arch).replace(drop_rate=0.0)
 
 
-def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int = 0, dtypes=DTYPES,
-                           memory_efficient: bool = False, trainer_step: bool = True,
-                           float32_training: bool = True, float32_model=None) -> dict:
+def compare_with_reference(
+    backend,
+    arch,
+    size: int,
+    batch: int = 4,
+    seed: int = 0,
+    dtypes=DTYPES,
+    memory_efficient: bool = False,
+    trainer_step: bool = True,
+    float32_training: bool = True,
+    float32_model=None,
+) -> dict:
     """{dtype: {check: measurement}} for `backend` against the float64 reference.
 
     The state has random BatchNorm parameters and statistics (so gamma, beta, mean and
@@ -128,15 +137,34 @@ def compare_with_reference(backend, arch, size: int, batch: int = 4, seed: int =
     expected = Expected(
         update={key: -lr * grad for key, grad in ref.grads.items()},
         stats=reference.update_running_stats(state, ref.batch_stats, backend.running_var, bn_momentum),
-        other_stats=reference.update_running_stats(state, ref.batch_stats, other_convention(backend.running_var), bn_momentum))
-    def model(dtype):
-        return float32_model if dtype == "float32" and float32_model is not None else backend.build(
-            spec, dtype, memory_efficient)
+        other_stats=reference.update_running_stats(
+            state, ref.batch_stats, other_convention(backend.running_var), bn_momentum
+        ),
+    )
 
-    return {dtype: _compare(model(dtype), backend, state, to_layout(x, backend.layout).astype(dtype), y,
-                            ref_eval, ref, expected, TOLERANCES[dtype], trainer_step,
-                            training=float32_training or dtype != "float32")
-            for dtype in dtypes}
+    def model(dtype):
+        return (
+            float32_model
+            if dtype == "float32" and float32_model is not None
+            else backend.build(spec, dtype, memory_efficient)
+        )
+
+    return {
+        dtype: _compare(
+            model(dtype),
+            backend,
+            state,
+            to_layout(x, backend.layout).astype(dtype),
+            y,
+            ref_eval,
+            ref,
+            expected,
+            TOLERANCES[dtype],
+            trainer_step,
+            training=float32_training or dtype != "float32",
+        )
+        for dtype in dtypes
+    }
 
 
 class Expected(NamedTuple):
@@ -161,7 +189,8 @@ def _compare(model, backend, state, x, y, ref_eval, ref, expected, tolerances, t
 
     backend.load_state(model, state)
     results["forward_eval"] = measurement(
-        relative_error(backend.forward(model, x, train=False), ref_eval), tolerances["forward_eval"])
+        relative_error(backend.forward(model, x, train=False), ref_eval), tolerances["forward_eval"]
+    )
     if not training:
         return results
 
@@ -172,8 +201,9 @@ def _compare(model, backend, state, x, y, ref_eval, ref, expected, tolerances, t
     error, key = worst_error(grads, ref.grads)
     results["gradients"] = measurement(error, tolerances["gradients"], worst_key=key, tensors=len(ref.grads))
     if not trainer_step:  # the train-mode pass moved the running statistics once
-        results["running_stats_update"] = _compare_running_stats(backend, state, backend.export_state(model),
-                                                                 expected, tolerances)
+        results["running_stats_update"] = _compare_running_stats(
+            backend, state, backend.export_state(model), expected, tolerances
+        )
         return results
 
     backend.load_state(model, state)
@@ -201,8 +231,13 @@ def _compare_running_stats(backend, old, new, expected, tolerances):
     running = [key for key in old if is_running_stat(key)]
     error, key = worst_error(_deltas(old, new, running), _deltas(old, expected.stats, running))
     other_error, _ = worst_error(_deltas(old, new, running), _deltas(old, expected.other_stats, running))
-    return measurement(error, tolerances["running_stats_update"], worst_key=key,
-                       convention=backend.running_var, error_under_other_convention=other_error)
+    return measurement(
+        error,
+        tolerances["running_stats_update"],
+        worst_key=key,
+        convention=backend.running_var,
+        error_under_other_convention=other_error,
+    )
 
 
 def gradient_sensitivity(arch, size: int, batch: int = 4, seed: int = 0, relative: float = 1e-6) -> dict:

@@ -75,8 +75,11 @@ non_negative_float = _at_least(float, 0.0, strict=False)
 def to_json(payload) -> str:
     """Indented JSON with short lists (shapes) kept on one line."""
     text = json.dumps(payload, indent=2)
-    return re.sub(r"\[\s*([^\[\]{}]*?)\s*\]", lambda m: "[" + ", ".join(p.strip() for p in m.group(1).split(",")) + "]"
-                  if m.group(1).strip() else "[]", text)
+    return re.sub(
+        r"\[\s*([^\[\]{}]*?)\s*\]",
+        lambda m: "[" + ", ".join(p.strip() for p in m.group(1).split(",")) + "]" if m.group(1).strip() else "[]",
+        text,
+    )
 
 
 def add_model_args(parser, size=False):
@@ -95,8 +98,10 @@ def cmd_params(args):
     expected = specs.count_params(args.arch)
     print(f"backend: {backend.name}  arch: {args.arch.name}")
     print(f"trainable: {trainable:,}  non-trainable (BatchNorm running statistics): {non_trainable:,}")
-    print(f"spec: {expected[0]:,} trainable, {expected[1]:,} non-trainable"
-          + ("" if (trainable, non_trainable) == expected else "  <-- MISMATCH"))
+    print(
+        f"spec: {expected[0]:,} trainable, {expected[1]:,} non-trainable"
+        + ("" if (trainable, non_trainable) == expected else "  <-- MISMATCH")
+    )
     print(trainable)
     return 0 if (trainable, non_trainable) == expected else 1
 
@@ -108,35 +113,74 @@ def cmd_shapes(args):
     model = backend.build(args.arch)
     shapes = backend.stage_shapes(model, x)
     matches = {stage: tuple(shape) for stage, shape in shapes.items()} == dict(expected)
-    print(to_json({"backend": backend.name, "arch": args.arch.name, "layout": backend.layout,
-                      "input": list(x.shape), "stages": {k: list(v) for k, v in shapes.items()},
-                      "matches_spec": matches}))
+    print(
+        to_json(
+            {
+                "backend": backend.name,
+                "arch": args.arch.name,
+                "layout": backend.layout,
+                "input": list(x.shape),
+                "stages": {k: list(v) for k, v in shapes.items()},
+                "matches_spec": matches,
+            }
+        )
+    )
     return 0 if matches else 1
 
 
 def cmd_check(args):
     if args.backend == backends.REFERENCE:  # the oracle is checked against finite differences
         worst, where = gradient_check(args.arch, args.size, args.batch, args.seed)
-        print(to_json({"backend": "reference", "arch": args.arch.name, "size": args.size,
-                          "finite_differences": checks.measurement(worst, FD_TOLERANCE, worst_at=where)}))
+        print(
+            to_json(
+                {
+                    "backend": "reference",
+                    "arch": args.arch.name,
+                    "size": args.size,
+                    "finite_differences": checks.measurement(worst, FD_TOLERANCE, worst_at=where),
+                }
+            )
+        )
         return 0 if worst <= FD_TOLERANCE else 1
     backend = backends.load_backend(args.backend, args.device)
     dtypes = checks.DTYPES if args.dtype == "both" else (args.dtype,)
     results = checks.compare_with_reference(backend, args.arch, args.size, args.batch, args.seed, dtypes)
-    print(to_json({"backend": backend.name, "device": backend.device_name, "arch": args.arch.name,
-                      "size": args.size, "batch": args.batch, "seed": args.seed, "results": results,
-                      "passed": checks.all_passed(results)}))
+    print(
+        to_json(
+            {
+                "backend": backend.name,
+                "device": backend.device_name,
+                "arch": args.arch.name,
+                "size": args.size,
+                "batch": args.batch,
+                "seed": args.seed,
+                "results": results,
+                "passed": checks.all_passed(results),
+            }
+        )
+    )
     return 0 if checks.all_passed(results) else 1
 
 
 def cmd_train(args):
     recipe = training.get_recipe(args.recipe).replace(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, momentum=args.momentum, size=args.size,
-        train_examples=args.train_examples, test_examples=args.test_examples, seed=args.seed)
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        momentum=args.momentum,
+        size=args.size,
+        train_examples=args.train_examples,
+        test_examples=args.test_examples,
+        seed=args.seed,
+    )
     training.check_devices(recipe, args.devices, args.sync_bn)
     if args.devices > 1 and args.backend in distributed.ENGINES:  # refused here, once, before any launch
-        distributed.check_semantics(distributed.ENGINES[args.backend].bn_semantics,
-                                    "gpu" if args.device in ("gpu", "cuda") else "cpu", args.sync_bn, args.backend)
+        distributed.check_semantics(
+            distributed.ENGINES[args.backend].bn_semantics,
+            "gpu" if args.device in ("gpu", "cuda") else "cpu",
+            args.sync_bn,
+            args.backend,
+        )
     if args.devices > 1 and not distributed.launched():  # simulated devices need a fresh process
         return distributed.launch(args.backend, args.devices, ["-m", "conformance", *args.argv])
     if args.devices > 1:
@@ -146,21 +190,44 @@ def cmd_train(args):
     if backend.device_note:
         print(f"note: {backend.device_note}", file=sys.stderr)
     out = args.out = args.out or f"build/train/{backend.name}-{args.arch.name}-{recipe.name}"
-    record = training.train(backend, args.arch, recipe, out, args.data_dir, args.resume, progress=not args.quiet,
-                            precision=args.precision, compile=args.compile, devices=args.devices, sync_bn=args.sync_bn)
+    record = training.train(
+        backend,
+        args.arch,
+        recipe,
+        out,
+        args.data_dir,
+        args.resume,
+        progress=not args.quiet,
+        precision=args.precision,
+        compile=args.compile,
+        devices=args.devices,
+        sync_bn=args.sync_bn,
+    )
     last = record["epochs"][-1] if record["epochs"] else {}
     if distributed.process_index() == 0:
-        print(to_json({"out": str(out), "backend": backend.name, "device": backend.device_name,
-                       "epochs": len(record["epochs"]), "test_acc": last.get("test_acc"),
-                       "examples_per_s": last.get("examples_per_s"), "arithmetic": record["arithmetic"],
-                       "devices": record["devices"], "bn_semantics": record["bn_semantics"]}))
+        print(
+            to_json(
+                {
+                    "out": str(out),
+                    "backend": backend.name,
+                    "device": backend.device_name,
+                    "epochs": len(record["epochs"]),
+                    "test_acc": last.get("test_acc"),
+                    "examples_per_s": last.get("examples_per_s"),
+                    "arithmetic": record["arithmetic"],
+                    "devices": record["devices"],
+                    "bn_semantics": record["bn_semantics"],
+                }
+            )
+        )
     return 0
 
 
 def cmd_evaluate(args):
     backend = backends.load_backend(args.backend, args.device)
-    result = training.evaluate_checkpoint(backend, args.checkpoint, args.size, args.data_dir,
-                                          args.batch_size, args.test_examples)
+    result = training.evaluate_checkpoint(
+        backend, args.checkpoint, args.size, args.data_dir, args.batch_size, args.test_examples
+    )
     print(to_json(result))
     return 0
 
@@ -178,8 +245,18 @@ def cmd_convert(args):
     from . import zoo
 
     spec = zoo.convert(args.src, args.dst, args.arch, args.src_format, args.dst_format)
-    print(to_json({"src": args.src, "from": zoo.detect_format(args.src, args.src_format), "dst": args.dst,
-                   "to": zoo.detect_format(args.dst, args.dst_format), "arch": spec.name, "spec": json.loads(spec.to_json())}))
+    print(
+        to_json(
+            {
+                "src": args.src,
+                "from": zoo.detect_format(args.src, args.src_format),
+                "dst": args.dst,
+                "to": zoo.detect_format(args.dst, args.dst_format),
+                "arch": spec.name,
+                "spec": json.loads(spec.to_json()),
+            }
+        )
+    )
     return 0
 
 
@@ -198,8 +275,9 @@ def cmd_conformance(args):
     for name in names or []:
         backends.check_backend_name(name, with_reference=False)
     recipe = None if args.recipe is None else ("" if args.recipe == "none" else training.get_recipe(args.recipe).name)
-    return runner.run(args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish,
-                      jobs=args.jobs)
+    return runner.run(
+        args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish, jobs=args.jobs
+    )
 
 
 def cmd_bench(args):
@@ -209,11 +287,25 @@ def cmd_bench(args):
     for name in names or []:
         backends.check_backend_name(name, with_reference=False)
     shapes = harness.shapes_for(args.device, args.arch, args.size, args.batch, args.examples)
-    memory_shapes = harness.shapes_for(args.device, args.arch, args.size, args.batch, args.examples, harness.MEMORY_SHAPES)
+    memory_shapes = harness.shapes_for(
+        args.device, args.arch, args.size, args.batch, args.examples, harness.MEMORY_SHAPES
+    )
     sections = harness.SECTIONS if args.section == "all" else (args.section,)
-    return harness.run(args.out, args.device, names, args.warmup, args.steps, args.quick, shapes,
-                       args.compile, args.data_dir, args.publish, progress=not args.quiet, sections=sections,
-                       memory_shapes=memory_shapes)
+    return harness.run(
+        args.out,
+        args.device,
+        names,
+        args.warmup,
+        args.steps,
+        args.quick,
+        shapes,
+        args.compile,
+        args.data_dir,
+        args.publish,
+        progress=not args.quiet,
+        sections=sections,
+        memory_shapes=memory_shapes,
+    )
 
 
 def build_parser():
@@ -240,23 +332,45 @@ def build_parser():
     p.add_argument("--arch", type=_arch, default=specs.get_spec("d2l"), help="default d2l")
     p.add_argument("--recipe", default="quick", help="quick (minutes on a CPU) or d2l (the book's: 10 epochs at 96x96)")
     p.add_argument("--device", type=_device, default="cpu")
-    for flag, kind in (("--epochs", positive_int), ("--batch-size", positive_int), ("--lr", positive_float),
-                       ("--momentum", non_negative_float), ("--size", positive_int), ("--train-examples", positive_int),
-                       ("--test-examples", positive_int), ("--seed", non_negative_int)):
+    for flag, kind in (
+        ("--epochs", positive_int),
+        ("--batch-size", positive_int),
+        ("--lr", positive_float),
+        ("--momentum", non_negative_float),
+        ("--size", positive_int),
+        ("--train-examples", positive_int),
+        ("--test-examples", positive_int),
+        ("--seed", non_negative_int),
+    ):
         p.add_argument(flag, type=kind, help="override the recipe's value")
     p.add_argument("--data-dir", help="directory with the Fashion-MNIST .gz files")
     p.add_argument("--out", help="run directory (default build/train/BACKEND-ARCH-RECIPE)")
     p.add_argument("--resume", action="store_true", help="continue after the last completed epoch in --out")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--precision", choices=backends.PRECISIONS, default="fp32",
-                   help="fp32: exact float32 (default); tf32: the framework's fast float32 defaults (TF32 on "
-                        "GPUs that have it); bf16: mixed precision, bfloat16 compute with float32 weights")
-    p.add_argument("--compile", action="store_true", help="compile the model (torch.compile; the other "
-                   "backends always compile their steps)")
-    p.add_argument("--devices", type=positive_int, default=1,
-                   help="data-parallel over N devices (CPU devices are simulated; docs/distributed.md)")
-    p.add_argument("--sync-bn", action="store_true", help="with --devices: BatchNorm on the global batch's "
-                   "statistics (default: each device's shard's), where the framework can")
+    p.add_argument(
+        "--precision",
+        choices=backends.PRECISIONS,
+        default="fp32",
+        help="fp32: exact float32 (default); tf32: the framework's fast float32 defaults (TF32 on "
+        "GPUs that have it); bf16: mixed precision, bfloat16 compute with float32 weights",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="compile the model (torch.compile; the other backends always compile their steps)",
+    )
+    p.add_argument(
+        "--devices",
+        type=positive_int,
+        default=1,
+        help="data-parallel over N devices (CPU devices are simulated; docs/distributed.md)",
+    )
+    p.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="with --devices: BatchNorm on the global batch's "
+        "statistics (default: each device's shard's), where the framework can",
+    )
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="test accuracy of a canonical checkpoint in any backend")
@@ -279,20 +393,32 @@ def build_parser():
     p.add_argument("--out", help="default build/seed-spread/BACKEND-RECIPE")
     p.set_defaults(run=cmd_seed_spread)
 
-    p = sub.add_parser("convert", help="convert weights between model zoos: .safetensors, .pth/.pt (torchvision), "
-                                       ".h5 / .weights.h5 (Keras applications), .params (Gluon)")
+    p = sub.add_parser(
+        "convert",
+        help="convert weights between model zoos: .safetensors, .pth/.pt (torchvision), "
+        ".h5 / .weights.h5 (Keras applications), .params (Gluon)",
+    )
     p.add_argument("src")
     p.add_argument("dst")
-    p.add_argument("--arch", type=_arch, help="check that SRC holds this architecture (it is inferred from the tensors)")
-    p.add_argument("--from", dest="src_format", help="SRC's format, overriding its suffix: canonical, torchvision, "
-                                                      "keras-h5, keras, gluon")
+    p.add_argument(
+        "--arch", type=_arch, help="check that SRC holds this architecture (it is inferred from the tensors)"
+    )
+    p.add_argument(
+        "--from",
+        dest="src_format",
+        help="SRC's format, overriding its suffix: canonical, torchvision, keras-h5, keras, gluon",
+    )
     p.add_argument("--to", dest="dst_format", help="DST's format, overriding its suffix")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or in the framework's own format")
     p.add_argument("--backend", type=_backend_name, required=True, help=", ".join(backends.backend_names()))
-    p.add_argument("--format", choices=("onnx", "native"), default="onnx",
-                   help="onnx, or native: .keras (tf), torch.export .pt2, jax.export bytes, MXNet symbol + params")
+    p.add_argument(
+        "--format",
+        choices=("onnx", "native"),
+        default="onnx",
+        help="onnx, or native: .keras (tf), torch.export .pt2, jax.export bytes, MXNet symbol + params",
+    )
     p.add_argument("--size", type=positive_int, help="input size traced (default: the one recorded in the checkpoint)")
     p.add_argument("checkpoint", help="a canonical .safetensors checkpoint")
     p.add_argument("out", help="output file (for MXNet native: a prefix for PREFIX-symbol.json, PREFIX-0000.params)")
@@ -302,34 +428,52 @@ def build_parser():
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--backends", help="comma-separated (default: all)")
     p.add_argument("--matrix", choices=("default", "tiny"), default="default")
-    p.add_argument("--recipe", help="training recipe for the accuracy check: quick, d2l or none "
-                                    "(default: quick on the CPU, d2l on a GPU)")
+    p.add_argument(
+        "--recipe",
+        help="training recipe for the accuracy check: quick, d2l or none (default: quick on the CPU, d2l on a GPU)",
+    )
     p.add_argument("--data-dir")
     p.add_argument("--out", default="build/conformance")
     p.add_argument("--require-all", action="store_true", help="a skipped (not installed) backend fails the run")
     p.add_argument("--publish", help="also copy the report and plots to this directory (docs/results)")
-    p.add_argument("--jobs", type=positive_int,
-                   help="backend worker processes at a time (default: 2 on the CPU, one compiling while another "
-                        "computes; 1 on a GPU, whose memory each framework takes most of)")
+    p.add_argument(
+        "--jobs",
+        type=positive_int,
+        help="backend worker processes at a time (default: 2 on the CPU, one compiling while another "
+        "computes; 1 on a GPU, whose memory each framework takes most of)",
+    )
     p.set_defaults(run=cmd_conformance)
 
-    p = sub.add_parser("bench", help="time every backend's trainer against the d2l book's code; writes bench.md/json/png")
+    p = sub.add_parser(
+        "bench", help="time every backend's trainer against the d2l book's code; writes bench.md/json/png"
+    )
     p.add_argument("--device", type=_device, default="cpu")
     p.add_argument("--backends", help="comma-separated (default: all)")
     p.add_argument("--out", default="build/bench")
     p.add_argument("--steps", type=positive_int, help="measured steps (default 30 on a CPU, 200 on a GPU)")
-    p.add_argument("--warmup", type=positive_int, help="warm-up steps, the first timed apart (default 5 on a CPU, 20 on a GPU)")
+    p.add_argument(
+        "--warmup", type=positive_int, help="warm-up steps, the first timed apart (default 5 on a CPU, 20 on a GPU)"
+    )
     p.add_argument("--quick", action="store_true", help="2 warm-up and 5 measured steps: checks the pipeline")
-    for flag, kind in (("--arch", str), ("--size", positive_int), ("--batch", positive_int), ("--examples", positive_int)):
+    for flag, kind in (
+        ("--arch", str),
+        ("--size", positive_int),
+        ("--batch", positive_int),
+        ("--examples", positive_int),
+    ):
         p.add_argument(flag, type=kind, help="measure one shape instead of the device's (tests use a tiny net)")
     p.add_argument("--compile", action="store_true", help="the trainers' compile flag (torch.compile, XLA for TF)")
     p.add_argument("--data-dir")
     p.add_argument("--publish", help="also copy bench.md/json/png to this directory (docs/results)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.add_argument("--section", choices=("all", "speed", "memory", "scaling"), default="all",
-                   help="speed: trainers against the d2l code (bench.md); memory: densenet121 plain against "
-                        "memory-efficient (memory_<device>.md); scaling: 1 device against 2, data-parallel "
-                        "(scaling_<device>.md); default all three")
+    p.add_argument(
+        "--section",
+        choices=("all", "speed", "memory", "scaling"),
+        default="all",
+        help="speed: trainers against the d2l code (bench.md); memory: densenet121 plain against "
+        "memory-efficient (memory_<device>.md); scaling: 1 device against 2, data-parallel "
+        "(scaling_<device>.md); default all three",
+    )
     p.set_defaults(run=cmd_bench)
     return parser
 
@@ -350,8 +494,7 @@ def stop_message(args, signum) -> str:
     """What an interrupted command tells the user: which signal, and how to go on."""
     message = f"densenet-xf {args.command}: stopped by {signal.Signals(signum).name}"
     if args.command == "train" and getattr(args, "out", None):
-        message += (f"; every completed epoch is saved in {args.out}: run the same command with --resume "
-                    f"to continue")
+        message += f"; every completed epoch is saved in {args.out}: run the same command with --resume to continue"
     return message
 
 
@@ -361,8 +504,16 @@ def main(argv=None):
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return args.run(args)
-    except (SpecError, InputError, CheckpointError, BackendUnavailable, ValueError, DataError, TrainingError,
-            OSError) as error:
+    except (
+        SpecError,
+        InputError,
+        CheckpointError,
+        BackendUnavailable,
+        ValueError,
+        DataError,
+        TrainingError,
+        OSError,
+    ) as error:
         print(f"densenet-xf {args.command}: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:

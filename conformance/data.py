@@ -32,10 +32,26 @@ SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = {  # name: (file, SHA-256 of the decompressed content, IDX shape)
-    "train_images": ("train-images-idx3-ubyte.gz", "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888", (60000, 28, 28)),
-    "train_labels": ("train-labels-idx1-ubyte.gz", "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9", (60000,)),
-    "test_images": ("t10k-images-idx3-ubyte.gz", "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b", (10000, 28, 28)),
-    "test_labels": ("t10k-labels-idx1-ubyte.gz", "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34", (10000,)),
+    "train_images": (
+        "train-images-idx3-ubyte.gz",
+        "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        (60000, 28, 28),
+    ),
+    "train_labels": (
+        "train-labels-idx1-ubyte.gz",
+        "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        (60000,),
+    ),
+    "test_images": (
+        "t10k-images-idx3-ubyte.gz",
+        "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        (10000, 28, 28),
+    ),
+    "test_labels": (
+        "t10k-labels-idx1-ubyte.gz",
+        "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+        (10000,),
+    ),
 }
 
 
@@ -70,9 +86,11 @@ def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = Tr
     if data_dir is None and not os.environ.get(ENV_VAR) and download:
         return download_fashion_mnist(cache_dir() / "fashion-mnist")
     looked = "; ".join(f"{where}: {directory}" for where, directory in candidates)
-    raise DataError(f"Fashion-MNIST not found (looked in {looked}). Install it with "
-                    f"`sudo apt-get install dataset-fashion-mnist`, or pass --data-dir / set {ENV_VAR} "
-                    f"to a directory holding {', '.join(f for f, _, _ in FILES.values())}")
+    raise DataError(
+        f"Fashion-MNIST not found (looked in {looked}). Install it with "
+        f"`sudo apt-get install dataset-fashion-mnist`, or pass --data-dir / set {ENV_VAR} "
+        f"to a directory holding {', '.join(f for f, _, _ in FILES.values())}"
+    )
 
 
 def check_readable(data_dir=None) -> Path:
@@ -130,10 +148,13 @@ def ensure_data(data_dir=None) -> Path:
         return download_fashion_mnist(target)
     except DataError as error:
         looked.append(f"download: {error}")
-    raise DataError("Fashion-MNIST is missing and could not be obtained. Looked: " + "; ".join(looked) +
-                    f". Fix: `sudo apt-get install -y {DEBIAN_PACKAGE}`, or download the four files "
-                    f"({', '.join(f for f, _, _ in FILES.values())}) from {URL} into a directory and "
-                    f"set {ENV_VAR} to it")
+    raise DataError(
+        "Fashion-MNIST is missing and could not be obtained. Looked: "
+        + "; ".join(looked)
+        + f". Fix: `sudo apt-get install -y {DEBIAN_PACKAGE}`, or download the four files "
+        f"({', '.join(f for f, _, _ in FILES.values())}) from {URL} into a directory and "
+        f"set {ENV_VAR} to it"
+    )
 
 
 def download_fashion_mnist(directory: Path, url: str = URL) -> Path:
@@ -145,8 +166,10 @@ def download_fashion_mnist(directory: Path, url: str = URL) -> Path:
             with urllib.request.urlopen(url + file, timeout=60) as response:
                 data = response.read()
         except OSError as error:
-            raise DataError(f"could not download {url + file} ({error}). Install the Debian package "
-                            f"dataset-fashion-mnist or pass --data-dir") from error
+            raise DataError(
+                f"could not download {url + file} ({error}). Install the Debian package "
+                f"dataset-fashion-mnist or pass --data-dir"
+            ) from error
         _check_digest(gzip.decompress(data) if data[:2] == b"\x1f\x8b" else data, digest, url + file)
         atomic_write_bytes(directory / file, data)
     return directory
@@ -155,8 +178,10 @@ def download_fashion_mnist(directory: Path, url: str = URL) -> Path:
 def _check_digest(payload: bytes, digest: str, source) -> None:
     actual = hashlib.sha256(payload).hexdigest()
     if actual != digest:
-        raise DataError(f"{source} is corrupt: SHA-256 of its content is {actual}, expected {digest}. "
-                        f"Delete it and download again, or reinstall dataset-fashion-mnist")
+        raise DataError(
+            f"{source} is corrupt: SHA-256 of its content is {actual}, expected {digest}. "
+            f"Delete it and download again, or reinstall dataset-fashion-mnist"
+        )
 
 
 def read_idx(path: Path, digest: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -168,9 +193,11 @@ def read_idx(path: Path, digest: str, shape: tuple[int, ...]) -> np.ndarray:
         raise DataError(f"{path} cannot be read as a gzip IDX file: {error}") from error
     _check_digest(payload, digest, path)
     ndim = payload[3]
-    dims = tuple(int.from_bytes(payload[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(payload[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if payload[2] != 0x08 or dims != shape:
-        raise DataError(f"{path}: expected an unsigned-byte IDX array of shape {shape}, found type {payload[2]:#x}, shape {dims}")
+        raise DataError(
+            f"{path}: expected an unsigned-byte IDX array of shape {shape}, found type {payload[2]:#x}, shape {dims}"
+        )
     return np.frombuffer(payload, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -199,8 +226,10 @@ def load_resized(size: int, data_dir=None, progress: bool = False):
             with np.load(cached) as archive:
                 return {name: archive[name] for name in FILES}
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
-            print(f"note: the resized-data cache {cached} is damaged ({type(error).__name__}); rebuilding it",
-                  file=sys.stderr)
+            print(
+                f"note: the resized-data cache {cached} is damaged ({type(error).__name__}); rebuilding it",
+                file=sys.stderr,
+            )
     data = {name: read_idx(directory / file, digest, shape) for name, (file, digest, shape) in FILES.items()}
     for name in ("train_images", "test_images"):
         data[name] = resize_images(data[name], size)
@@ -212,7 +241,7 @@ def load_resized(size: int, data_dir=None, progress: bool = False):
 
 def to_batch(images: np.ndarray) -> np.ndarray:
     """uint8 (N, H, W) -> float32 (N, 1, H, W) in [0, 1], as torchvision's ToTensor."""
-    return (images[:, None].astype(np.float32) / 255.0)
+    return images[:, None].astype(np.float32) / 255.0
 
 
 def epoch_order(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -225,7 +254,7 @@ def batches(images, labels, batch_size: int, order=None, drop_last: bool = False
     order = np.arange(len(images)) if order is None else order
     stop = len(order) - len(order) % batch_size if drop_last else len(order)
     for start in range(0, stop, batch_size):
-        index = order[start:start + batch_size]
+        index = order[start : start + batch_size]
         yield to_batch(images[index]), labels[index].astype(np.int64)
 
 

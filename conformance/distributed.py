@@ -43,25 +43,37 @@ class Engine:
 
 # What each engine runs, declared once: each backend's distributed.py reads its own entry (DECLARED).
 ENGINES = {
-    "torch": Engine("DistributedDataParallel (gloo on CPUs, NCCL on GPUs)",
-                    {"cpu": ("per_shard",), "gpu": ("per_shard", "sync")}, "rank0",
-                    "torchrun --nnodes=2 --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 "
-                    "-m conformance train --backend torch --devices N"),
-    "mxnet": Engine("gluon.Trainer(kvstore='device') over several contexts",
-                    {"cpu": ("per_shard",), "gpu": ("per_shard",)}, "per_device",
-                    "DMLC_ROLE=scheduler|server|worker DMLC_PS_ROOT_URI=HOST0 DMLC_PS_ROOT_PORT=9091 "
-                    "DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 python -m conformance train --backend mxnet ... "
-                    "(kvstore dist_sync; one process per role and machine; documented, not wired into "
-                    "the trainer yet)"),
-    "tf": Engine("tf.distribute.MirroredStrategy",
-                 {"cpu": ("per_shard", "sync"), "gpu": ("per_shard", "sync")}, "rank0",
-                 "TF_CONFIG='{\"cluster\": {\"worker\": [\"HOST0:12345\", \"HOST1:12345\"]}, "
-                 "\"task\": {\"type\": \"worker\", \"index\": I}}' python -m conformance train --backend tf ... "
-                 "(MultiWorkerMirroredStrategy, one process per machine)"),
-    "jax": Engine("jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)",
-                  {"cpu": ("sync", "per_shard"), "gpu": ("sync", "per_shard")}, "mean",
-                  "jax.distributed.initialize(coordinator_address='HOST0:1234', num_processes=2, process_id=I) "
-                  "at the start of each machine's process, then the same jit over jax.devices()"),
+    "torch": Engine(
+        "DistributedDataParallel (gloo on CPUs, NCCL on GPUs)",
+        {"cpu": ("per_shard",), "gpu": ("per_shard", "sync")},
+        "rank0",
+        "torchrun --nnodes=2 --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 "
+        "-m conformance train --backend torch --devices N",
+    ),
+    "mxnet": Engine(
+        "gluon.Trainer(kvstore='device') over several contexts",
+        {"cpu": ("per_shard",), "gpu": ("per_shard",)},
+        "per_device",
+        "DMLC_ROLE=scheduler|server|worker DMLC_PS_ROOT_URI=HOST0 DMLC_PS_ROOT_PORT=9091 "
+        "DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 python -m conformance train --backend mxnet ... "
+        "(kvstore dist_sync; one process per role and machine; documented, not wired into "
+        "the trainer yet)",
+    ),
+    "tf": Engine(
+        "tf.distribute.MirroredStrategy",
+        {"cpu": ("per_shard", "sync"), "gpu": ("per_shard", "sync")},
+        "rank0",
+        'TF_CONFIG=\'{"cluster": {"worker": ["HOST0:12345", "HOST1:12345"]}, '
+        '"task": {"type": "worker", "index": I}}\' python -m conformance train --backend tf ... '
+        "(MultiWorkerMirroredStrategy, one process per machine)",
+    ),
+    "jax": Engine(
+        "jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)",
+        {"cpu": ("sync", "per_shard"), "gpu": ("sync", "per_shard")},
+        "mean",
+        "jax.distributed.initialize(coordinator_address='HOST0:1234', num_processes=2, process_id=I) "
+        "at the start of each machine's process, then the same jit over jax.devices()",
+    ),
 }
 # What goes between `python` and `-m module` to start one data-parallel job: PyTorch runs one
 # process per device (torchrun: every rank runs the same job); the others one process.
@@ -100,8 +112,10 @@ def check_semantics(declared: dict, device_kind: str, sync_bn: bool, backend: st
     """The semantics `sync_bn` asks for, or a ValueError saying what the engine can run here."""
     wanted, offered = bn_semantics(sync_bn), declared.get(device_kind, ())
     if wanted not in offered:
-        raise ValueError(f"{backend} cannot run {wanted} BatchNorm on {device_kind} devices; it runs: "
-                         f"{', '.join(offered) or 'none'} (sync: pass --sync-bn; per_shard: leave it out)")
+        raise ValueError(
+            f"{backend} cannot run {wanted} BatchNorm on {device_kind} devices; it runs: "
+            f"{', '.join(offered) or 'none'} (sync: pass --sync-bn; per_shard: leave it out)"
+        )
     return wanted
 
 
@@ -112,8 +126,11 @@ def module_of(name: str):
         raise NoDataParallel(f"backend {name!r} has no data-parallel trainer (only the frameworks have one)")
     package = registered_backends()[name].rsplit(".", 1)[0]
     found = importlib.util.find_spec(package)  # a top-level name: found without importing the framework
-    if found and found.submodule_search_locations and not any(
-            (Path(folder) / "distributed.py").is_file() for folder in found.submodule_search_locations):
+    if (
+        found
+        and found.submodule_search_locations
+        and not any((Path(folder) / "distributed.py").is_file() for folder in found.submodule_search_locations)
+    ):
         raise NoDataParallel(f"backend {name!r} has no data-parallel trainer ({package}/distributed.py)")
     try:
         return importlib.import_module(f"{package}.distributed")
@@ -149,8 +166,12 @@ def make_trainer(backend, model, lr, momentum=0.0, precision="fp32", devices=2, 
 
 def describe(trainer) -> dict:
     """What a run's metrics.json records about its data parallelism."""
-    return {"devices": getattr(trainer, "devices", 1), "bn_semantics": getattr(trainer, "bn_semantics", "sync"),
-            "running_stats": getattr(trainer, "running_stats", None), "engine": getattr(trainer, "engine", None)}
+    return {
+        "devices": getattr(trainer, "devices", 1),
+        "bn_semantics": getattr(trainer, "bn_semantics", "sync"),
+        "running_stats": getattr(trainer, "running_stats", None),
+        "engine": getattr(trainer, "engine", None),
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -178,24 +199,67 @@ def _rows(config, dtype, tolerances, errors, loss=None) -> list[dict]:
     (weights, weights_key), (running, running_key) = errors["weights"], errors["running"]
     rows = []
     if loss is not None:
-        rows.append({"config": config, "dtype": dtype, "check": "dp loss",
-                     **checks.measurement(loss[0], tolerances["loss"], value=loss[1])})
+        rows.append(
+            {
+                "config": config,
+                "dtype": dtype,
+                "check": "dp loss",
+                **checks.measurement(loss[0], tolerances["loss"], value=loss[1]),
+            }
+        )
     prefix = "dp one step" if loss is not None else "dp few steps"
-    rows.append({"config": config, "dtype": dtype, "check": f"{prefix} sgd_update",
-                 **checks.measurement(weights, tolerances["sgd_update"], worst_key=weights_key,
-                                      error_under_other_semantics=errors["weights_other"])})
-    rows.append({"config": config, "dtype": dtype, "check": f"{prefix} running_stats_update",
-                 **checks.measurement(running, tolerances["running_stats_update"], worst_key=running_key,
-                                      error_under_other_semantics=errors["running_other"])})
+    rows.append(
+        {
+            "config": config,
+            "dtype": dtype,
+            "check": f"{prefix} sgd_update",
+            **checks.measurement(
+                weights,
+                tolerances["sgd_update"],
+                worst_key=weights_key,
+                error_under_other_semantics=errors["weights_other"],
+            ),
+        }
+    )
+    rows.append(
+        {
+            "config": config,
+            "dtype": dtype,
+            "check": f"{prefix} running_stats_update",
+            **checks.measurement(
+                running,
+                tolerances["running_stats_update"],
+                worst_key=running_key,
+                error_under_other_semantics=errors["running_other"],
+            ),
+        }
+    )
     if dtype == "float64" and loss is not None:  # float32's coarse gradient tolerance cannot tell them apart
-        rows.append({"config": config, "dtype": dtype, "check": "dp tells the semantics apart",
-                     "passed": bool(errors["weights_other"] > SEMANTICS_APART), "value": errors["weights_other"],
-                     "expected": f"> {SEMANTICS_APART}"})
+        rows.append(
+            {
+                "config": config,
+                "dtype": dtype,
+                "check": "dp tells the semantics apart",
+                "passed": bool(errors["weights_other"] > SEMANTICS_APART),
+                "value": errors["weights_other"],
+                "expected": f"> {SEMANTICS_APART}",
+            }
+        )
     return rows
 
 
-def check(backend, module, devices: int = 2, arch=CHECK_ARCH, size: int = CHECK_SIZE, batch: int = CHECK_BATCH,
-          steps: int = CHECK_STEPS, seed: int = 0, progress: bool = False, dtypes=checks.DTYPES) -> list[dict]:
+def check(
+    backend,
+    module,
+    devices: int = 2,
+    arch=CHECK_ARCH,
+    size: int = CHECK_SIZE,
+    batch: int = CHECK_BATCH,
+    steps: int = CHECK_STEPS,
+    seed: int = 0,
+    progress: bool = False,
+    dtypes=checks.DTYPES,
+) -> list[dict]:
     """Rows (report format) for every BatchNorm semantics the backend declares on this device
     kind and every dtype it allows: one SGD step on a global batch of `batch` split over
     `devices`, then `steps` steps, against the reference's data-parallel step."""
@@ -220,8 +284,19 @@ def check(backend, module, devices: int = 2, arch=CHECK_ARCH, size: int = CHECK_
             if n not in (1, steps):
                 continue
             (ours, ref_losses), (theirs, _) = [
-                reference.data_parallel_train(spec, state, batches[:n], lr, devices, semantics, declared.running_stats,
-                                              backend.running_var, momentum) for semantics in (sem, other)]
+                reference.data_parallel_train(
+                    spec,
+                    state,
+                    batches[:n],
+                    lr,
+                    devices,
+                    semantics,
+                    declared.running_stats,
+                    backend.running_var,
+                    momentum,
+                )
+                for semantics in (sem, other)
+            ]
             errors = compare_states(state, backend.export_state(model), ours, theirs)
             first = (checks.relative_error(loss, ref_losses[0]), loss) if n == 1 else None
             rows += _rows(config, dtype, checks.TOLERANCES[dtype], errors, first)
@@ -238,8 +313,9 @@ def command(name: str, devices: int, module_args: list[str]) -> list[str]:
     return [sys.executable, *launcher, *module_args]
 
 
-def launch(name: str, devices: int, module_args: list[str], timeout: float | None = None, env: dict | None = None,
-           **run_kwargs) -> int:
+def launch(
+    name: str, devices: int, module_args: list[str], timeout: float | None = None, env: dict | None = None, **run_kwargs
+) -> int:
     """Run `-m module_args` for backend `name` in a fresh process (or torchrun's processes),
     in `env` (default: this process's environment)."""
     env = {**(env or os.environ), LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
@@ -249,13 +325,33 @@ def launch(name: str, devices: int, module_args: list[str], timeout: float | Non
         return -1
 
 
-def launch_check(name: str, out, devices: int = 2, device: str = "cpu", timeout: float = TIMEOUT_S,
-                 log=None, extra: list[str] = (), env: dict | None = None) -> dict:
+def launch_check(
+    name: str,
+    out,
+    devices: int = 2,
+    device: str = "cpu",
+    timeout: float = TIMEOUT_S,
+    log=None,
+    extra: list[str] = (),
+    env: dict | None = None,
+) -> dict:
     """The data-parallel check of backend `name` in a process of its own; its result dict
     (status ok with rows, skipped with a reason, or error)."""
     out = Path(out)
-    args = ["-m", "conformance.distributed", "check", "--backend", name, "--devices", str(devices),
-            "--device", device, "--out", str(out), *extra]
+    args = [
+        "-m",
+        "conformance.distributed",
+        "check",
+        "--backend",
+        name,
+        "--devices",
+        str(devices),
+        "--device",
+        device,
+        "--out",
+        str(out),
+        *extra,
+    ]
     for path in (out, Path(log or os.devnull)):
         path.parent.mkdir(parents=True, exist_ok=True)
     with open(log or os.devnull, "w") as stream:
@@ -272,16 +368,32 @@ def run_check(args) -> dict:
     except BackendUnavailable as error:  # NoDataParallel too
         return {"status": "skipped", "reason": str(error)}
     try:
-        rows = check(backend, module, args.devices, args.arch, args.size, args.batch, args.steps,
-                     progress=process_index() == 0, dtypes=args.dtypes.split(","))
+        rows = check(
+            backend,
+            module,
+            args.devices,
+            args.arch,
+            args.size,
+            args.batch,
+            args.steps,
+            progress=process_index() == 0,
+            dtypes=args.dtypes.split(","),
+        )
         training = train_recipe(backend, args.recipe, args.devices, args.train_dir, args.data_dir)
     except Exception as error:
         return {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     declared = ENGINES[backend.name]
-    return {"status": "ok", "device": backend.device_name, "devices": args.devices, "engine": declared.engine,
-            "bn_semantics": list(declared.bn_semantics.get(device_kind(backend), ())),
-            "running_stats": declared.running_stats, "running_var": backend.running_var, "rows": rows,
-            "training": training}
+    return {
+        "status": "ok",
+        "device": backend.device_name,
+        "devices": args.devices,
+        "engine": declared.engine,
+        "bn_semantics": list(declared.bn_semantics.get(device_kind(backend), ())),
+        "running_stats": declared.running_stats,
+        "running_var": backend.running_var,
+        "rows": rows,
+        "training": training,
+    }
 
 
 def train_recipe(backend, recipe_name: str, devices: int, run_dir, data_dir=None) -> dict | None:
@@ -294,13 +406,20 @@ def train_recipe(backend, recipe_name: str, devices: int, run_dir, data_dir=None
         return None
     recipe = training.get_recipe(recipe_name)
     record = training.train(backend, "d2l", recipe, run_dir, data_dir, resume=True, progress=False, devices=devices)
-    return {"recipe": recipe.name, "max_spread": recipe.max_spread, **{k: record[k] for k in ("devices", "bn_semantics")},
-            "epochs": [e["epoch"] for e in record["epochs"] if e["epoch"] > record.get("branched_from", {}).get("epoch", 0)],
-            **{k: record["epochs"][-1][k] for k in ("test_acc", "loss", "examples_per_s")}}
+    return {
+        "recipe": recipe.name,
+        "max_spread": recipe.max_spread,
+        **{k: record[k] for k in ("devices", "bn_semantics")},
+        "epochs": [
+            e["epoch"] for e in record["epochs"] if e["epoch"] > record.get("branched_from", {}).get("epoch", 0)
+        ],
+        **{k: record["epochs"][-1][k] for k in ("test_acc", "loss", "examples_per_s")},
+    }
 
 
-def conformance_phase(name: str, out_dir: Path, device: str, recipe: str = "", data_dir=None,
-                      env: dict | None = None) -> None:
+def conformance_phase(
+    name: str, out_dir: Path, device: str, recipe: str = "", data_dir=None, env: dict | None = None
+) -> None:
     """`make conformance`'s data-parallel part for backend `name`, after its checks phase:
     the check on 2 devices in a process of its own, which also trains the recipe's last epoch
     on them, continuing the single-device run from the epoch before (a short run whose final
@@ -322,24 +441,49 @@ def conformance_phase(name: str, out_dir: Path, device: str, recipe: str = "", d
         try:
             training.branch(out_dir / "train" / name, run_dir, len(single) - 1)
         except training.TrainingError as error:  # the single-device run's files are gone or damaged
-            rows.append({"config": "dp2", "check": "branch the single-device run", "passed": False,
-                         "value": str(error), "expected": "its second-to-last epoch's files"})
+            rows.append(
+                {
+                    "config": "dp2",
+                    "check": "branch the single-device run",
+                    "passed": False,
+                    "value": str(error),
+                    "expected": "its second-to-last epoch's files",
+                }
+            )
             recipe, single = "", []  # the check still runs, without the recipe
     extra = ["--recipe", recipe, "--train-dir", str(run_dir)] + (["--data-dir", str(data_dir)] if data_dir else [])
-    result = launch_check(name, out_dir / "data_parallel" / f"{name}.json", 2, device,
-                          log=out_dir / "logs" / f"{name}.data_parallel.log", extra=extra, env=env)
+    result = launch_check(
+        name,
+        out_dir / "data_parallel" / f"{name}.json",
+        2,
+        device,
+        log=out_dir / "logs" / f"{name}.data_parallel.log",
+        extra=extra,
+        env=env,
+    )
     rows += result.get("rows", [])
     parallel = result.get("training")
     if parallel and single:
         difference = abs(parallel["test_acc"] - single[-1]["test_acc"])
         first, last = parallel["epochs"][0], parallel["epochs"][-1]
         epochs = f"epoch {last}" if first == last else f"epochs {first}-{last}"
-        rows.append({"config": f"dp2 d2l {parallel['recipe']} {parallel['bn_semantics']} {epochs}",
-                     "check": "dp test accuracy vs 1 device",
-                     **checks.measurement(difference, parallel["max_spread"], value=parallel["test_acc"])})
+        rows.append(
+            {
+                "config": f"dp2 d2l {parallel['recipe']} {parallel['bn_semantics']} {epochs}",
+                "check": "dp test accuracy vs 1 device",
+                **checks.measurement(difference, parallel["max_spread"], value=parallel["test_acc"]),
+            }
+        )
     if result["status"] == "error":
-        rows.append({"config": "dp2", "check": "data-parallel check", "passed": False, "value": result["reason"],
-                     "expected": "it runs"})
+        rows.append(
+            {
+                "config": "dp2",
+                "check": "data-parallel check",
+                "passed": False,
+                "value": result["reason"],
+                "expected": "it runs",
+            }
+        )
     data = json.loads(path.read_text())  # re-read: the worker may have written since
     data.update(rows=data.get("rows", []) + rows, data_parallel={k: v for k, v in result.items() if k != "rows"})
     atomic_write_text(path, json.dumps(data, indent=2, default=float))
@@ -369,8 +513,11 @@ def main(argv=None) -> int:
     if process_index() == 0:
         atomic_write_text(Path(args.out), json.dumps(result, indent=2, default=float))
         failed = [f"{r['config']} {r['dtype']} {r['check']}" for r in result.get("rows", []) if not r["passed"]]
-        print(f"{args.backend}: {result['status']}" + (f": {result.get('reason')}" if result.get("reason") else "")
-              + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+        print(
+            f"{args.backend}: {result['status']}"
+            + (f": {result.get('reason')}" if result.get("reason") else "")
+            + (f"; FAILED: {', '.join(failed)}" if failed else "")
+        )
     if process_index():  # rank 0 judges: between steps DDP's other ranks hold their own statistics
         return 0
     return 1 if result["status"] == "error" or any(not r["passed"] for r in result.get("rows", [])) else 0

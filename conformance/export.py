@@ -49,8 +49,14 @@ def export_checkpoint(backend, checkpoint, fmt: str, out, size: int | None = Non
     exporter = backend_exporter(backend)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     (exporter.export_onnx if fmt == "onnx" else exporter.save_native)(model, out, size)
-    return {"backend": backend.name, "format": fmt, "arch": spec.name, "size": size, "out": str(out),
-            "exporter": exporter.EXPORTER if fmt == "onnx" else f"native ({backend.name})"}
+    return {
+        "backend": backend.name,
+        "format": fmt,
+        "arch": spec.name,
+        "size": size,
+        "out": str(out),
+        "exporter": exporter.EXPORTER if fmt == "onnx" else f"native ({backend.name})",
+    }
 
 
 def export_batch() -> np.ndarray:
@@ -72,8 +78,11 @@ def measure(backend, out_dir) -> dict:
     model = backend.build(spec)
     backend.load_state(model, weights.init_state(spec, seed=EXPORT_SEED, randomize_bn=True))
     x = specs.to_layout(export_batch(), backend.layout)
-    result = {"exporter": f"{backend.name}'s exporter", "layout": backend.layout,
-              "logits": backend.forward(model, x, train=False).tolist()}
+    result = {
+        "exporter": f"{backend.name}'s exporter",
+        "layout": backend.layout,
+        "logits": backend.forward(model, x, train=False).tolist(),
+    }
     path = Path(out_dir) / "onnx" / f"{backend.name}.onnx"
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
@@ -91,7 +100,9 @@ def section(results: dict) -> dict | None:
     measured = {name: data["onnx"] for name, data in results.items() if "onnx" in data}
     if not measured:
         return None
-    failures = [f"{name}: ONNX export failed ({m['exporter']}): {m['error']}" for name, m in measured.items() if "error" in m]
+    failures = [
+        f"{name}: ONNX export failed ({m['exporter']}): {m['error']}" for name, m in measured.items() if "error" in m
+    ]
     errors = {name: {} for name in measured}
     x = export_batch()
     for graph, m in measured.items():
@@ -105,12 +116,20 @@ def section(results: dict) -> dict | None:
         for reference, r in measured.items():
             errors[reference][graph] = error = checks.relative_error(logits, np.asarray(r["logits"]))
             if error > ONNX_TOLERANCE:
-                failures.append(f"{graph}'s ONNX graph vs {reference}'s logits: error {error:.3g} > {ONNX_TOLERANCE:.3g}")
-    return {"arch": EXPORT_ARCH, "size": EXPORT_SIZE, "batch": EXPORT_BATCH, "tolerance": ONNX_TOLERANCE,
-            "exporters": {name: m["exporter"] for name, m in measured.items()},
-            "export_errors": {name: m["error"] for name, m in measured.items() if "error" in m},
-            "seconds": {name: m.get("seconds") for name, m in measured.items()},
-            "errors": errors, "failures": failures}
+                failures.append(
+                    f"{graph}'s ONNX graph vs {reference}'s logits: error {error:.3g} > {ONNX_TOLERANCE:.3g}"
+                )
+    return {
+        "arch": EXPORT_ARCH,
+        "size": EXPORT_SIZE,
+        "batch": EXPORT_BATCH,
+        "tolerance": ONNX_TOLERANCE,
+        "exporters": {name: m["exporter"] for name, m in measured.items()},
+        "export_errors": {name: m["error"] for name, m in measured.items() if "error" in m},
+        "seconds": {name: m.get("seconds") for name, m in measured.items()},
+        "errors": errors,
+        "failures": failures,
+    }
 
 
 def markdown(result: dict | None) -> list[str]:
@@ -119,17 +138,29 @@ def markdown(result: dict | None) -> list[str]:
     if not result:
         return []
     names = list(result["errors"])
-    out = ["", "## Export: every backend's ONNX graph in onnxruntime", "",
-           f"One canonical checkpoint (`{result['arch']}` at {result['size']}x{result['size']}, batch {result['batch']}) "
-           f"in each backend, exported to ONNX by that framework's own exporter and run in onnxruntime on the "
-           f"same batch. Relative error of each graph's logits against each backend's own logits "
-           f"(tolerance {result['tolerance']:.0e}); the diagonal is each backend reproduced by its own export. "
-           f"`docs/deploy.md` says how to export.", "",
-           ] + matrix_table("backend's logits \\ ONNX graph from", names, names, lambda reference, graph:
-                            f"{result['errors'][reference][graph]:.1e}" if graph in result["errors"][reference] else "not run")
+    out = [
+        "",
+        "## Export: every backend's ONNX graph in onnxruntime",
+        "",
+        f"One canonical checkpoint (`{result['arch']}` at {result['size']}x{result['size']}, batch {result['batch']}) "
+        f"in each backend, exported to ONNX by that framework's own exporter and run in onnxruntime on the "
+        f"same batch. Relative error of each graph's logits against each backend's own logits "
+        f"(tolerance {result['tolerance']:.0e}); the diagonal is each backend reproduced by its own export. "
+        f"`docs/deploy.md` says how to export.",
+        "",
+    ] + matrix_table(
+        "backend's logits \\ ONNX graph from",
+        names,
+        names,
+        lambda reference, graph: (
+            f"{result['errors'][reference][graph]:.1e}" if graph in result["errors"][reference] else "not run"
+        ),
+    )
     out += ["", "| backend | exporter | export seconds | exporter error |", "|---|---|---|---|"]
     for name in names:
         seconds = result["seconds"].get(name)
-        out.append(f"| {name} | {result['exporters'][name]} | {'' if seconds is None else f'{seconds:.1f}'} | "
-                   f"{result['export_errors'].get(name, '')} |")
+        out.append(
+            f"| {name} | {result['exporters'][name]} | {'' if seconds is None else f'{seconds:.1f}'} | "
+            f"{result['export_errors'].get(name, '')} |"
+        )
     return out

@@ -59,7 +59,9 @@ def conv2d(x, w, b, stride, pad, tape, grads, key):
         dxp = np.zeros_like(xp)
         for i in range(kh):
             for j in range(kw):
-                dxp[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += dcols[..., i, j].transpose(0, 3, 1, 2)
+                dxp[:, :, i : i + stride * ho : stride, j : j + stride * wo : stride] += dcols[..., i, j].transpose(
+                    0, 3, 1, 2
+                )
         return dxp[:, :, pad : pad + h, pad : pad + wd]
 
     tape.record(backward)
@@ -104,8 +106,12 @@ def update_running_stats(state, batch_stats, running_var="unbiased", momentum=BN
     for key, (mean, var, count) in batch_stats.items():
         if running_var == "unbiased":
             var = var * count / (count - 1)
-        updates[f"{key}.running_mean"] = (1 - momentum) * np.asarray(state[f"{key}.running_mean"], np.float64) + momentum * mean
-        updates[f"{key}.running_var"] = (1 - momentum) * np.asarray(state[f"{key}.running_var"], np.float64) + momentum * var
+        updates[f"{key}.running_mean"] = (1 - momentum) * np.asarray(
+            state[f"{key}.running_mean"], np.float64
+        ) + momentum * mean
+        updates[f"{key}.running_var"] = (1 - momentum) * np.asarray(
+            state[f"{key}.running_var"], np.float64
+        ) + momentum * var
     return updates
 
 
@@ -173,7 +179,9 @@ class _Net:
         self.stage_shapes = {}
 
     def conv(self, x, key, stride=1, pad=0):
-        return conv2d(x, self.state[f"{key}.weight"], self.state.get(f"{key}.bias"), stride, pad, self.tape, self.grads, key)
+        return conv2d(
+            x, self.state[f"{key}.weight"], self.state.get(f"{key}.bias"), stride, pad, self.tape, self.grads, key
+        )
 
     def norm_relu(self, x, key):
         x = batch_norm(x, self.state, key, self.train, self.tape, self.grads, self.batch_stats)
@@ -219,7 +227,9 @@ class _Net:
                 x = self.transition(x, stage)
             self.stage_shapes[stage.name] = x.shape
         x = global_avg_pool(self.norm_relu(x, "features.norm5"), self.tape)
-        return linear(x, self.state["classifier.weight"], self.state["classifier.bias"], self.tape, self.grads, "classifier")
+        return linear(
+            x, self.state["classifier.weight"], self.state["classifier.bias"], self.tape, self.grads, "classifier"
+        )
 
 
 def _prepare(spec, state, x, train):
@@ -336,8 +346,10 @@ class DataParallelStep(NamedTuple):
 def split_batch(x, devices: int) -> list:
     """The global batch's `devices` contiguous, equal shards along the first axis."""
     if devices < 1 or len(x) % devices:
-        raise ValueError(f"a batch of {len(x)} does not split evenly over {devices} device(s); "
-                         f"use a batch size divisible by {devices}")
+        raise ValueError(
+            f"a batch of {len(x)} does not split evenly over {devices} device(s); "
+            f"use a batch size divisible by {devices}"
+        )
     return np.split(np.asarray(x), devices)
 
 
@@ -362,9 +374,19 @@ def _reconcile(replicas: list, rule: str) -> list:
     return replicas
 
 
-def data_parallel_sgd_step(spec, state, x, labels, lr: float, devices: int, bn: str = "sync",
-                           running_stats: str = "rank0", running_var: str = "unbiased",
-                           momentum: float = BN_MOMENTUM, replica_running_stats: list | None = None) -> DataParallelStep:
+def data_parallel_sgd_step(
+    spec,
+    state,
+    x,
+    labels,
+    lr: float,
+    devices: int,
+    bn: str = "sync",
+    running_stats: str = "rank0",
+    running_var: str = "unbiased",
+    momentum: float = BN_MOMENTUM,
+    replica_running_stats: list | None = None,
+) -> DataParallelStep:
     """One plain SGD step of data-parallel training on `devices` devices.
 
     bn "sync": BatchNorm uses the global batch's statistics, so the step is the one-device
@@ -383,22 +405,38 @@ def data_parallel_sgd_step(spec, state, x, labels, lr: float, devices: int, bn: 
         passes = [loss_and_gradients(spec, state, xs, ys, running_var) for xs, ys in zip(x_shards, y_shards)]
         grads = {key: np.mean([p.grads[key] for p in passes], axis=0) for key in passes[0].grads}
         loss = float(np.mean([p.loss for p in passes]))
-        replicas = _reconcile([update_running_stats(replica, p.batch_stats, running_var, momentum)
-                               for replica, p in zip(replicas, passes)], running_stats)
-    new_state = {key: replicas[0][key] if is_running_stat(key) else np.asarray(value, np.float64) - lr * grads[key]
-                 for key, value in state.items()}
+        replicas = _reconcile(
+            [
+                update_running_stats(replica, p.batch_stats, running_var, momentum)
+                for replica, p in zip(replicas, passes)
+            ],
+            running_stats,
+        )
+    new_state = {
+        key: replicas[0][key] if is_running_stat(key) else np.asarray(value, np.float64) - lr * grads[key]
+        for key, value in state.items()
+    }
     return DataParallelStep(new_state, loss, replicas)
 
 
-def data_parallel_train(spec, state, batches, lr: float, devices: int, bn: str = "sync",
-                        running_stats: str = "rank0", running_var: str = "unbiased",
-                        momentum: float = BN_MOMENTUM) -> tuple[dict, list[float]]:
+def data_parallel_train(
+    spec,
+    state,
+    batches,
+    lr: float,
+    devices: int,
+    bn: str = "sync",
+    running_stats: str = "rank0",
+    running_var: str = "unbiased",
+    momentum: float = BN_MOMENTUM,
+) -> tuple[dict, list[float]]:
     """`data_parallel_sgd_step` over (x, labels) `batches` in turn: the final state (replica
     0's view) and every step's loss."""
     losses, replicas = [], None
     for x, labels in batches:
-        step = data_parallel_sgd_step(spec, state, x, labels, lr, devices, bn, running_stats, running_var,
-                                      momentum, replicas)
+        step = data_parallel_sgd_step(
+            spec, state, x, labels, lr, devices, bn, running_stats, running_var, momentum, replicas
+        )
         state, replicas = step.state, step.replica_running_stats
         losses.append(step.loss)
     return state, losses

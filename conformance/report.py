@@ -10,7 +10,8 @@ from importlib import metadata
 from pathlib import Path
 
 from . import checks, specs, training
-from .export import markdown as export_markdown, section as export_section
+from .export import markdown as export_markdown
+from .export import section as export_section
 from .weights import atomic_write_bytes, atomic_write_text
 
 DISTRIBUTIONS = ("numpy", "torch", "mxnet", "tensorflow", "tensorflow-cpu", "keras", "jax", "jaxlib", "flax", "optax")
@@ -37,12 +38,19 @@ def machine_info() -> dict:
         pass
     memory = ""
     try:
-        kib = int(next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1])
+        kib = int(
+            next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]
+        )
         memory = f"{kib / 2**20:.0f} GiB"
     except (OSError, StopIteration, ValueError):
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory": memory, "os": platform.platform(),
-            "python": platform.python_version()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory": memory,
+        "os": platform.platform(),
+        "python": platform.python_version(),
+    }
 
 
 def framework_versions() -> dict:
@@ -59,14 +67,26 @@ def _key(row) -> str:
     return " ".join(part for part in (row["config"], row.get("dtype", ""), row["check"]) if part)
 
 
-def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_all, seconds, jobs=1,
-          memory_efficient=()) -> dict:
+def build(
+    out_dir, backends, configs, device, recipe_name, sensitivity, require_all, seconds, jobs=1, memory_efficient=()
+) -> dict:
     results = load_results(out_dir, backends)
     failures = []
     status = {}
     for name, data in results.items():
-        status[name] = {k: data.get(k) for k in ("status", "reason", "device", "device_note", "layout", "running_var",
-                                                 "float32_hyperparameters", "data_parallel")}
+        status[name] = {
+            k: data.get(k)
+            for k in (
+                "status",
+                "reason",
+                "device",
+                "device_note",
+                "layout",
+                "running_var",
+                "float32_hyperparameters",
+                "data_parallel",
+            )
+        }
         status[name]["seconds"] = (data.get("seconds_checks") or 0) + (data.get("seconds_cross") or 0)
         if data.get("status") == "error":
             failures.append(f"{name}: {data.get('phase', '')} failed: {data.get('reason')}")
@@ -78,19 +98,38 @@ def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_
         for row in data.get("rows", []):
             if row["check"] == "seconds":
                 continue
-            entry = rows.setdefault(_key(row), {"config": row["config"], "dtype": row.get("dtype"), "check": row["check"],
-                                                "tolerance": row.get("tolerance"), "results": {}})
-            entry["results"][name] = {k: row[k] for k in ("error", "value", "passed", "worst_key", "convention",
-                                                          "error_under_other_convention") if k in row}
+            entry = rows.setdefault(
+                _key(row),
+                {
+                    "config": row["config"],
+                    "dtype": row.get("dtype"),
+                    "check": row["check"],
+                    "tolerance": row.get("tolerance"),
+                    "results": {},
+                },
+            )
+            entry["results"][name] = {
+                k: row[k]
+                for k in ("error", "value", "passed", "worst_key", "convention", "error_under_other_convention")
+                if k in row
+            }
             if not row["passed"]:
-                detail = (f"error {row['error']:.3g} > tolerance {row['tolerance']:.3g}"
-                          + (f" (worst: {row['worst_key']})" if row.get("worst_key") else "")
-                          if "error" in row else f"got {row.get('value')}, expected {row.get('expected')}")
+                detail = (
+                    f"error {row['error']:.3g} > tolerance {row['tolerance']:.3g}"
+                    + (f" (worst: {row['worst_key']})" if row.get("worst_key") else "")
+                    if "error" in row
+                    else f"got {row.get('value')}, expected {row.get('expected')}"
+                )
                 failures.append(f"{name}: {_key(row)}: {detail}")
     for entry in rows.values():  # the same tensor in NCHW and NHWC backends
         if entry["check"] == "stage shapes":
-            as_nchw = {name: {stage: list(specs.shape_to_nchw(shape, results[name]["layout"]))
-                              for stage, shape in r["value"].items()} for name, r in entry["results"].items()}
+            as_nchw = {
+                name: {
+                    stage: list(specs.shape_to_nchw(shape, results[name]["layout"]))
+                    for stage, shape in r["value"].items()
+                }
+                for name, r in entry["results"].items()
+            }
             entry["same_tensor_across_layouts"] = len({json.dumps(v, sort_keys=True) for v in as_nchw.values()}) <= 1
             if not entry["same_tensor_across_layouts"]:
                 failures.append(f"{entry['config']}: NCHW and NHWC stage shapes are not the same tensors transposed")
@@ -99,25 +138,40 @@ def build(out_dir, backends, configs, device, recipe_name, sensitivity, require_
     for loader, errors in cross.items():
         for source, error in errors.items():
             if error > CROSS_TOLERANCE:
-                failures.append(f"{loader}: logits on weights exported by {source}: error {error:.3g} > {CROSS_TOLERANCE:.3g}")
+                failures.append(
+                    f"{loader}: logits on weights exported by {source}: error {error:.3g} > {CROSS_TOLERANCE:.3g}"
+                )
 
     zoo_errors = {name: data["zoo"] for name, data in results.items() if data.get("zoo")}
     for loader, errors in zoo_errors.items():
         for fmt, error in errors.items():
             if error > ZOO_TOLERANCE:
-                failures.append(f"{loader}: logits on the converted {fmt} zoo file: error {error:.3g} > {ZOO_TOLERANCE:.3g}")
+                failures.append(
+                    f"{loader}: logits on the converted {fmt} zoo file: error {error:.3g} > {ZOO_TOLERANCE:.3g}"
+                )
 
     train = _training_summary(results, recipe_name, failures)
     onnx = export_section(results)
     failures += onnx["failures"] if onnx else []
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "machine": machine_info(), "frameworks": framework_versions(), "device": device,
-            "matrix": [list(c) for c in configs], "memory_efficient": [list(c) for c in memory_efficient],
-            "seconds": seconds, "jobs": jobs, "backends": status,
-            "rows": list(rows.values()), "cross": {"tolerance": CROSS_TOLERANCE, "errors": cross},
-            "zoo": {"tolerance": ZOO_TOLERANCE, "errors": zoo_errors},
-            "float32_gradient_sensitivity": sensitivity, "training": train, "onnx": onnx,
-            "failures": failures, "passed": not failures}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "machine": machine_info(),
+        "frameworks": framework_versions(),
+        "device": device,
+        "matrix": [list(c) for c in configs],
+        "memory_efficient": [list(c) for c in memory_efficient],
+        "seconds": seconds,
+        "jobs": jobs,
+        "backends": status,
+        "rows": list(rows.values()),
+        "cross": {"tolerance": CROSS_TOLERANCE, "errors": cross},
+        "zoo": {"tolerance": ZOO_TOLERANCE, "errors": zoo_errors},
+        "float32_gradient_sensitivity": sensitivity,
+        "training": train,
+        "onnx": onnx,
+        "failures": failures,
+        "passed": not failures,
+    }
 
 
 def _spread(values) -> float:
@@ -134,8 +188,11 @@ def _training_summary(results, recipe_name, failures) -> dict | None:
     for name, record in runs.items():
         last = record["epochs"][-1]
         final[name] = {k: last[k] for k in ("test_acc", "train_acc", "loss", "examples_per_s")}
-        final[name].update(device=record["device"], seconds=sum(e["seconds"] for e in record["epochs"]),
-                           recipe=record["recipe"]["name"])
+        final[name].update(
+            device=record["device"],
+            seconds=sum(e["seconds"] for e in record["epochs"]),
+            recipe=record["recipe"]["name"],
+        )
     groups = {}
     for name, f in final.items():
         groups.setdefault(f["recipe"], []).append(name)
@@ -144,21 +201,41 @@ def _training_summary(results, recipe_name, failures) -> dict | None:
         recipe = training.get_recipe(group)
         spread = _spread([final[n]["test_acc"] for n in names])
         loss_spread = _spread([final[n]["loss"] for n in names])
-        recipes[group] = {"backends": names, "min_test_acc": recipe.min_test_acc, "max_spread": recipe.max_spread,
-                          "max_loss_spread": recipe.max_loss_spread, "spread": spread, "loss_spread": loss_spread}
+        recipes[group] = {
+            "backends": names,
+            "min_test_acc": recipe.min_test_acc,
+            "max_spread": recipe.max_spread,
+            "max_loss_spread": recipe.max_loss_spread,
+            "spread": spread,
+            "loss_spread": loss_spread,
+        }
         for n in names:
             if final[n]["test_acc"] < recipe.min_test_acc:
-                failures.append(f"{n}: training ({group}): test accuracy {final[n]['test_acc']:.4f} < {recipe.min_test_acc}")
+                failures.append(
+                    f"{n}: training ({group}): test accuracy {final[n]['test_acc']:.4f} < {recipe.min_test_acc}"
+                )
         if spread > recipe.max_spread:
-            failures.append(f"training ({group}): test accuracies of {', '.join(names)} differ by {spread:.4f} "
-                            f"> {recipe.max_spread}")
+            failures.append(
+                f"training ({group}): test accuracies of {', '.join(names)} differ by {spread:.4f} "
+                f"> {recipe.max_spread}"
+            )
         if recipe.max_loss_spread is not None and loss_spread > recipe.max_loss_spread:
-            failures.append(f"training ({group}): final training losses of {', '.join(names)} differ by "
-                            f"{loss_spread:.4f} > {recipe.max_loss_spread}")
-    return {"recipe": recipe_name, "recipes": recipes, "final": final,
-            "curves": {name: {"test_acc": [e["test_acc"] for e in r["epochs"]],
-                              "batch_losses": [l for e in r["epochs"] for l in e.get("batch_losses", [])]}
-                       for name, r in runs.items()}}
+            failures.append(
+                f"training ({group}): final training losses of {', '.join(names)} differ by "
+                f"{loss_spread:.4f} > {recipe.max_loss_spread}"
+            )
+    return {
+        "recipe": recipe_name,
+        "recipes": recipes,
+        "final": final,
+        "curves": {
+            name: {
+                "test_acc": [e["test_acc"] for e in r["epochs"]],
+                "batch_losses": [l for e in r["epochs"] for l in e.get("batch_losses", [])],
+            }
+            for name, r in runs.items()
+        },
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -185,7 +262,11 @@ def _labels(matrix, keep) -> list[str]:
 def _step_words(matrix) -> str:
     """Where the memory-efficient rows step the trainer, in words."""
     with_step = _labels(matrix, lambda c: c.trainer_step)
-    return f" (the trainer's step on {', '.join(with_step)})" if with_step else " but the trainer's step (make test steps it)"
+    return (
+        f" (the trainer's step on {', '.join(with_step)})"
+        if with_step
+        else " but the trainer's step (make test steps it)"
+    )
 
 
 def _matrix_notes(matrix) -> str:
@@ -195,11 +276,15 @@ def _matrix_notes(matrix) -> str:
     eval_only = _labels(matrix, lambda c: not c.float32_training)
     notes = ""
     if no_step:
-        notes += (f" The trainer's step (sgd_update) is the same code on every net, and is not rebuilt for "
-                  f"{', '.join(no_step)}: there the running statistics are read after the gradients' train-mode pass.")
+        notes += (
+            f" The trainer's step (sgd_update) is the same code on every net, and is not rebuilt for "
+            f"{', '.join(no_step)}: there the running statistics are read after the gradients' train-mode pass."
+        )
     if eval_only:
-        notes += (f" {', '.join(eval_only)}: float32 checks the eval pass; the train-mode pass (the same code in "
-                  f"both dtypes) is checked in float64, to near machine precision.")
+        notes += (
+            f" {', '.join(eval_only)}: float32 checks the eval pass; the train-mode pass (the same code in "
+            f"both dtypes) is checked in float64, to near machine precision."
+        )
     return notes
 
 
@@ -211,103 +296,174 @@ def matrix_table(corner: str, rows, columns, cell) -> list[str]:
 
 def markdown(result: dict) -> str:
     names = list(result["backends"])
-    out = ["# densenet-xf conformance report", "",
-           f"- date: {result['date']}",
-           f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['memory']}, "
-           f"{result['machine']['os']}, Python {result['machine']['python']}",
-           f"- requested device: {result['device']}",
-           "- frameworks: " + ", ".join(f"{k} {v}" for k, v in result["frameworks"].items()),
-           f"- total time: {result['seconds']:.0f} s", "",
-           f"## Verdict: {'PASSED' if result['passed'] else 'FAILED'}", ""]
-    out += [f"- {failure}" for failure in result["failures"]] or ["Every check of every backend is within its tolerance."]
+    out = [
+        "# densenet-xf conformance report",
+        "",
+        f"- date: {result['date']}",
+        f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['memory']}, "
+        f"{result['machine']['os']}, Python {result['machine']['python']}",
+        f"- requested device: {result['device']}",
+        "- frameworks: " + ", ".join(f"{k} {v}" for k, v in result["frameworks"].items()),
+        f"- total time: {result['seconds']:.0f} s",
+        "",
+        f"## Verdict: {'PASSED' if result['passed'] else 'FAILED'}",
+        "",
+    ]
+    out += [f"- {failure}" for failure in result["failures"]] or [
+        "Every check of every backend is within its tolerance."
+    ]
     out += ["", "## Backends", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for field in ("status", "device", "layout", "running_var", "seconds"):
         values = [result["backends"][n].get(field) for n in names]
         values = [f"{v:.0f}" if isinstance(v, float) else str(v if v is not None else "-") for v in values]
         out.append(f"| {field.replace('_', ' ')} | " + " | ".join(values) + " |")
-    notes = [f"- {n}: {b['reason'] or b['device_note']}" for n, b in result["backends"].items() if b.get("reason") or b.get("device_note")]
-    notes += [f"- {n}: its kernels take the learning rate and the BatchNorm momentum as float32 even in a float64 "
-              f"model; its float64 SGD step is compared with the step those rounded values give"
-              for n, b in result["backends"].items() if b.get("float32_hyperparameters")]
-    notes += [f"- {n}: data-parallel check skipped: {b['data_parallel'].get('reason')}"
-              for n, b in result["backends"].items() if (b.get("data_parallel") or {}).get("status") == "skipped"]
+    notes = [
+        f"- {n}: {b['reason'] or b['device_note']}"
+        for n, b in result["backends"].items()
+        if b.get("reason") or b.get("device_note")
+    ]
+    notes += [
+        f"- {n}: its kernels take the learning rate and the BatchNorm momentum as float32 even in a float64 "
+        f"model; its float64 SGD step is compared with the step those rounded values give"
+        for n, b in result["backends"].items()
+        if b.get("float32_hyperparameters")
+    ]
+    notes += [
+        f"- {n}: data-parallel check skipped: {b['data_parallel'].get('reason')}"
+        for n, b in result["backends"].items()
+        if (b.get("data_parallel") or {}).get("status") == "skipped"
+    ]
     out += [""] + notes if notes else []
 
-    out += ["", "## Checks against the NumPy float64 reference", "",
-            "Relative errors (largest difference / largest reference magnitude; per tensor for gradients "
-            "and updates, worst tensor shown). Parameter counts are trainable + non-trainable. The float32 "
-            "gradient tolerance is coarse on purpose: see the conditioning table below and docs/numerics.md."
-            + (" Configs marked memory-efficient build the model with `memory_efficient=True` (its dense "
-               "layers recompute their concatenation and first BN-ReLU in the backward pass; docs/memory.md): "
-               f"the same checks and tolerances{_step_words(result['memory_efficient'])}, and running statistics "
-               "that must move once per train-mode pass although BatchNorm runs twice."
-               if result.get("memory_efficient") else "") + _matrix_notes(result["matrix"]), "",
-            "| check | tolerance | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    out += [
+        "",
+        "## Checks against the NumPy float64 reference",
+        "",
+        "Relative errors (largest difference / largest reference magnitude; per tensor for gradients "
+        "and updates, worst tensor shown). Parameter counts are trainable + non-trainable. The float32 "
+        "gradient tolerance is coarse on purpose: see the conditioning table below and docs/numerics.md."
+        + (
+            " Configs marked memory-efficient build the model with `memory_efficient=True` (its dense "
+            "layers recompute their concatenation and first BN-ReLU in the backward pass; docs/memory.md): "
+            f"the same checks and tolerances{_step_words(result['memory_efficient'])}, and running statistics "
+            "that must move once per train-mode pass although BatchNorm runs twice."
+            if result.get("memory_efficient")
+            else ""
+        )
+        + _matrix_notes(result["matrix"]),
+        "",
+        "| check | tolerance | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 2) + "|",
+    ]
     for row in result["rows"]:
         tolerance = f"{row['tolerance']:.0e}" if row.get("tolerance") is not None else "exact"
         out.append(f"| {_key(row)} | {tolerance} | " + " | ".join(_cell(row["results"].get(n)) for n in names) + " |")
 
-    out += ["", "## BatchNorm running variance", "",
-            "PyTorch folds the unbiased batch variance (n/(n-1) times the biased one) into its running variance; "
-            "MXNet, Keras and Flax the biased one. Each backend is compared with the reference under its own "
-            "convention; the last column shows what the error would be under the other one.", "",
-            "| config | backend | convention | error | error under the other convention |", "|---|---|---|---|---|"]
+    out += [
+        "",
+        "## BatchNorm running variance",
+        "",
+        "PyTorch folds the unbiased batch variance (n/(n-1) times the biased one) into its running variance; "
+        "MXNet, Keras and Flax the biased one. Each backend is compared with the reference under its own "
+        "convention; the last column shows what the error would be under the other one.",
+        "",
+        "| config | backend | convention | error | error under the other convention |",
+        "|---|---|---|---|---|",
+    ]
     for row in result["rows"]:
         if row["check"] == "running_stats_update" and row["dtype"] == "float64":
             for n, r in row["results"].items():
-                out.append(f"| {row['config']} | {n} | {r.get('convention')} | {r['error']:.1e} | {r['error_under_other_convention']:.1e} |")
+                errors = f"{r['error']:.1e} | {r['error_under_other_convention']:.1e}"
+                out.append(f"| {row['config']} | {n} | {r.get('convention')} | {errors} |")
 
     cross = result["cross"]["errors"]
     if cross:
         sources = list(next(iter(cross.values())))
-        out += ["", "## Weights exported by one backend, loaded into another", "",
-                f"Each backend takes one SGD step from shared weights and exports a canonical checkpoint; every "
-                f"backend loads every export and computes eval-mode logits on the same batch. Relative error "
-                f"against the exporting backend's own logits (tolerance {result['cross']['tolerance']:.0e}).", "",
-               ] + matrix_table("exported by \\ loaded into", sources, list(cross),
-                                 lambda source, loader: f"{cross[loader].get(source, float('nan')):.1e}")
+        out += [
+            "",
+            "## Weights exported by one backend, loaded into another",
+            "",
+            f"Each backend takes one SGD step from shared weights and exports a canonical checkpoint; every "
+            f"backend loads every export and computes eval-mode logits on the same batch. Relative error "
+            f"against the exporting backend's own logits (tolerance {result['cross']['tolerance']:.0e}).",
+            "",
+        ] + matrix_table(
+            "exported by \\ loaded into",
+            sources,
+            list(cross),
+            lambda source, loader: f"{cross[loader].get(source, float('nan')):.1e}",
+        )
         out += ["", "![cross-backend errors](cross_backend.png)"]
 
     zoo_errors = result.get("zoo", {}).get("errors", {})
     if zoo_errors:
         formats = sorted({fmt for errors in zoo_errors.values() for fmt in errors})
-        out += ["", "## Model-zoo files converted and reproduced", "",
-                f"A small model built by each zoo's own code (torchvision's modules, Keras applications' builder, "
-                f"Gluon's model zoo) with random weights and BatchNorm statistics, saved in the zoo's format, "
-                f"converted with `densenet-xf convert`; relative error of each backend's logits against the zoo "
-                f"model's (tolerance {result['zoo']['tolerance']:.0e}). `docs/zoo.md` lists the differences handled.", "",
-               ] + matrix_table("zoo file \\ loaded into", formats, list(zoo_errors),
-                                 lambda fmt, loader: f"{zoo_errors[loader].get(fmt, float('nan')):.1e}")
+        out += [
+            "",
+            "## Model-zoo files converted and reproduced",
+            "",
+            f"A small model built by each zoo's own code (torchvision's modules, Keras applications' builder, "
+            f"Gluon's model zoo) with random weights and BatchNorm statistics, saved in the zoo's format, "
+            f"converted with `densenet-xf convert`; relative error of each backend's logits against the zoo "
+            f"model's (tolerance {result['zoo']['tolerance']:.0e}). `docs/zoo.md` lists the differences handled.",
+            "",
+        ] + matrix_table(
+            "zoo file \\ loaded into",
+            formats,
+            list(zoo_errors),
+            lambda fmt, loader: f"{zoo_errors[loader].get(fmt, float('nan')):.1e}",
+        )
 
     out += export_markdown(result.get("onnx"))
 
-    out += ["", "## Float32 conditioning of the reference", "",
-            "How far the reference's own float64 gradients move when its input moves by one part in a million "
-            "(about the rounding a float32 forward pass accumulates). Where this is large, no float32 "
-            "implementation can match the reference's gradients more closely.", "",
-            "| config | gradient change | worst tensor |", "|---|---|---|"]
+    out += [
+        "",
+        "## Float32 conditioning of the reference",
+        "",
+        "How far the reference's own float64 gradients move when its input moves by one part in a million "
+        "(about the rounding a float32 forward pass accumulates). Where this is large, no float32 "
+        "implementation can match the reference's gradients more closely.",
+        "",
+        "| config | gradient change | worst tensor |",
+        "|---|---|---|",
+    ]
     for config, s in result["float32_gradient_sensitivity"].items():
         out.append(f"| {config} | {s['gradient_change']:.1e} | {s['worst_key']} |")
     out += ["", "![errors relative to tolerances](errors.png)"]
 
     train = result.get("training")
     if train:
-        out += ["", f"## Training: recipe `{train['recipe']}`", "",
-                "Same initial weights, same batches in the same order. Why these thresholds: the recipe's "
-                "comment in conformance/training.py."
-                + (f" The backends' workers ran {result.get('jobs')} at a time, so examples/s here is what each "
-                   f"got while sharing the machine: a record, not a benchmark (`make bench` is one)."
-                   if result.get("jobs", 1) > 1 else ""), ""]
+        out += [
+            "",
+            f"## Training: recipe `{train['recipe']}`",
+            "",
+            "Same initial weights, same batches in the same order. Why these thresholds: the recipe's "
+            "comment in conformance/training.py."
+            + (
+                f" The backends' workers ran {result.get('jobs')} at a time, so examples/s here is what each "
+                f"got while sharing the machine: a record, not a benchmark (`make bench` is one)."
+                if result.get("jobs", 1) > 1
+                else ""
+            ),
+            "",
+        ]
         for group, g in train["recipes"].items():
             loss_limit = "not checked" if g["max_loss_spread"] is None else f"at most {g['max_loss_spread']}"
-            out.append(f"- recipe `{group}` ({', '.join(g['backends'])}): test accuracy at least {g['min_test_acc']}; "
-                       f"test accuracies within {g['max_spread']} (measured {g['spread']:.4f}); last-epoch "
-                       f"training losses {loss_limit} (measured {g['loss_spread']:.4f})")
-        out += ["", "| backend | recipe | device | test accuracy | train accuracy | train loss | examples/s | seconds |",
-                "|---|---|---|---|---|---|---|---|"]
+            out.append(
+                f"- recipe `{group}` ({', '.join(g['backends'])}): test accuracy at least {g['min_test_acc']}; "
+                f"test accuracies within {g['max_spread']} (measured {g['spread']:.4f}); last-epoch "
+                f"training losses {loss_limit} (measured {g['loss_spread']:.4f})"
+            )
+        out += [
+            "",
+            "| backend | recipe | device | test accuracy | train accuracy | train loss | examples/s | seconds |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for n, f in train["final"].items():
-            out.append(f"| {n} | {f['recipe']} | {f['device']} | {f['test_acc']:.4f} | {f['train_acc']:.4f} | "
-                       f"{f['loss']:.4f} | {f['examples_per_s']:.0f} | {f['seconds']:.0f} |")
+            out.append(
+                f"| {n} | {f['recipe']} | {f['device']} | {f['test_acc']:.4f} | {f['train_acc']:.4f} | "
+                f"{f['loss']:.4f} | {f['examples_per_s']:.0f} | {f['seconds']:.0f} |"
+            )
         out += ["", "![learning curves](learning_curves.png)"]
     return "\n".join(out) + "\n"
 
@@ -317,14 +473,21 @@ def summary_text(result: dict) -> str:
     width = max(len(_key(r)) for r in result["rows"]) if result["rows"] else 20
     lines = [f"{'check':<{width}}  " + "  ".join(f"{n:>14}" for n in names)]
     for field in ("status", "seconds"):
-        lines.append(f"{field:<{width}}  " + "  ".join(
-            f"{(f'{v:.0f}' if isinstance(v, float) else str(v)):>14}"
-            for v in (result["backends"][n].get(field) for n in names)))
+        lines.append(
+            f"{field:<{width}}  "
+            + "  ".join(
+                f"{(f'{v:.0f}' if isinstance(v, float) else str(v)):>14}"
+                for v in (result["backends"][n].get(field) for n in names)
+            )
+        )
     for row in result["rows"]:
         lines.append(f"{_key(row):<{width}}  " + "  ".join(f"{_cell(row['results'].get(n)):>14}" for n in names))
     if result.get("training"):
         for n, f in result["training"]["final"].items():
-            lines.append(f"training {n}: test accuracy {f['test_acc']:.4f}, {f['examples_per_s']:.0f} examples/s on {f['device']}")
+            lines.append(
+                f"training {n}: test accuracy {f['test_acc']:.4f}, "
+                f"{f['examples_per_s']:.0f} examples/s on {f['device']}"
+            )
     for loader, errors in result.get("zoo", {}).get("errors", {}).items():
         lines.append(f"zoo files in {loader}: " + ", ".join(f"{fmt} {error:.1e}" for fmt, error in errors.items()))
     lines.append(f"VERDICT: {'PASSED' if result['passed'] else 'FAILED'}")
@@ -399,8 +562,12 @@ def plot_cross(result, path) -> None:
     sources = list(next(iter(cross.values())))
     matrix = np.array([[cross[l].get(s, np.nan) for l in loaders] for s in sources])
     figure, axis = plt.subplots(figsize=(5.5, 4.5))
-    image = axis.imshow(np.log10(np.maximum(matrix, 1e-12)), cmap="viridis", vmin=-12,
-                        vmax=max(-3, np.log10(result["cross"]["tolerance"]) + 1))
+    image = axis.imshow(
+        np.log10(np.maximum(matrix, 1e-12)),
+        cmap="viridis",
+        vmin=-12,
+        vmax=max(-3, np.log10(result["cross"]["tolerance"]) + 1),
+    )
     for i in range(len(sources)):
         for j in range(len(loaders)):
             axis.text(j, i, f"{matrix[i, j]:.1e}", ha="center", va="center", color="white", fontsize=8)

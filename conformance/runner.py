@@ -29,9 +29,11 @@ MATRICES = {
     # by the data-parallel check), not rebuilt for the two big ones. Their train-mode pass is
     # checked in float64, where it must match to near machine precision; float32 checks their
     # eval pass (the train-mode pass in float32 is the d2l net's, to coarse tolerances).
-    "default": [Config("d2l", 96, 4),
-                Config("densenet_bc100_k12", 32, 4, trainer_step=False, float32_training=False),
-                Config("densenet121", 64, 2, trainer_step=False, float32_training=False)],
+    "default": [
+        Config("d2l", 96, 4),
+        Config("densenet_bc100_k12", 32, 4, trainer_step=False, float32_training=False),
+        Config("densenet121", 64, 2, trainer_step=False, float32_training=False),
+    ],
     "tiny": [Config("tiny", 19, 4), Config("tiny_d2l", 13, 4)],
 }
 # Checked again as memory-efficient models (issue 13), in every matrix: the cheapest nets with
@@ -56,12 +58,25 @@ def worker_env(jobs: int) -> dict:
 def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[str], env: dict) -> tuple[int, str]:
     log = out_dir / "logs" / f"{backend}.{phase}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, "-m", "conformance.worker", "--backend", backend, "--phase", phase,
-               "--out", str(out_dir), "--device", device, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "conformance.worker",
+        "--backend",
+        backend,
+        "--phase",
+        phase,
+        "--out",
+        str(out_dir),
+        "--device",
+        device,
+        *extra,
+    ]
     with open(log, "w") as stream:
         try:
-            code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S,
-                                  env=env).returncode
+            code = subprocess.run(
+                command, stdout=stream, stderr=subprocess.STDOUT, timeout=WORKER_TIMEOUT_S, env=env
+            ).returncode
         except subprocess.TimeoutExpired:
             code = -1
     return code, str(log)
@@ -75,8 +90,9 @@ def _record_failure(out_dir: Path, backend: str, phase: str, code: int, log: str
         return
     tail = Path(log).read_text(errors="replace")[-2000:] if Path(log).is_file() else ""
     reason = f"timed out after {WORKER_TIMEOUT_S} s" if code == -1 else f"worker exited with code {code}"
-    data.update({"status": "error", "phase": phase, "reason": f"{reason} in phase {phase}; log: {log}",
-                 "traceback": tail})
+    data.update(
+        {"status": "error", "phase": phase, "reason": f"{reason} in phase {phase}; log: {log}", "traceback": tail}
+    )
     atomic_write_text(path, json.dumps(data, indent=2))
 
 
@@ -95,8 +111,17 @@ def check_inputs(out_dir: Path, recipe: str, data_dir=None) -> None:
         raise WriteError(error.errno, f"--out {out_dir} cannot be written: {error.strerror or error}") from None
 
 
-def run(out_dir="build/conformance", device="cpu", backends=None, matrix="default", recipe=None,
-        data_dir=None, require_all=False, publish=None, jobs=None) -> int:
+def run(
+    out_dir="build/conformance",
+    device="cpu",
+    backends=None,
+    matrix="default",
+    recipe=None,
+    data_dir=None,
+    require_all=False,
+    publish=None,
+    jobs=None,
+) -> int:
     check_device(device)
     # Two workers share two CPU cores well; on a GPU they would share its memory, which TF and
     # JAX each take most of when they start: one at a time there.
@@ -112,14 +137,24 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
     env = worker_env(jobs)
     started = time.time()
 
-    print(f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}, "
-          f"{jobs} worker(s) at a time")
+    print(
+        f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}, "
+        f"{jobs} worker(s) at a time"
+    )
     # The reference's own float32 conditioning, for the report: NumPy, measured while the workers run.
     reference_thread = ThreadPoolExecutor(1)
     sensitivity = reference_thread.submit(
-        lambda: {f"{c.arch}@{c.size}": checks.gradient_sensitivity(c.arch, c.size, c.batch) for c in configs})
-    extra = ["--matrix", json.dumps(configs), "--memory-efficient", json.dumps(MEMORY_EFFICIENT),
-             "--recipe", recipe or ""] + (["--data-dir", str(data_dir)] if data_dir else [])
+        lambda: {f"{c.arch}@{c.size}": checks.gradient_sensitivity(c.arch, c.size, c.batch) for c in configs}
+    )
+    extra = [
+        "--matrix",
+        json.dumps(configs),
+        "--memory-efficient",
+        json.dumps(MEMORY_EFFICIENT),
+        "--recipe",
+        recipe or "",
+    ] + (["--data-dir", str(data_dir)] if data_dir else [])
+
     def checks_phase(name):
         t = time.time()
         print(f"  {name}: shapes, parameters, reference checks" + (", training" if recipe else "") + " ...", flush=True)
@@ -132,8 +167,12 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
 
     _each(backends, jobs, checks_phase)
 
-    exports = {name: data["export"] for name, data in report.load_results(out_dir, backends).items()
-               if data.get("status") == "ok" and "export" in data}
+    exports = {
+        name: data["export"]
+        for name, data in report.load_results(out_dir, backends).items()
+        if data.get("status") == "ok" and "export" in data
+    }
+
     def cross_phase(name):
         code, log = _worker(name, "cross", out_dir, device, ["--exports", json.dumps(exports)], env)
         if code != 0:
@@ -141,8 +180,18 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
 
     _each(list(exports), jobs, cross_phase)
 
-    result = report.build(out_dir, backends, configs, device, recipe, sensitivity.result(), require_all,
-                          seconds=time.time() - started, jobs=jobs, memory_efficient=MEMORY_EFFICIENT)
+    result = report.build(
+        out_dir,
+        backends,
+        configs,
+        device,
+        recipe,
+        sensitivity.result(),
+        require_all,
+        seconds=time.time() - started,
+        jobs=jobs,
+        memory_efficient=MEMORY_EFFICIENT,
+    )
     reference_thread.shutdown()
     report.write(out_dir, result)
     print(report.summary_text(result))
@@ -156,7 +205,9 @@ def run(out_dir="build/conformance", device="cpu", backends=None, matrix="defaul
 def _each(backends: list[str], jobs: int, phase) -> None:
     """`phase(name)` for every backend, `jobs` worker processes at a time, the slowest backends
     first so that one compiling (JAX, TF) overlaps with the others' work."""
-    order = sorted(backends, key=lambda name: SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST))
+    order = sorted(
+        backends, key=lambda name: SLOWEST_FIRST.index(name) if name in SLOWEST_FIRST else len(SLOWEST_FIRST)
+    )
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         for future in [pool.submit(phase, name) for name in order]:
             future.result()
@@ -166,6 +217,9 @@ def _status(out_dir: Path, name: str) -> str:
     data = report.load_results(out_dir, [name]).get(name, {})
     if data.get("status") != "ok":
         return f"{data.get('status', 'error')}: {data.get('reason', 'no result')}"
-    failed = [f"{row['config']} {row.get('dtype', '')} {row['check']}".replace("  ", " ")
-              for row in data.get("rows", []) if not row["passed"]]
+    failed = [
+        f"{row['config']} {row.get('dtype', '')} {row['check']}".replace("  ", " ")
+        for row in data.get("rows", [])
+        if not row["passed"]
+    ]
     return "all checks passed" if not failed else f"FAILED: {', '.join(failed)}"

@@ -54,37 +54,66 @@ class DenseNetSpec:
         if not 0.0 <= self.drop_rate < 1.0:
             raise SpecError(f"drop_rate must be in [0, 1), got {self.drop_rate}")
 
-    def replace(self, **changes) -> "DenseNetSpec":
+    def replace(self, **changes) -> DenseNetSpec:
         return dataclasses.replace(self, **changes)
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "DenseNetSpec":
+    def from_json(cls, text: str) -> DenseNetSpec:
         fields = json.loads(text)
         fields["block_config"] = tuple(fields["block_config"])
         return cls(**fields)
 
 
 def _imagenet(name, init, growth, blocks):
-    return DenseNetSpec(name, "imagenet", init, growth, blocks, bn_size=4, compression=0.5,
-                        conv_bias=False, in_channels=3, num_classes=1000)
+    return DenseNetSpec(
+        name,
+        "imagenet",
+        init,
+        growth,
+        blocks,
+        bn_size=4,
+        compression=0.5,
+        conv_bias=False,
+        in_channels=3,
+        num_classes=1000,
+    )
 
 
 def _cifar(name, depth, growth, bottleneck):
     # The paper's CIFAR nets: 3 blocks; depth counts the conv layers and the classifier.
     # Basic nets (no bottleneck, no compression) start with 16 channels, BC nets with 2k.
     layers = (depth - 4) // (6 if bottleneck else 3)
-    return DenseNetSpec(name, "cifar", 2 * growth if bottleneck else 16, growth, (layers,) * 3,
-                        bn_size=4 if bottleneck else None, compression=0.5 if bottleneck else 1.0,
-                        conv_bias=False, in_channels=3, num_classes=10)
+    return DenseNetSpec(
+        name,
+        "cifar",
+        2 * growth if bottleneck else 16,
+        growth,
+        (layers,) * 3,
+        bn_size=4 if bottleneck else None,
+        compression=0.5 if bottleneck else 1.0,
+        conv_bias=False,
+        in_channels=3,
+        num_classes=10,
+    )
 
 
 ARCHS: dict[str, DenseNetSpec] = {
     # Dive into Deep Learning, chapter "Densely Connected Networks (DenseNet)".
-    "d2l": DenseNetSpec("d2l", "imagenet", 64, 32, (4, 4, 4, 4), bn_size=None, compression=0.5,
-                        conv_bias=True, in_channels=1, num_classes=10),
+    "d2l": DenseNetSpec(
+        "d2l",
+        "imagenet",
+        64,
+        32,
+        (4, 4, 4, 4),
+        bn_size=None,
+        compression=0.5,
+        conv_bias=True,
+        in_channels=1,
+        num_classes=10,
+    ),
     "densenet121": _imagenet("densenet121", 64, 32, (6, 12, 24, 16)),
     "densenet161": _imagenet("densenet161", 96, 48, (6, 12, 36, 24)),
     "densenet169": _imagenet("densenet169", 64, 32, (6, 12, 32, 32)),
@@ -96,10 +125,21 @@ ARCHS: dict[str, DenseNetSpec] = {
     "densenet_bc190_k40": _cifar("densenet_bc190_k40", 190, 40, bottleneck=True),
     # A small net for fast tests: both kinds of dense layer appear in the suite through
     # "tiny" (bottleneck, no bias) and "tiny_d2l" (no bottleneck, conv bias).
-    "tiny": DenseNetSpec("tiny", "imagenet", 8, 4, (2, 2), bn_size=2, compression=0.5,
-                         conv_bias=False, in_channels=3, num_classes=5),
-    "tiny_d2l": DenseNetSpec("tiny_d2l", "imagenet", 8, 4, (2, 2), bn_size=None, compression=0.5,
-                             conv_bias=True, in_channels=1, num_classes=10),
+    "tiny": DenseNetSpec(
+        "tiny", "imagenet", 8, 4, (2, 2), bn_size=2, compression=0.5, conv_bias=False, in_channels=3, num_classes=5
+    ),
+    "tiny_d2l": DenseNetSpec(
+        "tiny_d2l",
+        "imagenet",
+        8,
+        4,
+        (2, 2),
+        bn_size=None,
+        compression=0.5,
+        conv_bias=True,
+        in_channels=1,
+        num_classes=10,
+    ),
 }
 
 # Trainable parameter counts published for the named nets (torchvision, the d2l book);
@@ -147,8 +187,9 @@ def channel_plan(spec: DenseNetSpec) -> list[StagePlan]:
     channels = spec.num_init_features
     for b, num_layers in enumerate(spec.block_config, start=1):
         block = f"features.denseblock{b}"
-        layers = tuple(DenseLayerPlan(f"{block}.denselayer{i + 1}", channels + i * spec.growth_rate)
-                       for i in range(num_layers))
+        layers = tuple(
+            DenseLayerPlan(f"{block}.denselayer{i + 1}", channels + i * spec.growth_rate) for i in range(num_layers)
+        )
         out = channels + num_layers * spec.growth_rate
         plan.append(StagePlan(f"denseblock{b}", channels, out, layers))
         channels = out
@@ -174,7 +215,7 @@ def _norm(table, key, c):
         table[f"{key}.{suffix}"] = (c,)
 
 
-def parameter_table(spec: DenseNetSpec) -> "OrderedDict[str, tuple[int, ...]]":
+def parameter_table(spec: DenseNetSpec) -> OrderedDict[str, tuple[int, ...]]:
     """Canonical key -> shape, in network order (PyTorch layout, torchvision names).
 
     A dense layer with a bottleneck holds norm1, conv1 (1x1), norm2, conv2 (3x3), as in
@@ -265,10 +306,11 @@ def check_input_size(spec: DenseNetSpec, size) -> None:
             smallest = min_input_size(spec)
             raise InputError(
                 f"input {h}x{w} is too small for {spec.name}: {stage} would be {max(sh, 0)}x{max(sw, 0)}; "
-                f"the smallest input that works is {smallest}x{smallest}")
+                f"the smallest input that works is {smallest}x{smallest}"
+            )
 
 
-def stage_shapes(spec: DenseNetSpec, size, batch: int = 1, layout: str = "NCHW") -> "OrderedDict[str, tuple[int, ...]]":
+def stage_shapes(spec: DenseNetSpec, size, batch: int = 1, layout: str = "NCHW") -> OrderedDict[str, tuple[int, ...]]:
     """Output shape of every stage (stem, dense blocks, transitions, logits) in `layout`."""
     check_layout(layout)
     check_input_size(spec, size)
@@ -286,7 +328,9 @@ def check_layout(layout: str) -> None:
         raise InputError(f"layout must be one of {LAYOUTS}, got {layout!r}")
 
 
-def validate_input(spec: DenseNetSpec, shape, dtype: str, layout: str, expected_dtype: str | tuple[str, ...] = "float32") -> None:
+def validate_input(
+    spec: DenseNetSpec, shape, dtype: str, layout: str, expected_dtype: str | tuple[str, ...] = "float32"
+) -> None:
     """Raise InputError naming what is wrong with an input batch and what was expected.
 
     `shape` may hold None for dimensions unknown at trace time (Keras); those are not checked.
@@ -296,20 +340,29 @@ def validate_input(spec: DenseNetSpec, shape, dtype: str, layout: str, expected_
     axes = "(N, C, H, W)" if layout == "NCHW" else "(N, H, W, C)"
     if len(shape) != 4:
         hint = " (add a batch axis for a single image)" if len(shape) == 3 else ""
-        raise InputError(f"{spec.name} expects a 4-D {layout} batch {axes}, got shape {shape} of rank {len(shape)}{hint}")
+        raise InputError(
+            f"{spec.name} expects a 4-D {layout} batch {axes}, got shape {shape} of rank {len(shape)}{hint}"
+        )
     c_axis, other_axis = (1, 3) if layout == "NCHW" else (3, 1)
     channels = shape[c_axis]
     if channels is not None and channels != spec.in_channels:
         if shape[other_axis] == spec.in_channels:
             other = "NHWC" if layout == "NCHW" else "NCHW"
             perm = "(0, 3, 1, 2)" if layout == "NCHW" else "(0, 2, 3, 1)"
-            raise InputError(f"{spec.name} expects {layout} input {axes} with {spec.in_channels} channel(s) on axis {c_axis}, "
-                             f"got shape {shape}, which looks like {other}; transpose it with {perm}")
-        raise InputError(f"{spec.name} expects {spec.in_channels} input channel(s) on axis {c_axis} of an {layout} batch {axes}, "
-                         f"got {channels} (shape {shape})")
+            raise InputError(
+                f"{spec.name} expects {layout} input {axes} with {spec.in_channels} channel(s) on axis {c_axis}, "
+                f"got shape {shape}, which looks like {other}; transpose it with {perm}"
+            )
+        raise InputError(
+            f"{spec.name} expects {spec.in_channels} input channel(s) on axis {c_axis} of an {layout} batch {axes}, "
+            f"got {channels} (shape {shape})"
+        )
     expected = (expected_dtype,) if isinstance(expected_dtype, str) else tuple(expected_dtype)
     if dtype not in expected:
-        raise InputError(f"{spec.name} expects {' or '.join(expected)} input, got {dtype}; convert (and scale images to [0, 1]) first")
+        raise InputError(
+            f"{spec.name} expects {' or '.join(expected)} input, got {dtype}; "
+            "convert (and scale images to [0, 1]) first"
+        )
     h, w = (shape[2], shape[3]) if layout == "NCHW" else (shape[1], shape[2])
     if h is not None and w is not None:
         check_input_size(spec, (h, w))

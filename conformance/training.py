@@ -45,15 +45,14 @@ class Recipe:
     max_spread: float = 1.0
     max_loss_spread: float | None = None
 
-    def replace(self, **changes) -> "Recipe":
+    def replace(self, **changes) -> Recipe:
         return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
 
 
 RECIPES = {
     # The d2l chapter's: SGD, lr 0.1, batch 256, 10 epochs, images resized to 96x96.
     # Targets from the issue; not yet measured on a GPU here.
-    "d2l": Recipe("d2l", size=96, batch_size=256, lr=0.1, momentum=0.0, epochs=10,
-                  min_test_acc=0.90, max_spread=0.01),
+    "d2l": Recipe("d2l", size=96, batch_size=256, lr=0.1, momentum=0.0, epochs=10, min_test_acc=0.90, max_spread=0.01),
     # Minutes on two CPU cores for all four backends: the same net at 32x32 (its smallest
     # comfortable size is 29), a fixed subset, two epochs. Its final test accuracy is noisy:
     # `densenet-xf seed-spread --backend torch --recipe quick --seeds 10` measured a mean of
@@ -65,9 +64,19 @@ RECIPES = {
     # 4,000 images an epoch would train a third faster, but measured too noisy for that floor
     # (training.seed_spread of this recipe with train_examples=4000, torch, seeds 0-9: mean
     # 0.746, standard deviation 0.064, minimum 0.64; measured 2026-11-23).
-    "quick": Recipe("quick", size=32, batch_size=64, lr=0.1, momentum=0.0, epochs=2,
-                    train_examples=6000, test_examples=2000,
-                    min_test_acc=0.70, max_spread=0.10, max_loss_spread=0.02),
+    "quick": Recipe(
+        "quick",
+        size=32,
+        batch_size=64,
+        lr=0.1,
+        momentum=0.0,
+        epochs=2,
+        train_examples=6000,
+        test_examples=2000,
+        min_test_acc=0.70,
+        max_spread=0.10,
+        max_loss_spread=0.02,
+    ),
 }
 
 
@@ -142,7 +151,9 @@ class Run:
         try:
             return json.loads(self.metrics_path.read_text())
         except ValueError as error:
-            raise TrainingError(f"{self.metrics_path} is not valid JSON ({error}); move the run directory aside") from error
+            raise TrainingError(
+                f"{self.metrics_path} is not valid JSON ({error}); move the run directory aside"
+            ) from error
 
     def commit(self, record: dict, backend, model, trainer, spec) -> None:
         """Write the epoch's files, then metrics.json (the commit point), which records their
@@ -186,22 +197,26 @@ class _RunLock:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "a+")
         except OSError as error:
-            raise TrainingError(f"cannot write to the run directory {path.parent}: {error.strerror or error}") from error
+            raise TrainingError(
+                f"cannot write to the run directory {path.parent}: {error.strerror or error}"
+            ) from error
         try:
             fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             self.file.seek(0)
             holder = self.file.read().strip() or "another process"
             self.file.close()
-            raise TrainingError(f"{path.parent} is in use by another run ({holder} holds {path}); wait for it "
-                                f"to finish or choose another --out") from None
+            raise TrainingError(
+                f"{path.parent} is in use by another run ({holder} holds {path}); wait for it "
+                f"to finish or choose another --out"
+            ) from None
         self.file.seek(0)
         self.file.truncate()
         self.file.write(f"pid {os.getpid()}\n")
         self.file.flush()
 
 
-_HELD_LOCKS: "weakref.WeakValueDictionary[str, _RunLock]" = weakref.WeakValueDictionary()
+_HELD_LOCKS: weakref.WeakValueDictionary[str, _RunLock] = weakref.WeakValueDictionary()
 
 
 def _sha256(path: Path) -> str:
@@ -224,9 +239,20 @@ def load_arrays(path) -> dict:
         raise weights.CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
 
 
-def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = False,
-          progress: bool = True, on_step=None, precision: str = "fp32", compile: bool = False,
-          devices: int = 1, sync_bn: bool = False) -> dict:
+def train(
+    backend,
+    arch,
+    recipe: Recipe,
+    out_dir,
+    data_dir=None,
+    resume: bool = False,
+    progress: bool = True,
+    on_step=None,
+    precision: str = "fp32",
+    compile: bool = False,
+    devices: int = 1,
+    sync_bn: bool = False,
+) -> dict:
     """Train `arch` with `recipe` in `backend`; returns the run record (also in metrics.json).
 
     `precision` (fp32, tf32, bf16) and `compile` choose the trainer's arithmetic and compiler
@@ -263,7 +289,7 @@ def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = 
         totals = EpochTotals(epoch, run)
         start = time.perf_counter()
         for step, first in enumerate(starts, start=1):
-            trainer.step_on(order[first:first + recipe.batch_size])
+            trainer.step_on(order[first : first + recipe.batch_size])
             bar.update(1)
             if step % SYNC_EVERY == 0 or step == len(starts):
                 totals.add(trainer.read_sums())
@@ -273,16 +299,27 @@ def train(backend, arch, recipe: Recipe, out_dir, data_dir=None, resume: bool = 
         seconds = time.perf_counter() - start
         bar.close()
         test_acc = evaluate_accuracy(trainer, backend, test_x, test_y)
-        record["epochs"].append({"epoch": epoch, "loss": totals.loss, "train_acc": totals.accuracy,
-                                 "test_acc": test_acc, "examples_per_s": totals.seen / seconds, "seconds": seconds,
-                                 "checkpoint": str(run.checkpoint(epoch).relative_to(run.dir)),
-                                 "batch_losses": totals.batch_losses})
+        record["epochs"].append(
+            {
+                "epoch": epoch,
+                "loss": totals.loss,
+                "train_acc": totals.accuracy,
+                "test_acc": test_acc,
+                "examples_per_s": totals.seen / seconds,
+                "seconds": seconds,
+                "checkpoint": str(run.checkpoint(epoch).relative_to(run.dir)),
+                "batch_losses": totals.batch_losses,
+            }
+        )
         if writer:
             run.commit(record, backend, model, trainer, spec)
         if progress:
             e = record["epochs"][-1]
-            print(f"{backend.name} epoch {epoch}: loss {e['loss']:.4f}, train acc {e['train_acc']:.4f}, "
-                  f"test acc {e['test_acc']:.4f}, {e['examples_per_s']:.0f} examples/s", flush=True)
+            print(
+                f"{backend.name} epoch {epoch}: loss {e['loss']:.4f}, train acc {e['train_acc']:.4f}, "
+                f"test acc {e['test_acc']:.4f}, {e['examples_per_s']:.0f} examples/s",
+                flush=True,
+            )
     return record
 
 
@@ -307,10 +344,16 @@ class EpochTotals:
         self.batch_losses += batch_losses
 
     def diverged(self, step: int, loss: float):
-        kept = (f"the last good checkpoint, epoch {self.epoch - 1}, is intact in {self.run.dir}: "
-                f"resume from it with --resume" if self.epoch > 1 else "no epoch was completed")
-        raise TrainingError(f"training diverged: the loss is {loss} at epoch {self.epoch}, step {step}; "
-                            f"{kept}, or start again with a lower --lr")
+        kept = (
+            f"the last good checkpoint, epoch {self.epoch - 1}, is intact in {self.run.dir}: "
+            f"resume from it with --resume"
+            if self.epoch > 1
+            else "no epoch was completed"
+        )
+        raise TrainingError(
+            f"training diverged: the loss is {loss} at epoch {self.epoch}, step {step}; "
+            f"{kept}, or start again with a lower --lr"
+        )
 
     @property
     def loss(self) -> float:
@@ -330,8 +373,10 @@ def branch(source, out_dir, epoch: int) -> None:
     source, run = Run(source), Run(out_dir)
     record = source.read()
     if record is None or len(record["epochs"]) < epoch:
-        raise TrainingError(f"cannot branch from epoch {epoch} of {source.dir}: it holds "
-                            f"{len(record['epochs']) if record else 'no'} completed epoch(s)")
+        raise TrainingError(
+            f"cannot branch from epoch {epoch} of {source.dir}: it holds "
+            f"{len(record['epochs']) if record else 'no'} completed epoch(s)"
+        )
     if run.dir.exists():
         raise TrainingError(f"{run.dir} already exists; branch into a new directory")
     run.checkpoint(epoch).parent.mkdir(parents=True)
@@ -345,21 +390,31 @@ def check_devices(recipe: Recipe, devices: int, sync_bn: bool) -> None:
     if sync_bn and devices < 2:
         raise ValueError("synchronised BatchNorm (--sync-bn) needs --devices 2 or more")
     if recipe.batch_size % devices:
-        raise ValueError(f"the batch size {recipe.batch_size} does not split evenly over {devices} devices; "
-                         f"use a batch size divisible by {devices}")
+        raise ValueError(
+            f"the batch size {recipe.batch_size} does not split evenly over {devices} devices; "
+            f"use a batch size divisible by {devices}"
+        )
 
 
 def _start_or_resume(run: Run, backend, spec, recipe: Recipe, resume: bool, lock: bool = True) -> dict:
     if lock:
         run.lock()
     record = run.read()
-    fresh = {"backend": backend.name, "device": backend.device_name, "device_note": backend.device_note,
-             "spec": json.loads(spec.to_json()), "recipe": dataclasses.asdict(recipe), "epochs": []}
+    fresh = {
+        "backend": backend.name,
+        "device": backend.device_name,
+        "device_note": backend.device_note,
+        "spec": json.loads(spec.to_json()),
+        "recipe": dataclasses.asdict(recipe),
+        "epochs": [],
+    }
     if record is None:
         return fresh
     if not resume:
-        raise TrainingError(f"{run.dir} already holds a run ({len(record['epochs'])} epoch(s)); "
-                            f"pass --resume to continue it or choose another --out")
+        raise TrainingError(
+            f"{run.dir} already holds a run ({len(record['epochs'])} epoch(s)); "
+            f"pass --resume to continue it or choose another --out"
+        )
     if record["spec"] != fresh["spec"] or {**record["recipe"], "epochs": 0} != {**fresh["recipe"], "epochs": 0}:
         raise TrainingError(f"{run.dir} holds a run of another architecture or recipe; cannot resume it with this one")
     record["recipe"]["epochs"] = recipe.epochs
@@ -377,8 +432,10 @@ def _last_intact(run: Run, record: dict, spec) -> dict:
         problems.append(problem)
         record["epochs"].pop()
     if problems and not record["epochs"]:
-        raise TrainingError(f"cannot resume {run.dir}: no completed epoch has intact files ({'; '.join(problems)}); "
-                            f"move the run directory aside and start again")
+        raise TrainingError(
+            f"cannot resume {run.dir}: no completed epoch has intact files ({'; '.join(problems)}); "
+            f"move the run directory aside and start again"
+        )
     for problem in problems:
         print(f"note: {problem}; resuming from epoch {len(record['epochs'])}", file=sys.stderr)
     return record
@@ -390,8 +447,9 @@ def _progress(total: int, description: str, enabled: bool):
     return tqdm(total=total, desc=description, unit="batch", disable=not enabled, leave=False, mininterval=0.5)
 
 
-def evaluate_checkpoint(backend, checkpoint, size: int | None = None, data_dir=None,
-                        batch_size: int = 256, test_examples: int | None = None) -> dict:
+def evaluate_checkpoint(
+    backend, checkpoint, size: int | None = None, data_dir=None, batch_size: int = 256, test_examples: int | None = None
+) -> dict:
     """Test accuracy of a canonical checkpoint in `backend` (any backend can read any one)."""
     spec = weights.spec_of_checkpoint(checkpoint)
     metadata = weights.read_metadata(checkpoint)
@@ -399,15 +457,22 @@ def evaluate_checkpoint(backend, checkpoint, size: int | None = None, data_dir=N
         size = json.loads(metadata["recipe"])["size"] if "recipe" in metadata else None
     if size is None:
         raise ValueError(f"{checkpoint} records no input size; pass --size")
-    recipe = Recipe("evaluate", size=size, batch_size=batch_size, lr=0.0, momentum=0.0, epochs=0,
-                    test_examples=test_examples)
+    recipe = Recipe(
+        "evaluate", size=size, batch_size=batch_size, lr=0.0, momentum=0.0, epochs=0, test_examples=test_examples
+    )
     model = backend.build(spec)
     backend.load_state(model, weights.load_state(checkpoint, spec))
     trainer = backend.make_trainer(model, 0.0)
     _, _, test_x, test_y = load_dataset(recipe.replace(train_examples=1), data_dir)
-    return {"backend": backend.name, "device": backend.device_name, "checkpoint": str(checkpoint),
-            "arch": spec.name, "size": size, "examples": len(test_y),
-            "test_acc": evaluate_accuracy(trainer, backend, test_x, test_y, batch_size)}
+    return {
+        "backend": backend.name,
+        "device": backend.device_name,
+        "checkpoint": str(checkpoint),
+        "arch": spec.name,
+        "size": size,
+        "examples": len(test_y),
+        "test_acc": evaluate_accuracy(trainer, backend, test_x, test_y, batch_size),
+    }
 
 
 def seed_spread(backend, arch, recipe: Recipe, seeds: int, out_dir, data_dir=None) -> dict:
@@ -415,13 +480,24 @@ def seed_spread(backend, arch, recipe: Recipe, seeds: int, out_dir, data_dir=Non
     training loss scatter: the yardstick for the accuracy-conformance tolerances."""
     runs = []
     for seed in range(seeds):
-        record = train(backend, arch, recipe.replace(seed=seed), Path(out_dir) / f"seed-{seed}", data_dir, progress=False)
+        record = train(
+            backend, arch, recipe.replace(seed=seed), Path(out_dir) / f"seed-{seed}", data_dir, progress=False
+        )
         last = record["epochs"][-1]
         runs.append({"seed": seed, "test_acc": last["test_acc"], "loss": last["loss"]})
-    summary = {"backend": backend.name, "device": backend.device_name, "recipe": dataclasses.asdict(recipe), "runs": runs}
+    summary = {
+        "backend": backend.name,
+        "device": backend.device_name,
+        "recipe": dataclasses.asdict(recipe),
+        "runs": runs,
+    }
     for field in ("test_acc", "loss"):
         values = np.array([run[field] for run in runs])
-        summary[field] = {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if seeds > 1 else 0.0,
-                          "min": float(values.min()), "max": float(values.max())}
+        summary[field] = {
+            "mean": float(values.mean()),
+            "std": float(values.std(ddof=1)) if seeds > 1 else 0.0,
+            "min": float(values.min()),
+            "max": float(values.max()),
+        }
     weights.atomic_write_text(Path(out_dir) / "seed-spread.json", json.dumps(summary, indent=2))
     return summary

@@ -31,6 +31,7 @@ def hwio_to_oihw(array: np.ndarray) -> np.ndarray:
         return np.ascontiguousarray(array.transpose(3, 2, 0, 1))
     return np.ascontiguousarray(array.T) if array.ndim == 2 else array
 
+
 FORMAT = "densenet-xf canonical v1"
 # torchvision state dicts carry a BatchNorm batch counter that no other framework has and
 # that plays no part at momentum 0.1; it is accepted on load and dropped.
@@ -86,8 +87,11 @@ def validate_state(state: dict, spec: DenseNetSpec, *, source: str = "checkpoint
     present = {key: value for key, value in state.items() if not key.endswith(IGNORED_SUFFIXES)}
     missing = [key for key in table if key not in present]
     unexpected = [key for key in present if key not in table]
-    misshaped = [f"{key}: expected {table[key]}, got {tuple(np.shape(present[key]))}"
-                 for key in table if key in present and tuple(np.shape(present[key])) != table[key]]
+    misshaped = [
+        f"{key}: expected {table[key]}, got {tuple(np.shape(present[key]))}"
+        for key in table
+        if key in present and tuple(np.shape(present[key])) != table[key]
+    ]
     problems = []
     for title, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped)):
         if items:
@@ -122,8 +126,10 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         if isinstance(error, OSError):
-            raise WriteError(error.errno, f"could not write {path} ({error.strerror or error}); "
-                                          f"any earlier version of it is unchanged") from error
+            raise WriteError(
+                error.errno,
+                f"could not write {path} ({error.strerror or error}); any earlier version of it is unchanged",
+            ) from error
         raise
 
 
@@ -144,8 +150,12 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def save_state(path: str | os.PathLike, state: dict[str, np.ndarray], spec: DenseNetSpec,
-               extra_metadata: dict[str, str] | None = None) -> None:
+def save_state(
+    path: str | os.PathLike,
+    state: dict[str, np.ndarray],
+    spec: DenseNetSpec,
+    extra_metadata: dict[str, str] | None = None,
+) -> None:
     """Validate and write a canonical checkpoint atomically, with the spec in its metadata."""
     from safetensors.numpy import save
 

@@ -4,10 +4,10 @@
 
 Phase `checks` measures shapes, parameter counts and the reference comparison over the
 matrix and, on the memory-efficient model, over its own list; exports a trained-one-step
-canonical checkpoint for the cross-backend matrix, and trains the accuracy recipe; phase `cross` loads every other backend's export and writes this
-backend's ONNX graph of a canonical checkpoint (conformance.export). Each phase
-merges its results into DIR/B.json. A backend whose framework is missing writes
-status "skipped" with the reason.
+canonical checkpoint for the cross-backend matrix, and trains the accuracy recipe; phase
+`cross` loads every other backend's export and writes this backend's ONNX graph of a
+canonical checkpoint (conformance.export). Each phase merges its results into DIR/B.json.
+A backend whose framework is missing writes status "skipped" with the reason.
 """
 
 from __future__ import annotations
@@ -46,13 +46,34 @@ def run_matrix(backend, matrix) -> list[dict]:
         x = specs.to_layout(np.zeros((batch, spec.in_channels, size, size), np.float32), backend.layout)
         shapes = {k: list(v) for k, v in backend.stage_shapes(model, x).items()}
         expected = {k: list(v) for k, v in specs.stage_shapes(spec, size, batch, backend.layout).items()}
-        rows.append({"config": label, "check": "stage shapes", "passed": shapes == expected,
-                     "value": shapes, "expected": expected})
+        rows.append(
+            {
+                "config": label,
+                "check": "stage shapes",
+                "passed": shapes == expected,
+                "value": shapes,
+                "expected": expected,
+            }
+        )
         counts = list(backend.count_params(model))
-        rows.append({"config": label, "check": "parameter counts", "passed": counts == list(specs.count_params(spec)),
-                     "value": counts, "expected": list(specs.count_params(spec))})
-        results = checks.compare_with_reference(backend, spec, size, batch, trainer_step=config.trainer_step,
-                                                float32_training=config.float32_training, float32_model=model)
+        rows.append(
+            {
+                "config": label,
+                "check": "parameter counts",
+                "passed": counts == list(specs.count_params(spec)),
+                "value": counts,
+                "expected": list(specs.count_params(spec)),
+            }
+        )
+        results = checks.compare_with_reference(
+            backend,
+            spec,
+            size,
+            batch,
+            trainer_step=config.trainer_step,
+            float32_training=config.float32_training,
+            float32_model=model,
+        )
         for dtype, items in results.items():
             for name, item in items.items():
                 rows.append({"config": label, "dtype": dtype, "check": name, **item})
@@ -65,11 +86,20 @@ def run_memory_efficient(backend, matrix) -> list[dict]:
     rows = []
     for config in (checks.Config(*entry) for entry in matrix):
         label = f"{config.arch}@{config.size} {MEMORY_EFFICIENT_LABEL}"
-        results = checks.compare_with_reference(backend, config.arch, config.size, config.batch, memory_efficient=True,
-                                                trainer_step=config.trainer_step,
-                                                float32_training=config.float32_training)
-        rows += [{"config": label, "dtype": dtype, "check": name, **item}
-                 for dtype, items in results.items() for name, item in items.items()]
+        results = checks.compare_with_reference(
+            backend,
+            config.arch,
+            config.size,
+            config.batch,
+            memory_efficient=True,
+            trainer_step=config.trainer_step,
+            float32_training=config.float32_training,
+        )
+        rows += [
+            {"config": label, "dtype": dtype, "check": name, **item}
+            for dtype, items in results.items()
+            for name, item in items.items()
+        ]
     return rows
 
 
@@ -160,8 +190,9 @@ def main(argv=None):
     parser.add_argument("--out", required=True)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--matrix", default="[]", help="JSON list of checks.Config fields")
-    parser.add_argument("--memory-efficient", default="[]",
-                        help="JSON list of checks.Config fields, checked memory-efficient")
+    parser.add_argument(
+        "--memory-efficient", default="[]", help="JSON list of checks.Config fields, checked memory-efficient"
+    )
     parser.add_argument("--recipe", default="", help="training recipe; empty: no training")
     parser.add_argument("--data-dir")
     parser.add_argument("--exports", default="{}", help="JSON {backend: export} for phase cross")
@@ -174,9 +205,17 @@ def main(argv=None):
     except BackendUnavailable as error:
         merge_json(path, {"status": "skipped", "reason": str(error)})
         return 0
-    merge_json(path, {"status": "ok", "device": backend.device_name, "device_note": backend.device_note,
-                      "layout": backend.layout, "running_var": backend.running_var,
-                      "float32_hyperparameters": backend.float32_hyperparameters})
+    merge_json(
+        path,
+        {
+            "status": "ok",
+            "device": backend.device_name,
+            "device_note": backend.device_note,
+            "layout": backend.layout,
+            "running_var": backend.running_var,
+            "float32_hyperparameters": backend.float32_hyperparameters,
+        },
+    )
     try:
         if args.phase == "checks":  # each part is saved as soon as it is measured
             rows = run_matrix(backend, json.loads(args.matrix))
@@ -188,13 +227,25 @@ def main(argv=None):
                 merge_json(path, {"training": train_recipe(backend, args.recipe, out_dir, args.data_dir)})
             merge_json(path, {"seconds_checks": time.perf_counter() - start})
         else:
-            merge_json(path, {"cross": cross_load(backend, json.loads(args.exports)),
-                              "zoo": zoo_reproduce(backend, out_dir),
-                              "seconds_cross": time.perf_counter() - start})
+            merge_json(
+                path,
+                {
+                    "cross": cross_load(backend, json.loads(args.exports)),
+                    "zoo": zoo_reproduce(backend, out_dir),
+                    "seconds_cross": time.perf_counter() - start,
+                },
+            )
             merge_json(path, {"onnx": export.measure(backend, out_dir)})  # run in onnxruntime by the report
     except Exception as error:  # reported for this backend; the others go on
-        merge_json(path, {"status": "error", "phase": args.phase, "reason": f"{type(error).__name__}: {error}",
-                          "traceback": traceback.format_exc()})
+        merge_json(
+            path,
+            {
+                "status": "error",
+                "phase": args.phase,
+                "reason": f"{type(error).__name__}: {error}",
+                "traceback": traceback.format_exc(),
+            },
+        )
         return 1
     return 0
 

@@ -24,8 +24,16 @@ from pathlib import Path
 import numpy as np
 
 from .specs import ARCHS, DenseNetSpec, get_spec, parameter_table
-from .weights import (IGNORED_SUFFIXES, CheckpointError, hwio_to_oihw, load_state, oihw_to_hwio, save_state,
-                      spec_of_checkpoint, validate_state)
+from .weights import (
+    IGNORED_SUFFIXES,
+    CheckpointError,
+    hwio_to_oihw,
+    load_state,
+    oihw_to_hwio,
+    save_state,
+    spec_of_checkpoint,
+    validate_state,
+)
 
 # ImageNet preprocessing of torchvision and of Keras' `preprocess_input(mode="torch")`:
 # scale to [0, 1], then subtract the mean and divide by the standard deviation, per RGB channel.
@@ -64,12 +72,21 @@ def detect_format(path, override: str | None = None) -> str:
             raise ZooError(f"unknown format {override!r} for {path}; valid: {', '.join(FORMATS)}")
         return override
     name = Path(path).name.lower()
-    for suffix, fmt in ((".safetensors", "canonical"), (".pth", "torchvision"), (".pt", "torchvision"),
-                        (".weights.h5", "keras"), (".h5", "keras-h5"), (".hdf5", "keras-h5"), (".params", "gluon")):
+    for suffix, fmt in (
+        (".safetensors", "canonical"),
+        (".pth", "torchvision"),
+        (".pt", "torchvision"),
+        (".weights.h5", "keras"),
+        (".h5", "keras-h5"),
+        (".hdf5", "keras-h5"),
+        (".params", "gluon"),
+    ):
         if name.endswith(suffix):
             return fmt
-    raise ZooError(f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt, "
-                   f".h5 (Keras applications), .weights.h5 (Keras 3) or .params (Gluon), or pass --from/--to")
+    raise ZooError(
+        f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt, "
+        f".h5 (Keras applications), .weights.h5 (Keras 3) or .params (Gluon), or pass --from/--to"
+    )
 
 
 # ---------------------------------------------------------------------------------------
@@ -77,8 +94,11 @@ def detect_format(path, override: str | None = None) -> str:
 
 
 def _layer_counts(keys) -> list[int]:
-    counts = Counter(int(m.group(1)) for key in keys
-                     if (m := re.match(r"features\.denseblock(\d+)\.denselayer\d+\.norm1\.weight$", key)))
+    counts = Counter(
+        int(m.group(1))
+        for key in keys
+        if (m := re.match(r"features\.denseblock(\d+)\.denselayer\d+\.norm1\.weight$", key))
+    )
     return [counts[b] for b in range(1, len(counts) + 1)]
 
 
@@ -99,8 +119,18 @@ def infer_spec(state: dict, source: str = "state") -> DenseNetSpec:
         classes = np.shape(state["classifier.weight"])[0]
     except (KeyError, IndexError, ValueError) as error:
         raise ZooError(f"{source} is not a DenseNet state: no {error} to infer the architecture from") from None
-    spec = DenseNetSpec("custom", "imagenet" if "features.norm0.weight" in state else "cifar", conv0[0], growth,
-                        tuple(blocks), bn_size, compression, "features.conv0.bias" in state, conv0[1], classes)
+    spec = DenseNetSpec(
+        "custom",
+        "imagenet" if "features.norm0.weight" in state else "cifar",
+        conv0[0],
+        growth,
+        tuple(blocks),
+        bn_size,
+        compression,
+        "features.conv0.bias" in state,
+        conv0[1],
+        classes,
+    )
     validate_state(state, spec, source=source)  # the rest of the tensors must fit what was inferred
     return _named(spec)
 
@@ -125,7 +155,9 @@ def check_arch(spec: DenseNetSpec, arch, source) -> DenseNetSpec:
 # ---------------------------------------------------------------------------------------
 # torchvision: today's keys are the canonical ones; the pre-2018 files say norm.1 for norm1
 
-_TORCHVISION_LEGACY = re.compile(r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+_TORCHVISION_LEGACY = re.compile(
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$"
+)
 
 
 def from_torchvision(state: dict) -> dict:
@@ -181,8 +213,20 @@ def keras_block_config(layer_names) -> tuple[int, ...]:
 
 def keras_spec(block_config, classes: int) -> DenseNetSpec:
     """What Keras applications' `DenseNet(blocks)` builds: k=32, 64 init features, 4k bottleneck."""
-    return _named(DenseNetSpec("custom", "imagenet", 64, 32, tuple(block_config), bn_size=4, compression=0.5,
-                               conv_bias=False, in_channels=3, num_classes=classes))
+    return _named(
+        DenseNetSpec(
+            "custom",
+            "imagenet",
+            64,
+            32,
+            tuple(block_config),
+            bn_size=4,
+            compression=0.5,
+            conv_bias=False,
+            in_channels=3,
+            num_classes=classes,
+        )
+    )
 
 
 def _modules(spec: DenseNetSpec) -> dict[str, list[str]]:
@@ -212,8 +256,10 @@ def from_keras(layers: dict, spec: DenseNetSpec, source: str = "Keras weights") 
         name = keras_layer_name(module)
         arrays = layers.get(name)
         if arrays is None or len(arrays) != len(leaves):
-            raise ZooError(f"{source}: layer {name} ({module}) should hold {len(leaves)} weights, "
-                           f"got {'none' if arrays is None else len(arrays)}")
+            raise ZooError(
+                f"{source}: layer {name} ({module}) should hold {len(leaves)} weights, "
+                f"got {'none' if arrays is None else len(arrays)}"
+            )
         for leaf, array in zip(leaves, arrays):
             array = np.asarray(array)
             if leaf == "running_var":
@@ -256,14 +302,24 @@ def gluon_spec(names_shapes: dict, source: str = "Gluon parameters") -> DenseNet
         classes = names_shapes["output.weight"][0]
         blocks, index = [], 4
         while f"features.{index}.0.1.0.gamma" in names_shapes:
-            blocks.append(len({m.group(1) for name in names_shapes
-                               if (m := re.match(rf"features\.{index}\.(\d+)\.1\.0\.gamma$", name))}))
+            blocks.append(
+                len(
+                    {
+                        m.group(1)
+                        for name in names_shapes
+                        if (m := re.match(rf"features\.{index}\.(\d+)\.1\.0\.gamma$", name))
+                    }
+                )
+            )
             index += 2
         growth, width = names_shapes["features.4.0.1.5.weight"][:2]
     except (KeyError, ValueError) as error:
         raise ZooError(f"{source} is not a Gluon model-zoo DenseNet: missing parameter {error}") from None
-    return _named(DenseNetSpec("custom", "imagenet", init, growth, tuple(blocks), width // growth, 0.5,
-                               False, in_channels, classes))
+    return _named(
+        DenseNetSpec(
+            "custom", "imagenet", init, growth, tuple(blocks), width // growth, 0.5, False, in_channels, classes
+        )
+    )
 
 
 def gluon_names(spec: DenseNetSpec) -> dict[str, str]:
@@ -283,9 +339,14 @@ def from_gluon(params: dict, spec: DenseNetSpec, source: str = "Gluon parameters
     missing = [name for name in names.values() if name not in params]
     extra = sorted(set(params) - set(names.values()))
     if missing or extra:
-        raise ZooError(f"{source} does not fit Gluon's model-zoo {spec.name}: "
-                       + "; ".join(f"{len(items)} {title} parameter(s): {', '.join(items[:8])}"
-                                   for title, items in (("missing", missing), ("unexpected", extra)) if items))
+        raise ZooError(
+            f"{source} does not fit Gluon's model-zoo {spec.name}: "
+            + "; ".join(
+                f"{len(items)} {title} parameter(s): {', '.join(items[:8])}"
+                for title, items in (("missing", missing), ("unexpected", extra))
+                if items
+            )
+        )
     return validate_state({key: np.asarray(params[name]) for key, name in names.items()}, spec, source=source)
 
 
@@ -297,15 +358,19 @@ def to_gluon(state: dict, spec: DenseNetSpec) -> dict[str, np.ndarray]:
 def check_gluon_spec(spec: DenseNetSpec, source) -> None:
     """Gluon's zoo builds only bottleneck nets without conv bias, ImageNet stem, compression 0.5."""
     if spec.stem != "imagenet" or spec.bn_size is None or spec.conv_bias or spec.compression != 0.5:
-        raise ZooError(f"{source}: Gluon's model-zoo DenseNet cannot hold {spec.name} "
-                       f"(it needs the ImageNet stem, a bottleneck, no conv bias, compression 0.5)")
+        raise ZooError(
+            f"{source}: Gluon's model-zoo DenseNet cannot hold {spec.name} "
+            f"(it needs the ImageNet stem, a bottleneck, no conv bias, compression 0.5)"
+        )
 
 
 def check_keras_spec(spec: DenseNetSpec, source) -> None:
     """Keras applications' builder fixes k=32, 64 init features, 3 input channels and the rest."""
     if spec != keras_spec(spec.block_config, spec.num_classes).replace(name=spec.name):
-        raise ZooError(f"{source}: Keras applications' DenseNet cannot hold {spec.name} (it fixes the ImageNet stem "
-                       f"with 64 features, growth 32, a 4k bottleneck, no conv bias, compression 0.5, 3 channels)")
+        raise ZooError(
+            f"{source}: Keras applications' DenseNet cannot hold {spec.name} (it fixes the ImageNet stem "
+            f"with 64 features, growth 32, a 4k bottleneck, no conv bias, compression 0.5, 3 channels)"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -364,8 +429,10 @@ def weights_for(name: str, weights, num_classes: int) -> tuple[DenseNetSpec, dic
     if file_spec.replace(name=spec.name, num_classes=spec.num_classes) != spec:
         raise ZooError(f"{weights} holds {file_spec.name}, not {name}")
     if file_spec.num_classes != num_classes:
-        raise ZooError(f"{weights} has {file_spec.num_classes} classes, not num_classes={num_classes}; "
-                       f"load it with its own class count and replace the classifier to fine-tune (docs/zoo.md)")
+        raise ZooError(
+            f"{weights} has {file_spec.num_classes} classes, not num_classes={num_classes}; "
+            f"load it with its own class count and replace the classifier to fine-tune (docs/zoo.md)"
+        )
     return spec, state
 
 

@@ -74,8 +74,9 @@ class Backend(backends.BackendBase):
         return export_canonical(model.variables)
 
     def count_params(self, model):
-        sizes = {collection: sum(leaf.size for leaf in jax.tree.leaves(tree))
-                 for collection, tree in model.variables.items()}
+        sizes = {
+            collection: sum(leaf.size for leaf in jax.tree.leaves(tree)) for collection, tree in model.variables.items()
+        }
         return sizes["params"], sizes["batch_stats"]
 
     def stage_shapes(self, model, x):

@@ -34,8 +34,10 @@ def simulate_devices(n):
 def data_mesh(devices, platform):
     available = jax.devices(platform)
     if len(available) < devices:
-        raise ValueError(f"{devices} devices asked for, but JAX sees {len(available)} {platform} device(s); on the CPU "
-                         f"simulate them in a fresh process (conformance.distributed.prepare)")
+        raise ValueError(
+            f"{devices} devices asked for, but JAX sees {len(available)} {platform} device(s); on the CPU "
+            f"simulate them in a fresh process (conformance.distributed.prepare)"
+        )
     # Auto axes: jit places the computation (Explicit axes, make_mesh's default, type the shardings).
     return jax.make_mesh((devices,), (AXIS,), (jax.sharding.AxisType.Auto,), devices=available[:devices])
 
@@ -52,15 +54,17 @@ shard_grad_fn = jax.value_and_grad(shard_loss_and_logits, argnums=1, has_aux=Tru
 def shard_step(state, X, y):
     """train_step on one device's shard, BatchNorm on the shard's statistics."""
     dropout_key = jax.random.fold_in(jax.random.fold_in(state.dropout_key, state.step), jax.lax.axis_index(AXIS))
-    (loss, (logits, batch_stats)), grads = shard_grad_fn(state.apply_fn, state.params, state.batch_stats, X, y,
-                                                         dropout_key)
+    (loss, (logits, batch_stats)), grads = shard_grad_fn(
+        state.apply_fn, state.params, state.batch_stats, X, y, dropout_key
+    )
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, loss, jax.lax.psum((logits.argmax(axis=-1) == y).sum(), AXIS)
 
 
 def per_shard_step(mesh):
-    return jax.jit(jax.shard_map(shard_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P()),
-                   donate_argnums=0)
+    return jax.jit(
+        jax.shard_map(shard_step, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)), out_specs=P()), donate_argnums=0
+    )
 
 
 @partial(jax.jit, donate_argnums=0, static_argnums=(4, 5))
@@ -93,8 +97,9 @@ class DataParallelTrainer(Trainer):
         if len(x) % self.devices:
             raise ValueError(f"a batch of {len(x)} does not split evenly over {self.devices} devices")
         with float32_mode(self.precision):
-            state, loss, correct = self.step(self.current_state(), self.shard(np.asarray(x).astype(self.dtype)),
-                                             self.shard(y))
+            state, loss, correct = self.step(
+                self.current_state(), self.shard(np.asarray(x).astype(self.dtype)), self.shard(y)
+            )
         self.keep(state)
         return float(loss), int(correct)
 
@@ -105,13 +110,16 @@ class DataParallelTrainer(Trainer):
     def step_on(self, indices):
         indices = even_part(indices, self.devices)
         with float32_mode(self.precision):
-            state, loss, correct = gather_step(self.current_state(), self.images, self.labels, self.shard(indices),
-                                               self.dtype, self.step)
+            state, loss, correct = gather_step(
+                self.current_state(), self.images, self.labels, self.shard(indices), self.dtype, self.step
+            )
         self.keep(state)
         self.record_step(loss, correct, len(indices))
 
     def predict(self, x):
-        return np.asarray(eval_logits(self.model.module.apply, self.model.variables, jax.device_put(x, self.replicated)))
+        return np.asarray(
+            eval_logits(self.model.module.apply, self.model.variables, jax.device_put(x, self.replicated))
+        )
 
     def load_optimizer_state(self, state):
         super().load_optimizer_state(state)

@@ -27,7 +27,7 @@ def input_shape(model, size, batch):
 
 
 def save_native(model, path, size):
-    batch, = jax.export.symbolic_shape("batch")
+    (batch,) = jax.export.symbolic_shape("batch")
     X = jax.ShapeDtypeStruct(input_shape(model, size, batch), model.module.dtype)
     exported = jax.export.export(jax.jit(eval_apply(model)))(X)
     atomic_write_bytes(path, exported.serialize())
@@ -41,6 +41,11 @@ def load_native(path):
 
 
 def export_onnx(model, path, size):
-    graph = jax2onnx.to_onnx(eval_apply(model), [input_shape(model, size, "batch")], model_name="densenet",
-                             input_names=["input"], output_names=["logits"])
+    graph = jax2onnx.to_onnx(
+        eval_apply(model),
+        [input_shape(model, size, "batch")],
+        model_name="densenet",
+        input_names=["input"],
+        output_names=["logits"],
+    )
     atomic_write_bytes(path, graph.SerializeToString())

@@ -24,15 +24,30 @@ BN_MOMENTUM = 0.9  # Flax's convention: weight of the old running statistic (PyT
 def batch_norm(train, dtype, name):
     # Flax's default momentum is 0.99. use_fast_variance=False computes the variance as
     # mean((x - mean)^2) like the others, not as mean(x^2) - mean^2.
-    return nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPS,
-                        use_fast_variance=False, dtype=dtype, param_dtype=dtype, name=name)
+    return nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPS,
+        use_fast_variance=False,
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
 
 
 def conv(num_channels, kernel_size, bias, dtype, name, stride=1):
     # Explicit symmetric padding: padding='SAME' pads a stride-2 layer on one side only.
     pad = kernel_size // 2
-    return nn.Conv(num_channels, (kernel_size, kernel_size), strides=stride, padding=((pad, pad), (pad, pad)),
-                   use_bias=bias, dtype=dtype, param_dtype=dtype, name=name)
+    return nn.Conv(
+        num_channels,
+        (kernel_size, kernel_size),
+        strides=stride,
+        padding=((pad, pad), (pad, pad)),
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        name=name,
+    )
 
 
 class ConvBlock(nn.Module):
@@ -86,8 +101,9 @@ class DenseBlock(nn.Module):
         if self.memory_efficient:
             features = [X]
             for i in range(self.num_convs):
-                Y = CheckpointedLayer(self.num_channels, self.bn_size, self.bias, self.dtype,
-                                      name=f"denselayer{i + 1}")(features, train)
+                Y = CheckpointedLayer(
+                    self.num_channels, self.bn_size, self.bias, self.dtype, name=f"denselayer{i + 1}"
+                )(features, train)
                 features.append(nn.Dropout(self.drop_rate, deterministic=not train)(Y))
             return jnp.concatenate(features, axis=-1)
         for i in range(self.num_convs):
@@ -141,8 +157,16 @@ class DenseNet(nn.Module):
         self.sow("intermediates", "stem", X)
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):
-                block = DenseBlock(len(stage.layers), spec.growth_rate, spec.bn_size, spec.conv_bias,
-                                   spec.drop_rate, self.dtype, self.memory_efficient, name=stage.name)
+                block = DenseBlock(
+                    len(stage.layers),
+                    spec.growth_rate,
+                    spec.bn_size,
+                    spec.conv_bias,
+                    spec.drop_rate,
+                    self.dtype,
+                    self.memory_efficient,
+                    name=stage.name,
+                )
             else:
                 block = TransitionBlock(stage.out_channels, spec.conv_bias, self.dtype, name=stage.name)
             X = block(X, train)

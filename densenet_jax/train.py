@@ -49,8 +49,13 @@ def eval_logits(apply_fn, variables, X):
 @partial(jax.jit, static_argnums=0)
 def train_logits(apply_fn, params, batch_stats, X, dropout_key):
     """Train-mode logits (BatchNorm on batch statistics) and the updated running statistics."""
-    logits, updates = apply_fn({"params": params, "batch_stats": batch_stats}, X, train=True,
-                               mutable=["batch_stats"], rngs={"dropout": dropout_key})
+    logits, updates = apply_fn(
+        {"params": params, "batch_stats": batch_stats},
+        X,
+        train=True,
+        mutable=["batch_stats"],
+        rngs={"dropout": dropout_key},
+    )
     return logits, updates["batch_stats"]
 
 
@@ -76,8 +81,9 @@ def train_pass(model, x, y, seed=0):
     program (BN running statistics update too)."""
     X, y = to_device(model, x, y)
     params, batch_stats = model.variables["params"], model.variables["batch_stats"]
-    loss, logits, grads, batch_stats = compute_gradients(model.module.apply, params, batch_stats, X, y,
-                                                         jax.random.key(seed))
+    loss, logits, grads, batch_stats = compute_gradients(
+        model.module.apply, params, batch_stats, X, y, jax.random.key(seed)
+    )
     model.variables = {"params": params, "batch_stats": batch_stats}
     return np.asarray(logits), float(loss), to_canonical(grads)
 
@@ -119,9 +125,13 @@ class Trainer(backends.Trainer):
         # Flax's mixed precision: the module computes in bfloat16, the parameters stay float32.
         module = model.module.clone(dtype=jnp.bfloat16) if precision == "bf16" else model.module
         self.dtype = module.dtype
-        state = TrainState.create(apply_fn=module.apply, params=model.variables["params"],
-                                  tx=optax.sgd(lr, momentum or None), batch_stats=model.variables["batch_stats"],
-                                  dropout_key=jax.random.key(seed))
+        state = TrainState.create(
+            apply_fn=module.apply,
+            params=model.variables["params"],
+            tx=optax.sgd(lr, momentum or None),
+            batch_stats=model.variables["batch_stats"],
+            dropout_key=jax.random.key(seed),
+        )
         # device_put also makes the step counter an array: as a Python int, it would make the
         # second step compile again.
         self.state = jax.device_put(state, model_device(model))
@@ -130,7 +140,9 @@ class Trainer(backends.Trainer):
 
     def current_state(self):
         # The model's variables are the truth: weights loaded into it between steps are used.
-        return self.state.replace(params=self.model.variables["params"], batch_stats=self.model.variables["batch_stats"])
+        return self.state.replace(
+            params=self.model.variables["params"], batch_stats=self.model.variables["batch_stats"]
+        )
 
     def keep(self, state):
         self.state = state
@@ -149,8 +161,13 @@ class Trainer(backends.Trainer):
 
     def step_on(self, indices):
         with float32_mode(self.precision):
-            state, loss, correct = gather_step(self.current_state(), self.images, self.labels,
-                                               jax.device_put(indices, model_device(self.model)), self.dtype)
+            state, loss, correct = gather_step(
+                self.current_state(),
+                self.images,
+                self.labels,
+                jax.device_put(indices, model_device(self.model)),
+                self.dtype,
+            )
         self.keep(state)
         self.record_step(loss, correct, len(indices))
 

@@ -16,8 +16,12 @@ from conformance.weights import hwio_to_oihw, oihw_to_hwio, validate_state
 from .model import DenseNet, variable_shapes
 
 # Canonical leaf name -> (Flax collection, leaf name), for a BatchNorm and for a Conv or Dense.
-NORM_LEAVES = {"weight": ("params", "scale"), "bias": ("params", "bias"),
-               "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
+NORM_LEAVES = {
+    "weight": ("params", "scale"),
+    "bias": ("params", "bias"),
+    "running_mean": ("batch_stats", "mean"),
+    "running_var": ("batch_stats", "var"),
+}
 LAYER_LEAVES = {"weight": ("params", "kernel"), "bias": ("params", "bias")}
 
 
@@ -32,12 +36,15 @@ def canonical_key(path):
 
 def to_canonical(tree, collection="params"):
     """A tree shaped like one collection (gradients, momentum buffers, batch_stats) -> NumPy dict."""
-    return {canonical_key((collection, *path)): np.array(hwio_to_oihw(np.asarray(value)), order="C")
-            for path, value in flatten_dict(tree).items()}
+    return {
+        canonical_key((collection, *path)): np.array(hwio_to_oihw(np.asarray(value)), order="C")
+        for path, value in flatten_dict(tree).items()
+    }
 
 
 def from_canonical(arrays, like, collection="params", dtype=None):
     """The inverse of to_canonical: a tree shaped like `like`, in `dtype` (or like's dtypes)."""
+
     def leaf(path, old):  # cast by NumPy: jnp.asarray would compile a cast on the device for every shape
         return np.asarray(oihw_to_hwio(arrays[canonical_key((collection, *path))]), dtype or old.dtype)
 
@@ -54,5 +61,6 @@ def load_canonical(module, state):
 
 
 def export_canonical(variables):
-    return {key: value for collection, tree in variables.items()
-            for key, value in to_canonical(tree, collection).items()}
+    return {
+        key: value for collection, tree in variables.items() for key, value in to_canonical(tree, collection).items()
+    }

@@ -2,13 +2,12 @@
 
 import os
 
-from . import compat  # noqa: F401  (before mxnet)
-
 import mxnet as mx
 from mxnet import autograd, init
 
 from conformance import backends
 
+from . import compat  # noqa: F401  (before mxnet)
 from .model import DenseNet
 from .train import Trainer, to_context, train_pass
 from .weights import export_canonical, load_canonical
@@ -25,8 +24,10 @@ def gpu_context():
         (mx.np.ones((2, 2), ctx=mx.gpu(0)) * 2).asnumpy()
     except mx.MXNetError as error:
         reason = next((line for line in str(error).splitlines() if "Error" in line), str(error)).strip()
-        return mx.cpu(), (f"MXNet cannot run on gpu(0) ({reason}); MXNet 1.9.1 has no kernels for "
-                          "Hopper (sm_90) or newer GPUs; ran on the CPU")
+        return mx.cpu(), (
+            f"MXNet cannot run on gpu(0) ({reason}); MXNet 1.9.1 has no kernels for "
+            "Hopper (sm_90) or newer GPUs; ran on the CPU"
+        )
     return mx.gpu(0), ""
 
 
@@ -80,8 +81,10 @@ class Backend(backends.BackendBase):
 
     def stage_shapes(self, model, x):
         shapes = {}
-        hooks = [block.register_forward_hook(lambda b, i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
-                 for name, block in stage_blocks(model)]
+        hooks = [
+            block.register_forward_hook(lambda b, i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+            for name, block in stage_blocks(model)
+        ]
         model.hybridize(False)  # hooks see only imperative calls; a hybridized net runs as one graph
         try:
             with autograd.predict_mode():

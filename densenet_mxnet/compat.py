@@ -24,8 +24,11 @@ os.environ.setdefault("MXNET_STORAGE_FALLBACK_LOG_VERBOSE", "0")
 
 def _removed(name):
     def stub(*args, **kwargs):
-        raise NotImplementedError(f"numpy.{name} was removed in NumPy 2 (numpy_financial has it); "
-                                  "densenet_mxnet restores the name only so that mxnet can import")
+        raise NotImplementedError(
+            f"numpy.{name} was removed in NumPy 2 (numpy_financial has it); "
+            "densenet_mxnet restores the name only so that mxnet can import"
+        )
+
     stub.__name__ = name
     return stub
 
@@ -68,9 +71,11 @@ def restore_numpy_names(module=numpy):
 def check_distutils():
     # mxnet imports distutils.version, which Python 3.12 dropped; setuptools provides it again.
     if importlib.util.find_spec("distutils") is None:
-        raise ModuleNotFoundError("MXNet 1.9.1 imports distutils, which this Python no longer ships: "
-                                  "install setuptools (pip install setuptools) into this environment",
-                                  name="distutils")
+        raise ModuleNotFoundError(
+            "MXNet 1.9.1 imports distutils, which this Python no longer ships: "
+            "install setuptools (pip install setuptools) into this environment",
+            name="distutils",
+        )
 
 
 def torch_threads():

@@ -11,13 +11,12 @@ offered. Across machines MXNet's kvstore is `dist_sync`, which this trainer does
 yet (docs/distributed.md).
 """
 
-from . import compat  # noqa: F401  (before mxnet)
-
 import mxnet as mx
 from mxnet import autograd
 
 from conformance.distributed import ENGINES, check_semantics, even_part
 
+from . import compat  # noqa: F401  (before mxnet)
 from .train import Trainer, loss_fn, model_context
 
 # The engine, its BatchNorm semantics (per_shard only: SyncBatchNorm is legacy-mode only, see
@@ -41,7 +40,7 @@ def shards(array, contexts):
     """A global batch's contiguous, equal shards, one on each context (`split_and_load`
     fails in NumPy mode under NumPy 2, so the slicing is by hand)."""
     size = len(array) // len(contexts)
-    return [array[r * size:(r + 1) * size].as_in_context(ctx) for r, ctx in enumerate(contexts)]
+    return [array[r * size : (r + 1) * size].as_in_context(ctx) for r, ctx in enumerate(contexts)]
 
 
 class DataParallelTrainer(Trainer):
@@ -50,7 +49,9 @@ class DataParallelTrainer(Trainer):
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
         device_type = model_context(model).device_type
-        self.bn_semantics = check_semantics(DECLARED.bn_semantics, "cpu" if device_type == "cpu" else "gpu", sync_bn, "mxnet")
+        self.bn_semantics = check_semantics(
+            DECLARED.bn_semantics, "cpu" if device_type == "cpu" else "gpu", sync_bn, "mxnet"
+        )
         self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         self.contexts = replica_contexts(devices, device_type)
         model.collect_params().reset_ctx(self.contexts)  # gluon.Trainer reads the contexts when made

@@ -5,8 +5,6 @@ NumPy-interface operators (`mx.np`), and onnx >= 1.15, which removed the `onnx.m
 tables it reads. Both are bridged below without touching the graph's arithmetic.
 """
 
-from . import compat  # noqa: F401  (before mxnet)
-
 import sys
 import tempfile
 import types
@@ -20,6 +18,8 @@ from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
 from mxnet.onnx.mx2onnx._op_translations import _op_translations_opset12 as opset12
 
 from conformance.weights import atomic_write_bytes
+
+from . import compat  # noqa: F401  (before mxnet)
 
 EXPORTER = f"mx.onnx.export_model, MXNet {mx.__version__}, onnx {onnx.__version__}"
 NATIVE_SUFFIX = ""  # a prefix: PREFIX-symbol.json and PREFIX-0000.params
@@ -78,8 +78,15 @@ def export_onnx(model, path, size):
     with tempfile.TemporaryDirectory() as tmp:
         save_native(model, f"{tmp}/model", size)
         symbol, params = native_files(f"{tmp}/model")
-        mx.onnx.export_model(str(symbol), str(params), [(2, in_channels, size, size)], [dtype], f"{tmp}/model.onnx",
-                             dynamic=True, dynamic_input_shapes=[(None, in_channels, None, None)])
+        mx.onnx.export_model(
+            str(symbol),
+            str(params),
+            [(2, in_channels, size, size)],
+            [dtype],
+            f"{tmp}/model.onnx",
+            dynamic=True,
+            dynamic_input_shapes=[(None, in_channels, None, None)],
+        )
         graph = onnx.load(f"{tmp}/model.onnx")
     # MXNet lists the weights among the graph's inputs too, as ONNX before IR version 4 did.
     weights = {tensor.name for tensor in graph.graph.initializer}

@@ -13,14 +13,14 @@ without a dummy forward pass.
 
 import warnings
 
-from . import compat  # noqa: F401  (before mxnet)
-
 import numpy as onp
 from mxnet import npx
 from mxnet.gluon import nn
 from mxnet.ndarray import NDArray
 
 from conformance.specs import channel_plan, get_spec, validate_input
+
+from . import compat  # noqa: F401  (before mxnet)
 
 npx.set_np()  # mx.np arrays in and out; Gluon layers pick their operators when built, so switch first
 
@@ -31,7 +31,8 @@ NO_MEMORY_EFFICIENT = (
     "memory_efficient=True has no effect in MXNet 1.9: hybridized Gluon blocks (CachedOp) and "
     "imperative autograd build their backward graphs without MXNet's mirroring, which only the "
     "symbolic executor applies, and an autograd.Function checkpoint races with MXNet's engine "
-    "(docs/memory.md). This is the plain network, with the same parameters and numbers.")
+    "(docs/memory.md). This is the plain network, with the same parameters and numbers."
+)
 
 
 def dtype_name(dtype):
@@ -51,8 +52,9 @@ def batch_norm(num_channels):
 
 
 def conv(input_channels, num_channels, kernel_size, bias, strides=1, padding=0):
-    return nn.Conv2D(num_channels, kernel_size, strides=strides, padding=padding,
-                     use_bias=bias, in_channels=input_channels)
+    return nn.Conv2D(
+        num_channels, kernel_size, strides=strides, padding=padding, use_bias=bias, in_channels=input_channels
+    )
 
 
 def conv_block(input_channels, num_channels, bn_size=None, bias=True):
@@ -132,8 +134,9 @@ class DenseNet(nn.HybridBlock):
         features = stem(spec)
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):
-                block = DenseBlock(len(stage.layers), stage.in_channels, spec.growth_rate,
-                                   spec.bn_size, spec.conv_bias, spec.drop_rate)
+                block = DenseBlock(
+                    len(stage.layers), stage.in_channels, spec.growth_rate, spec.bn_size, spec.conv_bias, spec.drop_rate
+                )
             else:
                 block = transition_block(stage.in_channels, stage.out_channels, spec.conv_bias)
             features[stage.name] = block

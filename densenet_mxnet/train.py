@@ -9,13 +9,11 @@ import contextlib
 import pickle
 
 import numpy as onp
-
-from . import compat  # noqa: F401  (before mxnet)
-
 from mxnet import autograd, gluon, np
 
 from conformance import backends
 
+from . import compat  # noqa: F401  (before mxnet)
 from .weights import from_canonical, to_canonical, trainable_params
 
 loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # one loss per example
@@ -51,8 +49,10 @@ def float32_mode(precision):
 def arithmetic(precision, ctx):
     """What a trainer asked for `precision` really computes in (always float32 here)."""
     if precision == "bf16":
-        return ("fp32 (bf16 asked: MXNet 1.9 has no bfloat16 training path here; its AMP trains "
-                "float16 on GPUs, bfloat16 only through oneDNN)")
+        return (
+            "fp32 (bf16 asked: MXNet 1.9 has no bfloat16 training path here; its AMP trains "
+            "float16 on GPUs, bfloat16 only through oneDNN)"
+        )
     if precision == "tf32" and ctx.device_type == "gpu":
         return "fp32 (tf32 asked: NVIDIA_TF32_OVERRIDE=0 holds for the whole MXNet process)"
     return backends.arithmetic_words(precision, on_gpu=False, mixed="")
@@ -65,8 +65,12 @@ class Trainer(backends.Trainer):
         self.names = list(trainable_params(model))
         # update_on_kvstore=False: the trainer updates in place and keeps SGD's momentum in
         # its own updater, where export/load_optimizer_state find it.
-        self.trainer = gluon.Trainer(list(trainable_params(model).values()), "sgd",
-                                     {"learning_rate": lr, "momentum": momentum}, update_on_kvstore=False)
+        self.trainer = gluon.Trainer(
+            list(trainable_params(model).values()),
+            "sgd",
+            {"learning_rate": lr, "momentum": momentum},
+            update_on_kvstore=False,
+        )
 
     def step(self, X, y):
         """One SGD step; the loss and the correct count stay on the device (MXNet runs ahead)."""
@@ -114,6 +118,8 @@ class Trainer(backends.Trainer):
         return {key: -mom.astype("float64") / self.lr for key, mom in moms.items()}
 
     def load_optimizer_state(self, state):
-        moms = from_canonical(self.model, {key: -self.lr * onp.asarray(value, "float64") for key, value in state.items()})
+        moms = from_canonical(
+            self.model, {key: -self.lr * onp.asarray(value, "float64") for key, value in state.items()}
+        )
         states = {self.names.index(name): mom.as_nd_ndarray() for name, mom in moms.items()}
         self.updater.set_states(pickle.dumps(states))

@@ -5,11 +5,11 @@ canonical key, except that Gluon's BatchNorm calls weight and bias gamma and bet
 weights are OIHW and Dense weights (out, in) in Gluon too: no transposes.
 """
 
-from . import compat  # noqa: F401  (before mxnet)
-
 from mxnet import np
 
 from conformance.weights import validate_state
+
+from . import compat  # noqa: F401  (before mxnet)
 
 CANONICAL_NAMES = {"gamma": "weight", "beta": "bias"}  # Gluon BatchNorm -> torchvision
 
@@ -39,7 +39,9 @@ def load_canonical(model, state, ctx=None):
     for name, param in structural_params(model).items():
         # What load_parameters does per parameter: set the data, initialising it if needed.
         # An initialised parameter is loaded onto every context it lives on (data parallelism)
-        param._load_init(np.array(state[canonical_key(name)]), None if param._data is not None else ctx, cast_dtype=True)
+        param._load_init(
+            np.array(state[canonical_key(name)]), None if param._data is not None else ctx, cast_dtype=True
+        )
 
 
 def export_canonical(model):
@@ -54,5 +56,8 @@ def to_canonical(named_arrays):
 
 def from_canonical(model, arrays):
     """The inverse of to_canonical, in each parameter's dtype, on the model's context."""
-    return {name: np.array(arrays[canonical_key(name)], dtype=param.dtype, ctx=param.list_ctx()[0])
-            for name, param in structural_params(model).items() if canonical_key(name) in arrays}
+    return {
+        name: np.array(arrays[canonical_key(name)], dtype=param.dtype, ctx=param.list_ctx()[0])
+        for name, param in structural_params(model).items()
+        if canonical_key(name) in arrays
+    }

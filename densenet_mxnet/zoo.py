@@ -9,8 +9,6 @@ NumPy mode (`npx.set_np()`): `legacy_mode()` switches for the duration and back.
 import contextlib
 import os
 
-from . import compat  # noqa: F401  (before mxnet)
-
 import mxnet as mx
 import numpy as onp
 from mxnet import npx, util
@@ -19,6 +17,7 @@ from mxnet.gluon.model_zoo.vision import densenet as gluon_densenet
 from conformance import zoo
 from conformance.weights import atomic_write_bytes
 
+from . import compat  # noqa: F401  (before mxnet)
 from .model import DenseNet
 from .weights import load_canonical
 
@@ -38,8 +37,13 @@ def gluon_application(spec):
     """The Gluon model zoo's own DenseNet for `spec` (built in legacy mode)."""
     zoo.check_gluon_spec(spec, spec.name)
     with legacy_mode():
-        return gluon_densenet.DenseNet(spec.num_init_features, spec.growth_rate, list(spec.block_config),
-                                       bn_size=spec.bn_size, classes=spec.num_classes)
+        return gluon_densenet.DenseNet(
+            spec.num_init_features,
+            spec.growth_rate,
+            list(spec.block_config),
+            bn_size=spec.bn_size,
+            classes=spec.num_classes,
+        )
 
 
 def read_zoo(path, fmt="gluon"):
@@ -48,8 +52,9 @@ def read_zoo(path, fmt="gluon"):
         with legacy_mode():
             loaded = mx.nd.load(str(path))
     except mx.base.MXNetError as error:
-        raise zoo.ZooError(f"{path} is not a readable MXNet .params file (truncated or corrupt?): "
-                           f"{str(error).splitlines()[0]}") from None
+        raise zoo.ZooError(
+            f"{path} is not a readable MXNet .params file (truncated or corrupt?): {str(error).splitlines()[0]}"
+        ) from None
     if not isinstance(loaded, dict):
         raise zoo.ZooError(f"{path} holds an unnamed list of {len(loaded)} arrays, not Gluon parameters")
     params = {name.split(":", 1)[-1]: value.asnumpy() for name, value in loaded.items()}  # "arg:" in old files

@@ -9,5 +9,15 @@ from .model import DenseBlock, DenseNet, conv_block, transition_block  # noqa: E
 from .weights import export_canonical, load_canonical  # noqa: E402
 from .zoo import DenseNet121, DenseNet169, DenseNet201, preprocess_input  # noqa: E402
 
-__all__ = ["DenseBlock", "DenseNet", "conv_block", "transition_block", "export_canonical", "load_canonical",
-           "DenseNet121", "DenseNet169", "DenseNet201", "preprocess_input"]
+__all__ = [
+    "DenseBlock",
+    "DenseNet",
+    "conv_block",
+    "transition_block",
+    "export_canonical",
+    "load_canonical",
+    "DenseNet121",
+    "DenseNet169",
+    "DenseNet201",
+    "preprocess_input",
+]

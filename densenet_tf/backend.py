@@ -51,8 +51,10 @@ class Backend(backends.BackendBase):
         tf.config.experimental.enable_tensor_float_32_execution(False)
         gpus = tf.config.get_visible_devices("GPU")
         if device == "gpu" and not gpus:
-            self.device_note = ("TensorFlow sees no GPU (a CPU-only build, its CUDA 12 libraries not on "
-                                "LD_LIBRARY_PATH, or hidden by a CPU backend earlier in this process); ran on the CPU")
+            self.device_note = (
+                "TensorFlow sees no GPU (a CPU-only build, its CUDA 12 libraries not on "
+                "LD_LIBRARY_PATH, or hidden by a CPU backend earlier in this process); ran on the CPU"
+            )
         if device == "cpu" and gpus and not hide_gpus():
             self.device_note = "TensorFlow had already started on the GPU in this process; ran there"
         self.device = "gpu" if tf.config.get_visible_devices("GPU") else "cpu"

@@ -39,8 +39,10 @@ def simulate_devices(n):
 def mirrored_strategy(devices, device_type):
     available = tf.config.list_logical_devices(device_type.upper())
     if len(available) < devices:
-        raise ValueError(f"{devices} devices asked for, but TensorFlow sees {len(available)} {device_type} device(s); "
-                         f"on the CPU simulate them in a fresh process (conformance.distributed.prepare)")
+        raise ValueError(
+            f"{devices} devices asked for, but TensorFlow sees {len(available)} {device_type} device(s); "
+            f"on the CPU simulate them in a fresh process (conformance.distributed.prepare)"
+        )
     return tf.distribute.MirroredStrategy([device.name for device in available[:devices]])
 
 
@@ -90,8 +92,10 @@ class DataParallelTrainer(Trainer):
         self.pull()
         loss, correct = self.strategy.run(replica_step, args=args)
         self.push()
-        return (self.strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None),
-                self.strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None))
+        return (
+            self.strategy.reduce(tf.distribute.ReduceOp.MEAN, loss, axis=None),
+            self.strategy.reduce(tf.distribute.ReduceOp.SUM, correct, axis=None),
+        )
 
     def distributed_step(self, X, y):
         return self.run(self.sgd_step, X, y)
@@ -105,7 +109,7 @@ class DataParallelTrainer(Trainer):
 
         def replica_shard(context):
             start = context.replica_id_in_sync_group * size
-            return batch[start:start + size]
+            return batch[start : start + size]
 
         return self.strategy.experimental_distribute_values_from_function(replica_shard)
 

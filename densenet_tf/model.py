@@ -39,19 +39,25 @@ def conv1x1(num_channels, bias, name, dtype=None):
 def conv_block(num_channels, bn_size=None, bias=True, name=None, dtype=None):
     """BN-ReLU-Conv(3x3); with `bn_size`, the bottleneck BN-ReLU-Conv(1x1)-BN-ReLU-Conv(3x3)."""
     if bn_size is None:
-        return keras.Sequential([
+        return keras.Sequential(
+            [
+                batch_norm("norm1", dtype),
+                layers.ReLU(name="relu1", dtype=dtype),
+                conv3x3(num_channels, bias, "conv1", dtype),
+            ],
+            name=name,
+        )
+    return keras.Sequential(
+        [
             batch_norm("norm1", dtype),
             layers.ReLU(name="relu1", dtype=dtype),
-            conv3x3(num_channels, bias, "conv1", dtype),
-        ], name=name)
-    return keras.Sequential([
-        batch_norm("norm1", dtype),
-        layers.ReLU(name="relu1", dtype=dtype),
-        conv1x1(bn_size * num_channels, bias, "conv1", dtype),
-        batch_norm("norm2", dtype),
-        layers.ReLU(name="relu2", dtype=dtype),
-        conv3x3(num_channels, bias, "conv2", dtype),
-    ], name=name)
+            conv1x1(bn_size * num_channels, bias, "conv1", dtype),
+            batch_norm("norm2", dtype),
+            layers.ReLU(name="relu2", dtype=dtype),
+            conv3x3(num_channels, bias, "conv2", dtype),
+        ],
+        name=name,
+    )
 
 
 def checkpointed_layer(layer, features, training=None):
@@ -87,14 +93,22 @@ class DenseBlock(layers.Layer):
     """`num_convs` conv blocks; each one's output is concatenated to its input.
     `memory_efficient` keeps a list of feature maps instead and recomputes each concatenation."""
 
-    def __init__(self, num_convs, num_channels, bn_size=None, bias=True, drop_rate=0.0, memory_efficient=False,
-                 **kwargs):
+    def __init__(
+        self, num_convs, num_channels, bn_size=None, bias=True, drop_rate=0.0, memory_efficient=False, **kwargs
+    ):
         super().__init__(**kwargs)
-        self.config = {"num_convs": num_convs, "num_channels": num_channels, "bn_size": bn_size,
-                       "bias": bias, "drop_rate": drop_rate, "memory_efficient": memory_efficient}
+        self.config = {
+            "num_convs": num_convs,
+            "num_channels": num_channels,
+            "bn_size": bn_size,
+            "bias": bias,
+            "drop_rate": drop_rate,
+            "memory_efficient": memory_efficient,
+        }
         self.memory_efficient = memory_efficient
-        self.denselayers = [conv_block(num_channels, bn_size, bias, f"denselayer{i + 1}", self.dtype_policy)
-                            for i in range(num_convs)]
+        self.denselayers = [
+            conv_block(num_channels, bn_size, bias, f"denselayer{i + 1}", self.dtype_policy) for i in range(num_convs)
+        ]
         self.dropout = layers.Dropout(drop_rate, name="dropout", dtype=self.dtype_policy)
 
     # build and compute_output_shape spare Keras a traced run of call() to learn the shapes.
@@ -129,12 +143,15 @@ class DenseBlock(layers.Layer):
 
 def transition_block(num_channels, bias=True, name=None, dtype=None):
     """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
-    return keras.Sequential([
-        batch_norm("norm", dtype),
-        layers.ReLU(name="relu", dtype=dtype),
-        conv1x1(num_channels, bias, "conv", dtype),
-        layers.AveragePooling2D(2, strides=2, name="pool", dtype=dtype),
-    ], name=name)
+    return keras.Sequential(
+        [
+            batch_norm("norm", dtype),
+            layers.ReLU(name="relu", dtype=dtype),
+            conv1x1(num_channels, bias, "conv", dtype),
+            layers.AveragePooling2D(2, strides=2, name="pool", dtype=dtype),
+        ],
+        name=name,
+    )
 
 
 def stem(spec, dtype=None):
@@ -169,8 +186,16 @@ class DenseNet(keras.Model):
         features = stem(spec, dtype)
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):
-                block = DenseBlock(len(stage.layers), spec.growth_rate, spec.bn_size, spec.conv_bias,
-                                   spec.drop_rate, memory_efficient, name=stage.name, dtype=dtype)
+                block = DenseBlock(
+                    len(stage.layers),
+                    spec.growth_rate,
+                    spec.bn_size,
+                    spec.conv_bias,
+                    spec.drop_rate,
+                    memory_efficient,
+                    name=stage.name,
+                    dtype=dtype,
+                )
             else:
                 block = transition_block(stage.out_channels, spec.conv_bias, stage.name, dtype)
             features.append(block)
@@ -187,13 +212,19 @@ class DenseNet(keras.Model):
             input_shape = layer.compute_output_shape(input_shape)
 
     def get_config(self):
-        return {"spec": self.spec.to_json(), "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-                "memory_efficient": self.memory_efficient}
+        return {
+            "spec": self.spec.to_json(),
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "memory_efficient": self.memory_efficient,
+        }
 
     @classmethod
     def from_config(cls, config):
-        return cls(DenseNetSpec.from_json(config["spec"]), dtype=keras.dtype_policies.deserialize(config["dtype"]),
-                   memory_efficient=config.get("memory_efficient", False))
+        return cls(
+            DenseNetSpec.from_json(config["spec"]),
+            dtype=keras.dtype_policies.deserialize(config["dtype"]),
+            memory_efficient=config.get("memory_efficient", False),
+        )
 
     def call(self, X, training=None):
         validate_input(self.spec, X.shape, dtype_name(X.dtype), "NHWC", self.compute_dtype)

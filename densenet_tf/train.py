@@ -44,7 +44,11 @@ def gradient_step(model, X, y):
 def train_pass(model, x, y, run_eagerly=True):
     """gradient_step on NumPy input: logits, loss and canonical gradients out."""
     logits, loss, grads = compiled(functools.partial(gradient_step, model), run_eagerly)(*to_tensors(x, y))
-    return logits.numpy(), float(loss), to_canonical(model, {v.path: g for v, g in zip(model.trainable_variables, grads)})
+    return (
+        logits.numpy(),
+        float(loss),
+        to_canonical(model, {v.path: g for v, g in zip(model.trainable_variables, grads)}),
+    )
 
 
 def learning_rate(lr, dtype):
@@ -135,7 +139,9 @@ class Trainer(backends.Trainer):
         return {key: -m.astype("float64") / self.lr for key, m in momentums.items()}
 
     def load_optimizer_state(self, state):
-        momentums = from_canonical(self.model, {key: -self.lr * np.asarray(value, "float64") for key, value in state.items()})
+        momentums = from_canonical(
+            self.model, {key: -self.lr * np.asarray(value, "float64") for key, value in state.items()}
+        )
         for v, m in zip(self.model.trainable_variables, self.optimizer.momentums):
             if v.path in momentums:
                 m.assign(momentums[v.path])

@@ -11,8 +11,12 @@ import numpy as np
 from conformance.weights import hwio_to_oihw, oihw_to_hwio, validate_state
 
 CANONICAL_NAMES = {
-    "kernel": "weight", "bias": "bias",  # Conv2D, Dense
-    "gamma": "weight", "beta": "bias", "moving_mean": "running_mean", "moving_variance": "running_var",
+    "kernel": "weight",
+    "bias": "bias",  # Conv2D, Dense
+    "gamma": "weight",
+    "beta": "bias",
+    "moving_mean": "running_mean",
+    "moving_variance": "running_var",
 }
 
 

@@ -11,8 +11,8 @@ import os
 import warnings
 
 import h5py
-import numpy as np
 import keras
+import numpy as np
 from keras import layers, ops
 from keras.src.applications.densenet import DenseNet as KerasDenseNet
 from keras.src.legacy.saving import legacy_h5_format
@@ -32,8 +32,11 @@ def keras_layer_names(path):
             if "layer_names" in group.attrs:
                 return [name.decode() if isinstance(name, bytes) else name for name in group.attrs["layer_names"]]
             names = []
-            group.visititems(lambda key, item: names.append(item.attrs["name"])
-                             if key.endswith("/vars") and "name" in item.attrs else None)
+            group.visititems(
+                lambda key, item: (
+                    names.append(item.attrs["name"]) if key.endswith("/vars") and "name" in item.attrs else None
+                )
+            )
             return names
     except OSError as error:
         raise zoo.ZooError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}") from None
@@ -41,18 +44,25 @@ def keras_layer_names(path):
 
 def keras_application(spec, include_top=True, classifier_activation=None, input_shape=None):
     """Keras applications' own DenseNet for `spec` (which must be one it can build)."""
-    return KerasDenseNet(list(spec.block_config), include_top=include_top, weights=None,
-                         input_shape=input_shape or (224, 224, 3), classes=spec.num_classes,
-                         classifier_activation=classifier_activation)
+    return KerasDenseNet(
+        list(spec.block_config),
+        include_top=include_top,
+        weights=None,
+        input_shape=input_shape or (224, 224, 3),
+        classes=spec.num_classes,
+        classifier_activation=classifier_activation,
+    )
 
 
 def read_zoo(path, fmt="keras-h5"):
     """A Keras applications DenseNet file (legacy `.h5` or `.weights.h5`) as a canonical state."""
     names = keras_layer_names(path)
     if "conv1_conv" not in names or "predictions" not in names:
-        raise zoo.ZooError(f"{path} is not a Keras applications DenseNet with its classifier: no "
-                           f"{'conv1_conv' if 'conv1_conv' not in names else 'predictions'} layer among "
-                           f"{len(names)} layers ({', '.join(names[:6])}, ...)")
+        raise zoo.ZooError(
+            f"{path} is not a Keras applications DenseNet with its classifier: no "
+            f"{'conv1_conv' if 'conv1_conv' not in names else 'predictions'} layer among "
+            f"{len(names)} layers ({', '.join(names[:6])}, ...)"
+        )
     blocks = zoo.keras_block_config(names)
     if len(blocks) != 4:
         raise zoo.ZooError(f"{path}: Keras applications' DenseNet has 4 dense blocks, this file {len(blocks)}")
@@ -72,8 +82,13 @@ def read_zoo(path, fmt="keras-h5"):
 
 def _predictions_classes(f, path):
     found = []
-    f.visititems(lambda key, item: found.append(item.shape[-1])
-                 if isinstance(item, h5py.Dataset) and item.ndim == 2 and _is_predictions(f, key) else None)
+    f.visititems(
+        lambda key, item: (
+            found.append(item.shape[-1])
+            if isinstance(item, h5py.Dataset) and item.ndim == 2 and _is_predictions(f, key)
+            else None
+        )
+    )
     if not found:
         raise zoo.ZooError(f"{path}: no 2-D kernel in its predictions layer")
     return int(found[0])
@@ -111,8 +126,9 @@ def preprocess_input(images):
     return (images - ops.convert_to_tensor(zoo.IMAGENET_MEAN)) / ops.convert_to_tensor(zoo.IMAGENET_STD)
 
 
-def _densenet(name, include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
-              memory_efficient=False):
+def _densenet(
+    name, include_top=True, weights=None, input_shape=None, pooling=None, classes=1000, memory_efficient=False
+):
     spec, state = zoo.weights_for(name, weights, classes)
     model = DenseNet(spec, memory_efficient=memory_efficient)
     if state is not None:
@@ -124,16 +140,18 @@ def _densenet(name, include_top=True, weights=None, input_shape=None, pooling=No
 
 def _feature_extractor(model, input_shape, pooling):
     """keras.applications' include_top=False: the features (after the last ReLU), pooled or not."""
-    pools = {None: [], "avg": [layers.GlobalAveragePooling2D(name="avg_pool")],
-             "max": [layers.GlobalMaxPooling2D(name="max_pool")]}
+    pools = {
+        None: [],
+        "avg": [layers.GlobalAveragePooling2D(name="avg_pool")],
+        "max": [layers.GlobalMaxPooling2D(name="max_pool")],
+    }
     if pooling not in pools:
         raise ValueError(f"pooling must be None, 'avg' or 'max', got {pooling!r}")
     inputs = keras.Input(input_shape or (None, None, model.spec.in_channels))
     return keras.Sequential([inputs, model.features, model.relu, *pools[pooling]], name=f"{model.spec.name}_features")
 
 
-def DenseNet121(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
-                memory_efficient=False):
+def DenseNet121(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000, memory_efficient=False):
     """`keras.applications.DenseNet121`: `weights` is None or a path in any format `convert` reads.
     Returns logits (no softmax, unlike Keras applications' default). `memory_efficient`
     (torchvision's option) recomputes each dense layer's concatenation and first BN-ReLU-Conv
@@ -141,13 +159,11 @@ def DenseNet121(include_top=True, weights=None, input_shape=None, pooling=None, 
     return _densenet("densenet121", include_top, weights, input_shape, pooling, classes, memory_efficient)
 
 
-def DenseNet169(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
-                memory_efficient=False):
+def DenseNet169(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000, memory_efficient=False):
     return _densenet("densenet169", include_top, weights, input_shape, pooling, classes, memory_efficient)
 
 
-def DenseNet201(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000,
-                memory_efficient=False):
+def DenseNet201(include_top=True, weights=None, input_shape=None, pooling=None, classes=1000, memory_efficient=False):
     return _densenet("densenet201", include_top, weights, input_shape, pooling, classes, memory_efficient)
 
 
@@ -158,7 +174,9 @@ def zoo_sample(path, spec, x_nchw, seed=0):
     rng = np.random.default_rng(seed)
     for layer in model.layers:
         if isinstance(layer, layers.BatchNormalization):
-            layer.set_weights([zoo.random_bn(rng, leaf, w.shape) for leaf, w in zip(zoo.KERAS_NORM_ORDER, layer.weights)])
+            layer.set_weights(
+                [zoo.random_bn(rng, leaf, w.shape) for leaf, w in zip(zoo.KERAS_NORM_ORDER, layer.weights)]
+            )
     with h5py.File(path, "w") as f:
         legacy_h5_format.save_weights_to_hdf5_group(f, model)
     return np.asarray(model(x_nchw.transpose(0, 2, 3, 1), training=False))

@@ -53,14 +53,18 @@ class Backend(backends.BackendBase):
 
     def count_params(self, model):
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        non_trainable = sum(b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var")))
+        non_trainable = sum(
+            b.numel() for name, b in model.named_buffers() if name.endswith(("running_mean", "running_var"))
+        )
         return trainable, non_trainable
 
     @torch.no_grad()
     def stage_shapes(self, model, x):
         shapes = {}
-        hooks = [module.register_forward_hook(lambda m, i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
-                 for name, module in stage_modules(model)]
+        hooks = [
+            module.register_forward_hook(lambda m, i, out, name=name: shapes.__setitem__(name, tuple(out.shape)))
+            for name, module in stage_modules(model)
+        ]
         model.eval()
         try:
             shapes["logits"] = tuple(model(to_device(model, x)).shape)

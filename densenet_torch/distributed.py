@@ -36,8 +36,10 @@ def replica_device(device_type):
         return torch.device("cpu")
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if local_rank >= torch.cuda.device_count():
-        raise ValueError(f"process {local_rank} of this machine needs GPU {local_rank}, but PyTorch sees "
-                         f"{torch.cuda.device_count()}; start at most one process per GPU (--nproc-per-node)")
+        raise ValueError(
+            f"process {local_rank} of this machine needs GPU {local_rank}, but PyTorch sees "
+            f"{torch.cuda.device_count()}; start at most one process per GPU (--nproc-per-node)"
+        )
     torch.cuda.set_device(local_rank)
     return torch.device("cuda", local_rank)
 
@@ -45,8 +47,10 @@ def replica_device(device_type):
 def join_process_group(devices, device_type):
     """torchrun's process group (joined once per process); one process per device."""
     if "WORLD_SIZE" not in os.environ:
-        raise ValueError("PyTorch data parallelism runs one process per device: start it with torchrun "
-                         "(densenet-xf train --devices N does; see conformance.distributed.LAUNCHERS)")
+        raise ValueError(
+            "PyTorch data parallelism runs one process per device: start it with torchrun "
+            "(densenet-xf train --devices N does; see conformance.distributed.LAUNCHERS)"
+        )
     if not dist.is_initialized():
         dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type])
     if dist.get_world_size() != devices:
@@ -59,7 +63,9 @@ class DataParallelTrainer(Trainer):
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
         device_type = model_device(model).type
-        self.bn_semantics = check_semantics(DECLARED.bn_semantics, "cpu" if device_type == "cpu" else "gpu", sync_bn, "torch")
+        self.bn_semantics = check_semantics(
+            DECLARED.bn_semantics, "cpu" if device_type == "cpu" else "gpu", sync_bn, "torch"
+        )
         self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         device = replica_device(device_type)
         join_process_group(devices, device_type)
@@ -72,7 +78,7 @@ class DataParallelTrainer(Trainer):
     def shard(self, batch):
         """This process's part of a global batch: its first axis split evenly."""
         size = len(batch) // self.devices
-        return batch[self.rank * size:(self.rank + 1) * size]
+        return batch[self.rank * size : (self.rank + 1) * size]
 
     def global_sums(self, loss, correct):
         """The global batch's mean loss and correct count, from this shard's (one all-reduce)."""

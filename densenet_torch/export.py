@@ -35,6 +35,13 @@ def load_native(path):
 
 
 def export_onnx(model, path, size):
-    program = torch.onnx.export(model.eval(), (example_input(model, size),), dynamo=True,
-                                dynamic_shapes=dynamic_batch(), input_names=["input"], output_names=["logits"], verbose=False)
+    program = torch.onnx.export(
+        model.eval(),
+        (example_input(model, size),),
+        dynamo=True,
+        dynamic_shapes=dynamic_batch(),
+        input_names=["input"],
+        output_names=["logits"],
+        verbose=False,
+    )
     atomic_write_bytes(path, program.model_proto.SerializeToString())

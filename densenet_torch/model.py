@@ -31,20 +31,24 @@ def batch_norm(num_channels):
 def conv_block(input_channels, num_channels, bn_size=None, bias=True):
     """BN-ReLU-Conv(3x3); with `bn_size`, the bottleneck BN-ReLU-Conv(1x1)-BN-ReLU-Conv(3x3)."""
     if bn_size is None:
-        return nn.Sequential(OrderedDict(
+        return nn.Sequential(
+            OrderedDict(
+                norm1=batch_norm(input_channels),
+                relu1=nn.ReLU(),
+                conv1=nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, bias=bias),
+            )
+        )
+    width = bn_size * num_channels
+    return nn.Sequential(
+        OrderedDict(
             norm1=batch_norm(input_channels),
             relu1=nn.ReLU(),
-            conv1=nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, bias=bias),
-        ))
-    width = bn_size * num_channels
-    return nn.Sequential(OrderedDict(
-        norm1=batch_norm(input_channels),
-        relu1=nn.ReLU(),
-        conv1=nn.Conv2d(input_channels, width, kernel_size=1, bias=bias),
-        norm2=batch_norm(width),
-        relu2=nn.ReLU(),
-        conv2=nn.Conv2d(width, num_channels, kernel_size=3, padding=1, bias=bias),
-    ))
+            conv1=nn.Conv2d(input_channels, width, kernel_size=1, bias=bias),
+            norm2=batch_norm(width),
+            relu2=nn.ReLU(),
+            conv2=nn.Conv2d(width, num_channels, kernel_size=3, padding=1, bias=bias),
+        )
+    )
 
 
 @contextlib.contextmanager
@@ -81,8 +85,9 @@ def checkpointed_layer(layer, features):
 class DenseBlock(nn.Module):
     """`num_convs` conv blocks; each one's output is concatenated to its input."""
 
-    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0,
-                 memory_efficient=False):
+    def __init__(
+        self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0, memory_efficient=False
+    ):
         super().__init__()
         self.drop_rate, self.memory_efficient = drop_rate, memory_efficient
         for i in range(num_convs):
@@ -93,7 +98,9 @@ class DenseBlock(nn.Module):
         if self.memory_efficient and not torch.jit.is_scripting():
             features = [X]
             for layer in self.children():
-                features.append(F.dropout(checkpointed_layer(layer, features), p=self.drop_rate, training=self.training))
+                features.append(
+                    F.dropout(checkpointed_layer(layer, features), p=self.drop_rate, training=self.training)
+                )
             return torch.cat(features, dim=1)
         for layer in self.children():
             Y = F.dropout(layer(X), p=self.drop_rate, training=self.training)
@@ -103,12 +110,14 @@ class DenseBlock(nn.Module):
 
 def transition_block(input_channels, num_channels, bias=True):
     """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
-    return nn.Sequential(OrderedDict(
-        norm=batch_norm(input_channels),
-        relu=nn.ReLU(),
-        conv=nn.Conv2d(input_channels, num_channels, kernel_size=1, bias=bias),
-        pool=nn.AvgPool2d(kernel_size=2, stride=2),
-    ))
+    return nn.Sequential(
+        OrderedDict(
+            norm=batch_norm(input_channels),
+            relu=nn.ReLU(),
+            conv=nn.Conv2d(input_channels, num_channels, kernel_size=1, bias=bias),
+            pool=nn.AvgPool2d(kernel_size=2, stride=2),
+        )
+    )
 
 
 def stem(spec):
@@ -137,8 +146,15 @@ class DenseNet(nn.Module):
         features = stem(spec)
         for stage in channel_plan(spec)[1:]:
             if stage.name.startswith("denseblock"):
-                block = DenseBlock(len(stage.layers), stage.in_channels, spec.growth_rate,
-                                   spec.bn_size, spec.conv_bias, spec.drop_rate, memory_efficient)
+                block = DenseBlock(
+                    len(stage.layers),
+                    stage.in_channels,
+                    spec.growth_rate,
+                    spec.bn_size,
+                    spec.conv_bias,
+                    spec.drop_rate,
+                    memory_efficient,
+                )
             else:
                 block = transition_block(stage.in_channels, stage.out_channels, spec.conv_bias)
             features.append((stage.name, block))

@@ -30,7 +30,11 @@ def train_pass(model, x, y):
     logits = model(X)
     loss = loss_fn(logits, y)
     loss.backward()
-    return logits.detach().cpu().numpy(), loss.item(), to_canonical({name: p.grad for name, p in model.named_parameters()})
+    return (
+        logits.detach().cpu().numpy(),
+        loss.item(),
+        to_canonical({name: p.grad for name, p in model.named_parameters()}),
+    )
 
 
 @contextlib.contextmanager

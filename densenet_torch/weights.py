@@ -18,8 +18,11 @@ def load_canonical(model, state):
 
 
 def export_canonical(model):
-    return {key: value.detach().cpu().numpy().copy()
-            for key, value in model.state_dict().items() if not key.endswith(IGNORED_SUFFIXES)}
+    return {
+        key: value.detach().cpu().numpy().copy()
+        for key, value in model.state_dict().items()
+        if not key.endswith(IGNORED_SUFFIXES)
+    }
 
 
 def to_canonical(named_tensors):

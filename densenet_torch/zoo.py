@@ -24,8 +24,10 @@ def read_zoo(path, fmt="torchvision"):
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        raise zoo.ZooError(f"{path} was refused by torch.load(weights_only=True): it is not a plain state dict "
-                           f"and loading it would run code from the file ({str(error).splitlines()[0]})") from None
+        raise zoo.ZooError(
+            f"{path} was refused by torch.load(weights_only=True): it is not a plain state dict "
+            f"and loading it would run code from the file ({str(error).splitlines()[0]})"
+        ) from None
     except (RuntimeError, EOFError, OSError) as error:
         raise zoo.ZooError(f"{path} is not a readable torch.save file (truncated or corrupt?): {error}") from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
@@ -38,7 +40,9 @@ def read_zoo(path, fmt="torchvision"):
 def write_zoo(path, state, spec, fmt="torchvision", legacy=False):
     """A state dict that torchvision's `DenseNet.load_state_dict` takes (today's key layout)."""
     buffer = io.BytesIO()
-    torch.save({key: torch.from_numpy(value.copy()) for key, value in zoo.to_torchvision(state, legacy).items()}, buffer)
+    torch.save(
+        {key: torch.from_numpy(value.copy()) for key, value in zoo.to_torchvision(state, legacy).items()}, buffer
+    )
     atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -88,7 +92,11 @@ def zoo_sample(path, spec, x_nchw, seed=0):
         for key, value in model.state_dict().items():
             if ".norm" in key and not key.endswith("num_batches_tracked"):
                 value.copy_(torch.from_numpy(zoo.random_bn(rng, key, tuple(value.shape))))
-    write_zoo(path, {k: v.numpy() for k, v in model.state_dict().items()
-                     if not k.endswith("num_batches_tracked")}, spec, legacy=True)
+    write_zoo(
+        path,
+        {k: v.numpy() for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")},
+        spec,
+        legacy=True,
+    )
     with torch.no_grad():
         return model.eval()(torch.from_numpy(x_nchw)).numpy()

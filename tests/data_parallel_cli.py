@@ -8,17 +8,39 @@ import numpy as np
 from conformance import data, training, weights
 from conformance.cli import main
 
-RECIPE = training.Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.0, epochs=1, train_examples=128,
-                         test_examples=32)
+RECIPE = training.Recipe(
+    "test", size=16, batch_size=32, lr=0.1, momentum=0.0, epochs=1, train_examples=128, test_examples=32
+)
 ARCH = "tiny_d2l"
 
 
 def train_argv(backend, out, *extra) -> list[str]:
     """`densenet-xf train` with the tiny recipe (`extra` flags come last, and win)."""
-    return ["train", "--backend", backend, "--arch", ARCH, "--size", str(RECIPE.size), "--epochs", "1",
-            "--batch-size", str(RECIPE.batch_size), "--lr", str(RECIPE.lr), "--momentum", "0",
-            "--train-examples", str(RECIPE.train_examples), "--test-examples", str(RECIPE.test_examples),
-            "--quiet", "--out", str(out), *extra]
+    return [
+        "train",
+        "--backend",
+        backend,
+        "--arch",
+        ARCH,
+        "--size",
+        str(RECIPE.size),
+        "--epochs",
+        "1",
+        "--batch-size",
+        str(RECIPE.batch_size),
+        "--lr",
+        str(RECIPE.lr),
+        "--momentum",
+        "0",
+        "--train-examples",
+        str(RECIPE.train_examples),
+        "--test-examples",
+        str(RECIPE.test_examples),
+        "--quiet",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 def train_on_two_devices(backend, out, capfd, *extra) -> tuple[dict, dict]:
@@ -36,6 +58,7 @@ def loop_batches(epoch=1):
     spec = training.fashion_mnist_spec(ARCH)
     images, labels, _, _ = training.load_dataset(RECIPE)
     order = data.epoch_order(len(images), RECIPE.seed, epoch)
-    batches = [(data.to_batch(images[i]), labels[i].astype(np.int64))
-               for i in np.split(order, len(order) // RECIPE.batch_size)]
+    batches = [
+        (data.to_batch(images[i]), labels[i].astype(np.int64)) for i in np.split(order, len(order) // RECIPE.batch_size)
+    ]
     return spec, weights.init_state(spec, RECIPE.seed), batches

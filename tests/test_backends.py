@@ -10,8 +10,18 @@ from conformance import checks, specs, weights
 from conformance.specs import ARCHS, InputError
 from conformance.weights import CheckpointError
 
-NAMED = ["d2l", "densenet121", "densenet161", "densenet169", "densenet201", "densenet264",
-         "densenet40_k12", "densenet_bc100_k12", "densenet_bc250_k24", "densenet_bc190_k40"]
+NAMED = [
+    "d2l",
+    "densenet121",
+    "densenet161",
+    "densenet169",
+    "densenet201",
+    "densenet264",
+    "densenet40_k12",
+    "densenet_bc100_k12",
+    "densenet_bc250_k24",
+    "densenet_bc190_k40",
+]
 
 
 @pytest.mark.parametrize("arch", NAMED)
@@ -41,12 +51,23 @@ def test_canonical_round_trip_is_bit_identical(backend, arch):
         assert exported[key].tobytes() == value.tobytes(), key
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda s: s.pop("features.denseblock1.denselayer2.norm2.running_var"), "missing key.*denselayer2.norm2.running_var"),
-    (lambda s: s.__setitem__("features.norm6.weight", np.ones(4, np.float32)), "unexpected key.*features.norm6.weight"),
-    (lambda s: s.__setitem__("features.conv0.weight", np.ones((8, 3, 3, 3), np.float32)),
-     r"mis-shaped key.*features.conv0.weight: expected \(8, 3, 7, 7\), got \(8, 3, 3, 3\)"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (
+            lambda s: s.pop("features.denseblock1.denselayer2.norm2.running_var"),
+            "missing key.*denselayer2.norm2.running_var",
+        ),
+        (
+            lambda s: s.__setitem__("features.norm6.weight", np.ones(4, np.float32)),
+            "unexpected key.*features.norm6.weight",
+        ),
+        (
+            lambda s: s.__setitem__("features.conv0.weight", np.ones((8, 3, 3, 3), np.float32)),
+            r"mis-shaped key.*features.conv0.weight: expected \(8, 3, 7, 7\), got \(8, 3, 3, 3\)",
+        ),
+    ],
+)
 def test_bad_checkpoint_names_the_keys(backend, damage, match):
     state = weights.init_state(ARCHS["tiny"])
     damage(state)
@@ -56,13 +77,23 @@ def test_bad_checkpoint_names_the_keys(backend, damage, match):
 
 # The full-size nets are the `make conformance` matrix (d2l@96, BC-100@32): that job checks them in
 # every backend; here they run under the slow mark (a cold JAX compile of BC-100 alone takes minutes).
-@pytest.mark.parametrize("arch, size, batch", [("tiny", 19, 4), ("tiny_d2l", 13, 4),
-                                               pytest.param("d2l", 96, 4, marks=pytest.mark.slow),
-                                               pytest.param("densenet_bc100_k12", 32, 4, marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "arch, size, batch",
+    [
+        ("tiny", 19, 4),
+        ("tiny_d2l", 13, 4),
+        pytest.param("d2l", 96, 4, marks=pytest.mark.slow),
+        pytest.param("densenet_bc100_k12", 32, 4, marks=pytest.mark.slow),
+    ],
+)
 def test_matches_the_reference(backend, arch, size, batch):
     results = checks.compare_with_reference(backend, arch, size, batch)
-    failures = {f"{dtype}/{name}": item for dtype, items in results.items()
-                for name, item in items.items() if not item["passed"]}
+    failures = {
+        f"{dtype}/{name}": item
+        for dtype, items in results.items()
+        for name, item in items.items()
+        if not item["passed"]
+    }
     assert not failures
 
 
@@ -113,6 +144,7 @@ def test_checkpoint_inference_needs_no_dummy_call(backend, tmp_path):
     x = np.random.default_rng(0).standard_normal((3, 1, 13, 13)).astype(np.float32)
     logits = backend.forward(model, specs.to_layout(x, backend.layout), train=False)
     from conformance import reference
+
     np.testing.assert_allclose(logits, reference.forward(spec, state, x), rtol=1e-4, atol=1e-5)
 
 
@@ -121,8 +153,13 @@ def test_momentum_state_survives_export_and_load(backend):
     take exactly the same next step."""
     spec = ARCHS["tiny_d2l"]
     rng = np.random.default_rng(0)
-    batches = [(specs.to_layout(rng.standard_normal((4, 1, 13, 13)).astype(np.float32), backend.layout),
-                rng.integers(0, 10, 4)) for _ in range(3)]
+    batches = [
+        (
+            specs.to_layout(rng.standard_normal((4, 1, 13, 13)).astype(np.float32), backend.layout),
+            rng.integers(0, 10, 4),
+        )
+        for _ in range(3)
+    ]
     first = backend.build(spec)
     backend.load_state(first, weights.init_state(spec))
     trainer = backend.make_trainer(first, lr=0.1, momentum=0.9)

@@ -24,7 +24,9 @@ def check_outputs(out: Path, backends_run, device="cpu") -> dict:
     result = json.loads((out / "bench.json").read_text())
     assert result["device"] == device and result["frameworks"]["numpy"]
     assert [s["name"] for s in result["shapes"]] == ["tiny_d2l 16x16, batch 8"]
-    assert [(r["backend"], r["run"]) for r in result["rows"]] == [(b, run) for b in backends_run for run in harness.RUNS]
+    assert [(r["backend"], r["run"]) for r in result["rows"]] == [
+        (b, run) for b in backends_run for run in harness.RUNS
+    ]
     for row in result["rows"]:
         if row["status"] == "ok":
             assert row["examples"] == 2 * 8 and row["examples_per_s"] > 0 and row["peak_bytes"] > 0
@@ -39,13 +41,33 @@ def check_outputs(out: Path, backends_run, device="cpu") -> dict:
 def test_bench_on_a_tiny_net_writes_json_markdown_and_png(tmp_path):
     pytest.importorskip("torch", reason="the bench test times the PyTorch backend")
     out, published = tmp_path / "bench", tmp_path / "docs"
-    assert main(["bench", "--section", "speed", "--backends", "torch", *TINY, "--out", str(out), "--publish",
-                 str(published), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--section",
+                "speed",
+                "--backends",
+                "torch",
+                *TINY,
+                "--out",
+                str(out),
+                "--publish",
+                str(published),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert not (out / "memory_cpu.json").exists()  # the memory section did not run
     result = check_outputs(out, ["torch"])
     assert [r["status"] for r in result["rows"]] == ["ok"] * (1 + len(PRECISIONS))
     assert {r["run"]: r["arithmetic"].split()[0] for r in result["rows"]} == {
-        "anchor": "fp32", "fp32": "fp32", "tf32": "fp32", "bf16": "bf16"}  # a CPU has no TF32
+        "anchor": "fp32",
+        "fp32": "fp32",
+        "tf32": "fp32",
+        "bf16": "bf16",
+    }  # a CPU has no TF32
     for name in ("bench.json", "bench.md", "bench.png"):
         assert (published / name).read_bytes() == (out / name).read_bytes()
     assert not (out / "data").exists()  # the shared .npy copy of the data set is removed
@@ -66,7 +88,10 @@ def test_a_missing_framework_is_reported_as_skipped(tmp_path, monkeypatch):
     assert [r["status"] for r in result["rows"]] == ["skipped"] * len(harness.RUNS)
     assert "no anchor for backend 'ghost'" in result["rows"][0]["reason"]
     assert all("no_such_framework_xyz" in r["reason"] for r in result["rows"][1:])
-    assert "| ghost | trainer fp32 (exact) | skipped: backend 'ghost' is not available" in (tmp_path / "bench.md").read_text()
+    assert (
+        "| ghost | trainer fp32 (exact) | skipped: backend 'ghost' is not available"
+        in (tmp_path / "bench.md").read_text()
+    )
     memory = json.loads((tmp_path / "memory_cpu.json").read_text())  # every section ran
     assert [r["status"] for r in memory["rows"]] == ["skipped"] * len(harness.MEMORY_MODES)
     assert memory["summary"][0]["status"] == "skipped" and "no_such_framework_xyz" in memory["summary"][0]["reason"]
@@ -96,16 +121,36 @@ def test_memory_section_measures_each_mode_in_its_own_process(tmp_path, monkeypa
     monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "nomechanism=nomechanism_backend")
     monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parent) + ":" + str(Path(__file__).parents[1]))
     out, published = tmp_path / "bench", tmp_path / "docs"
-    assert main(["bench", "--section", "memory", "--backends", "torch,nomechanism", *TINY, "--out", str(out),
-                 "--publish", str(published), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "--section",
+                "memory",
+                "--backends",
+                "torch,nomechanism",
+                *TINY,
+                "--out",
+                str(out),
+                "--publish",
+                str(published),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert not (out / "bench.json").exists()  # the speed section did not run
     result = json.loads((out / "memory_cpu.json").read_text())
     assert [(r["backend"], r["mode"]) for r in result["rows"]] == [
-        (b, mode) for b in ("torch", "nomechanism") for mode in harness.MEMORY_MODES]
+        (b, mode) for b in ("torch", "nomechanism") for mode in harness.MEMORY_MODES
+    ]
     assert {r["run"] for r in result["rows"]} == {harness.MEMORY_PRECISION}
     logs = sorted(path.name for path in (out / "logs").iterdir())  # one worker process per mode
-    assert logs == sorted(f"tiny_d2l-16-{b}-{harness.MEMORY_PRECISION}{suffix}.log" for b in ("torch", "nomechanism")
-                          for suffix in ("", "-memory_efficient"))
+    assert logs == sorted(
+        f"tiny_d2l-16-{b}-{harness.MEMORY_PRECISION}{suffix}.log"
+        for b in ("torch", "nomechanism")
+        for suffix in ("", "-memory_efficient")
+    )
     torch_entry, unsupported = result["summary"]
     assert torch_entry["status"] == "ok" and torch_entry["peak_plain"] > torch_entry["added_plain"] > 0
     assert torch_entry["time_ratio"] == torch_entry["step_s_efficient"] / torch_entry["step_s_plain"] > 0
@@ -124,10 +169,13 @@ def test_scaling_section_runs_one_and_two_devices_on_each_engine(tmp_path):
     pytest.importorskip("torch", reason="the scaling test launches PyTorch's DDP")
     pytest.importorskip("densenet_mxnet.compat", reason="the scaling test runs MXNet's contexts")
     out = tmp_path / "bench"
-    assert main(["bench", "--section", "scaling", "--backends", "torch,mxnet", *TINY, "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(["bench", "--section", "scaling", "--backends", "torch,mxnet", *TINY, "--out", str(out), "--quiet"]) == 0
+    )
     result = json.loads((out / "scaling_cpu.json").read_text())
     assert [(r["backend"], r["mode"], r["devices"]) for r in result["rows"]] == [
-        (b, n, n) for b in ("torch", "mxnet") for n in harness.SCALING_DEVICES]
+        (b, n, n) for b in ("torch", "mxnet") for n in harness.SCALING_DEVICES
+    ]
     for entry in result["summary"]:
         assert entry["status"] == "ok" and entry["bn_semantics"] == "per_shard"
         assert entry["ratio"] == entry["two"] / entry["one"] > 0
@@ -138,8 +186,16 @@ def test_scaling_section_runs_one_and_two_devices_on_each_engine(tmp_path):
 
 def test_memory_target_needs_half_the_memory_for_at_most_a_fifth_more_time():
     def run(peak, step_s):
-        return {"status": "ok", "peak_bytes": peak, "before_steps_bytes": 100, "seconds": 3 * step_s, "steps": 3,
-                "peak_kind": "process peak RSS", "device": "cpu", "arithmetic": "fp32"}
+        return {
+            "status": "ok",
+            "peak_bytes": peak,
+            "before_steps_bytes": 100,
+            "seconds": 3 * step_s,
+            "steps": 3,
+            "peak_kind": "process peak RSS",
+            "device": "cpu",
+            "arithmetic": "fp32",
+        }
 
     plain = run(1100, 1.0)
     assert memory_report.compare(plain, run(600, 1.15))["target_met"]
@@ -161,7 +217,9 @@ def anchor(request):
         module = worker.load_anchor(request.param)
     except worker.NoAnchor as error:
         pytest.skip(str(error))
-    if request.param == "jax":  # Flax's jitted init takes many seconds to compile on a CPU: cache it, as the backend does
+    if (
+        request.param == "jax"
+    ):  # Flax's jitted init takes many seconds to compile on a CPU: cache it, as the backend does
         import jax
 
         if not jax.config.jax_compilation_cache_dir:

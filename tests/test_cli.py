@@ -22,7 +22,9 @@ def test_params_prints_the_count_last(capsys, backend):
 
 
 def test_shapes_prints_json_in_native_layout(capsys):
-    code, out, _ = run(capsys, "shapes", "--backend", "reference", "--arch", "densenet121", "--size", "64", "--batch", "3")
+    code, out, _ = run(
+        capsys, "shapes", "--backend", "reference", "--arch", "densenet121", "--size", "64", "--batch", "3"
+    )
     payload = json.loads(out)
     assert code == 0 and payload["matches_spec"] and payload["layout"] == "NCHW"
     assert payload["stages"] == {k: list(v) for k, v in specs.stage_shapes(specs.ARCHS["densenet121"], 64, 3).items()}
@@ -47,10 +49,16 @@ def test_check_reference_runs_finite_differences(capsys):
     assert code == 0 and json.loads(out)["finite_differences"]["passed"]
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["params", "--backend", "caffe", "--arch", "d2l"], "unknown backend 'caffe'; valid names: reference, torch, mxnet, tf, jax"),
-    (["params", "--backend", "torch", "--arch", "resnet50"], "unknown architecture 'resnet50'; valid names: d2l"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            ["params", "--backend", "caffe", "--arch", "d2l"],
+            "unknown backend 'caffe'; valid names: reference, torch, mxnet, tf, jax",
+        ),
+        (["params", "--backend", "torch", "--arch", "resnet50"], "unknown architecture 'resnet50'; valid names: d2l"),
+    ],
+)
 def test_unknown_names_list_the_valid_ones(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         main(argv)

@@ -10,8 +10,9 @@ import pytest
 from conformance import data
 from conformance.data import DataError
 
-needs_fashion_mnist = pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR),
-                                         reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+needs_fashion_mnist = pytest.mark.skipif(
+    not data._has_all(data.SYSTEM_DIR), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+)
 
 
 def fake_idx(shape, seed=0) -> bytes:
@@ -54,7 +55,9 @@ def test_explicit_directory_wins_over_the_environment(tmp_path, monkeypatch, fak
 
 
 def test_missing_files_say_where_it_looked_and_how_to_fix(tmp_path):
-    with pytest.raises(DataError, match=r"not found \(looked in --data-dir: .*empty\).*apt-get install dataset-fashion-mnist"):
+    with pytest.raises(
+        DataError, match=r"not found \(looked in --data-dir: .*empty\).*apt-get install dataset-fashion-mnist"
+    ):
         data.find_data_dir(tmp_path / "empty")
 
 
@@ -169,8 +172,14 @@ def test_ensure_lists_every_place_and_the_fix_when_all_fail(nowhere, monkeypatch
     monkeypatch.setattr(data, "download_fashion_mnist", no_route)
     assert data.main(["--ensure"]) == 1
     err = capsys.readouterr().err
-    for place in (str(nowhere / "system"), str(nowhere / "cache"), "apt-get not found", "no route to host",
-                  "`sudo apt-get install -y dataset-fashion-mnist`", data.ENV_VAR):
+    for place in (
+        str(nowhere / "system"),
+        str(nowhere / "cache"),
+        "apt-get not found",
+        "no route to host",
+        "`sudo apt-get install -y dataset-fashion-mnist`",
+        data.ENV_VAR,
+    ):
         assert place in err, place
 
 
@@ -180,12 +189,22 @@ def test_ensure_with_a_chosen_directory_installs_nothing(nowhere, monkeypatch):
         data.ensure_data(nowhere / "mine")
 
 
-@pytest.mark.parametrize("uid, sudo_ok, expected", [
-    (0, False, [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]]),
-    (1000, True, [["sudo", "-n", "true"], ["sudo", "-n", "apt-get", "update", "-q"],
-                  ["sudo", "-n", "apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]]),
-    (1000, False, [["sudo", "-n", "true"]]),
-])
+@pytest.mark.parametrize(
+    "uid, sudo_ok, expected",
+    [
+        (0, False, [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "dataset-fashion-mnist"]]),
+        (
+            1000,
+            True,
+            [
+                ["sudo", "-n", "true"],
+                ["sudo", "-n", "apt-get", "update", "-q"],
+                ["sudo", "-n", "apt-get", "install", "-y", "-q", "dataset-fashion-mnist"],
+            ],
+        ),
+        (1000, False, [["sudo", "-n", "true"]]),
+    ],
+)
 def test_apt_install_runs_as_root_or_through_non_interactive_sudo(monkeypatch, uid, sudo_ok, expected):
     import subprocess
 

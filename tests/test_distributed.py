@@ -60,11 +60,13 @@ def test_per_shard_step_on_one_device_is_the_plain_step(setup):
 def test_per_shard_step_averages_the_shards_steps_and_differs_from_sync(setup):
     state, x, y = setup
     step = reference.data_parallel_sgd_step(SPEC, state, x, y, LR, 2, bn="per_shard")
-    shard_steps = [reference.sgd_step(SPEC, state, x[i:i + 2], y[i:i + 2], LR)[0] for i in (0, 2)]
+    shard_steps = [reference.sgd_step(SPEC, state, x[i : i + 2], y[i : i + 2], LR)[0] for i in (0, 2)]
     keys = trainable(state)
     mean = {key: np.mean([update(state, s, [key])[key] for s in shard_steps], axis=0) for key in keys}
     for key in keys:
-        np.testing.assert_allclose(update(state, step.state, [key])[key], mean[key], rtol=1e-10, atol=1e-14, err_msg=key)
+        np.testing.assert_allclose(
+            update(state, step.state, [key])[key], mean[key], rtol=1e-10, atol=1e-14, err_msg=key
+        )
     sync = reference.data_parallel_sgd_step(SPEC, state, x, y, LR, 2, bn="sync")
     assert checks.worst_error(update(state, step.state, keys), update(state, sync.state, keys))[0] > 1e-2
 
@@ -72,9 +74,11 @@ def test_per_shard_step_averages_the_shards_steps_and_differs_from_sync(setup):
 def test_running_statistics_follow_the_named_rule(setup):
     state, x, y = setup
     keys = running(state)
-    shards = [reference.sgd_step(SPEC, state, x[i:i + 2], y[i:i + 2], LR, "biased")[0] for i in (0, 2)]
-    steps = {rule: reference.data_parallel_sgd_step(SPEC, state, x, y, LR, 2, "per_shard", rule, "biased")
-             for rule in reference.RUNNING_STATS_RULES}
+    shards = [reference.sgd_step(SPEC, state, x[i : i + 2], y[i : i + 2], LR, "biased")[0] for i in (0, 2)]
+    steps = {
+        rule: reference.data_parallel_sgd_step(SPEC, state, x, y, LR, 2, "per_shard", rule, "biased")
+        for rule in reference.RUNNING_STATS_RULES
+    }
     assert_same_state({k: steps["rank0"].state[k] for k in keys}, {k: shards[0][k] for k in keys})
     assert_same_state({k: steps["mean"].state[k] for k in keys}, {k: (shards[0][k] + shards[1][k]) / 2 for k in keys})
     per_device = steps["per_device"].replica_running_stats
@@ -82,8 +86,10 @@ def test_running_statistics_follow_the_named_rule(setup):
     assert_same_state({k: steps["per_device"].state[k] for k in keys}, {k: shards[0][k] for k in keys})
     # Over two steps, replica 0's own chain (MXNet) is what DDP broadcasts (PyTorch); the mean is not.
     batches = [(x, y), checks.make_batch(SPEC, SIZE, BATCH, 1)]
-    finals = {rule: reference.data_parallel_train(SPEC, state, batches, LR, 2, "per_shard", rule)[0]
-              for rule in reference.RUNNING_STATS_RULES}
+    finals = {
+        rule: reference.data_parallel_train(SPEC, state, batches, LR, 2, "per_shard", rule)[0]
+        for rule in reference.RUNNING_STATS_RULES
+    }
     assert_same_state({k: finals["per_device"][k] for k in keys}, {k: finals["rank0"][k] for k in keys})
     assert checks.worst_error({k: finals["mean"][k] for k in keys}, {k: finals["rank0"][k] for k in keys})[0] > 1e-3
 
@@ -165,8 +171,9 @@ def test_jax_matches_the_reference_on_two_simulated_devices(tmp_path):
     pytest.importorskip("jax", reason="JAX is not installed")
     result = distributed.launch_check("jax", tmp_path / "dp.json", 2, log=tmp_path / "log")
     assert result["status"] == "ok", result.get("reason") or (tmp_path / "log").read_text()
-    failed = [(r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"]
-              if not r["passed"]]
+    failed = [
+        (r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"] if not r["passed"]
+    ]
     assert not failed
     measured = {(r["config"].split()[-1], r["dtype"]) for r in result["rows"]}
     assert measured == {(s, d) for s in ("sync", "per_shard") for d in ("float32", "float64")}
@@ -182,10 +189,29 @@ def test_jax_trains_on_two_devices_from_the_command_line(tmp_path, capfd):
     from conformance.cli import main
 
     backend = backend_or_skip("jax")
-    recipe = training.Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.9, epochs=1,
-                             train_examples=192, test_examples=64)
-    argv = ["train", "--backend", "jax", "--arch", "tiny_d2l", "--size", "16", "--epochs", "1", "--batch-size", "32",
-            "--momentum", "0.9", "--train-examples", "192", "--test-examples", "64", "--quiet"]
+    recipe = training.Recipe(
+        "test", size=16, batch_size=32, lr=0.1, momentum=0.9, epochs=1, train_examples=192, test_examples=64
+    )
+    argv = [
+        "train",
+        "--backend",
+        "jax",
+        "--arch",
+        "tiny_d2l",
+        "--size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--momentum",
+        "0.9",
+        "--train-examples",
+        "192",
+        "--test-examples",
+        "64",
+        "--quiet",
+    ]
     assert main(argv + ["--out", str(tmp_path / "dp"), "--devices", "2", "--sync-bn"]) == 0
     printed = json.loads(capfd.readouterr().out)
     saved = json.loads((tmp_path / "dp" / "metrics.json").read_text())
@@ -215,7 +241,8 @@ def test_a_run_continued_on_two_devices_starts_from_its_checkpoint(name, tmp_pat
     _, saved = train_on_two_devices(name, tmp_path / "two", capfd, "--epochs", "2", "--resume")
     spec, _, batches = loop_batches(epoch=2)
     state = weights.load_state(tmp_path / "one" / "checkpoints" / "epoch-001.safetensors", spec)
-    _, losses = reference.data_parallel_train(spec, state, batches[:1], RECIPE.lr, 2, saved["bn_semantics"],
-                                              saved["running_stats"], backend.running_var)
+    _, losses = reference.data_parallel_train(
+        spec, state, batches[:1], RECIPE.lr, 2, saved["bn_semantics"], saved["running_stats"], backend.running_var
+    )
     assert [e["epoch"] for e in saved["epochs"]] == [1, 2] and saved["branched_from"]["epoch"] == 1
     np.testing.assert_allclose(saved["epochs"][1]["batch_losses"][0], losses[0], rtol=1e-5)

@@ -4,11 +4,10 @@ exists in any process, so the in-process tests need no launcher."""
 
 import numpy as onp
 import pytest
+from data_parallel_cli import loop_batches, train_on_two_devices
 
 from conformance import checks, data, distributed, reference, weights
 from conformance.specs import get_spec, is_running_stat
-
-from data_parallel_cli import loop_batches, train_on_two_devices
 
 pytest.importorskip("densenet_mxnet.compat", reason="MXNet is not installed (or cannot be imported here)")
 
@@ -45,16 +44,23 @@ def test_each_context_keeps_its_own_running_statistics():
     trainer.train_step(x, y)
     lr, momentum = checks.effective_hyperparameters(backend)
     step = reference.data_parallel_sgd_step(SPEC, state, x, y, lr, 2, "per_shard", "per_device", "biased", momentum)
-    replicas = [{canonical_key(name): param.data(mx.cpu(r)).asnumpy()
-                 for name, param in structural_params(model).items() if is_running_stat(canonical_key(name))}
-                for r in (0, 1)]
+    replicas = [
+        {
+            canonical_key(name): param.data(mx.cpu(r)).asnumpy()
+            for name, param in structural_params(model).items()
+            if is_running_stat(canonical_key(name))
+        }
+        for r in (0, 1)
+    ]
     for r, replica in enumerate(replicas):
         for key, value in replica.items():
-            onp.testing.assert_allclose(value, step.replica_running_stats[r][key], rtol=1e-10, atol=1e-12,
-                                        err_msg=f"context {r} {key}")
+            onp.testing.assert_allclose(
+                value, step.replica_running_stats[r][key], rtol=1e-10, atol=1e-12, err_msg=f"context {r} {key}"
+            )
     assert max(abs(replicas[0][k] - replicas[1][k]).max() for k in replicas[0]) > 1e-3
     assert backend.export_state(model)["features.norm0.running_mean"] == pytest.approx(
-        replicas[0]["features.norm0.running_mean"], abs=0)
+        replicas[0]["features.norm0.running_mean"], abs=0
+    )
 
 
 def test_a_resumed_run_keeps_the_contexts_in_step():
@@ -73,8 +79,9 @@ def test_a_resumed_run_keeps_the_contexts_in_step():
     trainer.train_step(*checks.make_batch(SPEC, 16, 4, 1))
     for name, param in structural_params(resumed).items():
         if param.grad_req != "null":
-            onp.testing.assert_array_equal(param.data(mx.cpu(0)).asnumpy(), param.data(mx.cpu(1)).asnumpy(),
-                                           err_msg=name)
+            onp.testing.assert_array_equal(
+                param.data(mx.cpu(0)).asnumpy(), param.data(mx.cpu(1)).asnumpy(), err_msg=name
+            )
 
 
 def test_mxnet_refuses_what_its_engine_cannot_run():
@@ -98,8 +105,9 @@ def test_mxnet_trains_on_two_contexts_from_the_command_line(tmp_path, capfd):
 
     spec, state, batches = loop_batches()
     lr, momentum = checks.effective_hyperparameters(Backend())
-    expected, losses = reference.data_parallel_train(spec, state, batches, lr, 2, "per_shard", "per_device", "biased",
-                                                     momentum)
+    expected, losses = reference.data_parallel_train(
+        spec, state, batches, lr, 2, "per_shard", "per_device", "biased", momentum
+    )
     onp.testing.assert_allclose(saved["epochs"][0]["batch_losses"], losses, rtol=1e-5)
     trained = weights.load_state(tmp_path / "dp" / "model.safetensors", spec)
     other, _ = reference.data_parallel_train(spec, state, batches, lr, 2, "per_shard", "mean", "biased", momentum)

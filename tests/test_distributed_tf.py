@@ -4,21 +4,22 @@ logical CPU devices must be configured before TensorFlow initialises."""
 
 import numpy as np
 import pytest
+from data_parallel_cli import RECIPE, loop_batches, train_on_two_devices
 
 from conformance import checks, data, distributed, reference, weights
 from conformance.specs import get_spec
-
-from data_parallel_cli import RECIPE, loop_batches, train_on_two_devices
 
 pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
 
 
 def run_check(tmp_path, dtypes):
-    result = distributed.launch_check("tf", tmp_path / "dp.json", 2, log=tmp_path / "log",
-                                      extra=["--dtypes", ",".join(dtypes)])
+    result = distributed.launch_check(
+        "tf", tmp_path / "dp.json", 2, log=tmp_path / "log", extra=["--dtypes", ",".join(dtypes)]
+    )
     assert result["status"] == "ok", result.get("reason") or (tmp_path / "log").read_text()
-    failed = [(r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"]
-              if not r["passed"]]
+    failed = [
+        (r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"] if not r["passed"]
+    ]
     assert not failed
     measured = {(r["config"].split()[-1], r["dtype"]) for r in result["rows"]}
     assert measured == {(sem, dtype) for sem in ("per_shard", "sync") for dtype in dtypes}

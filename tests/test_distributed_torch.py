@@ -3,11 +3,10 @@ per-shard BatchNorm step (docs/distributed.md). Each launch starts two torch pro
 
 import numpy as np
 import pytest
+from data_parallel_cli import RECIPE, loop_batches, train_on_two_devices
 
 from conformance import checks, data, distributed, reference, weights
 from conformance.specs import get_spec
-
-from data_parallel_cli import RECIPE, loop_batches, train_on_two_devices
 
 pytest.importorskip("torch", reason="PyTorch is not installed")
 
@@ -15,8 +14,9 @@ pytest.importorskip("torch", reason="PyTorch is not installed")
 def test_torch_matches_the_reference_on_two_processes(tmp_path):
     result = distributed.launch_check("torch", tmp_path / "dp.json", 2, log=tmp_path / "log")
     assert result["status"] == "ok", result.get("reason") or (tmp_path / "log").read_text()
-    failed = [(r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"]
-              if not r["passed"]]
+    failed = [
+        (r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"] if not r["passed"]
+    ]
     assert not failed
     measured = {(r["config"].split()[-1], r["dtype"]) for r in result["rows"]}
     assert measured == {("per_shard", "float32"), ("per_shard", "float64")}  # SyncBatchNorm is CUDA-only

@@ -6,12 +6,11 @@ backends (tens of seconds each on a CPU) are under `slow`; `make conformance` ru
 
 import numpy as np
 import pytest
+from conftest import backend_or_skip
 
 from conformance import checks, export, specs, weights
 from conformance.cli import main
 from conformance.specs import InputError
-
-from conftest import backend_or_skip
 
 ARCH, SIZE = "tiny", 32
 
@@ -84,8 +83,9 @@ def test_keras_saved_model_export_reproduces_logits(tmp_path):
 def test_keras_compile_and_fit_with_the_model_as_is():
     _, model, x = loaded("tf")
     keras = pytest.importorskip("keras")
-    model.compile(optimizer=keras.optimizers.SGD(0.1),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    )
     before = [v.numpy().copy() for v in model.trainable_variables]
     history = model.fit(x, np.array([0, 1, 2]), epochs=1, batch_size=3, verbose=0)
     assert np.isfinite(history.history["loss"][0])
@@ -102,7 +102,10 @@ def test_jax_export_of_train_mode_apply_round_trips():
 
     exported = jax.export.export(jax.jit(train_apply))(model.variables, x)
     restored = jax.export.deserialize(exported.serialize())
-    (logits, stats), (expected_logits, expected_stats) = restored.call(model.variables, x), train_apply(model.variables, x)
+    (logits, stats), (expected_logits, expected_stats) = (
+        restored.call(model.variables, x),
+        train_apply(model.variables, x),
+    )
     assert_same_logits(logits, expected_logits)  # compiled vs eager: float32 rounding
     for a, b in zip(jax.tree.leaves(stats), jax.tree.leaves(expected_stats)):
         assert_same_logits(a, b)

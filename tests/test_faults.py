@@ -13,11 +13,11 @@ import time
 
 import numpy as np
 import pytest
+from test_data import fake_files, write_files  # noqa: F401  (fake_files is a fixture)
 
 from conformance import cli, data, training, weights
 from conformance.backends import load_backend
 from conformance.training import Recipe, TrainingError
-from test_data import fake_files, write_files  # noqa: F401  (fake_files is a fixture)
 
 ARCH = "tiny_d2l"
 RECIPE = Recipe("faults", size=13, batch_size=8, lr=0.1, momentum=0.9, epochs=3, train_examples=16, test_examples=8)
@@ -41,8 +41,9 @@ def fake_data(tmp_path, monkeypatch, fake_files):  # noqa: F811
 
 def train(out, fake_data, **kwargs):
     """The NumPy reference backend: deterministic, and needs no framework."""
-    return training.train(load_backend("reference"), ARCH, kwargs.pop("recipe", RECIPE), out, fake_data,
-                          progress=False, **kwargs)
+    return training.train(
+        load_backend("reference"), ARCH, kwargs.pop("recipe", RECIPE), out, fake_data, progress=False, **kwargs
+    )
 
 
 def state_of(path):
@@ -56,6 +57,7 @@ def assert_same_state(a, b):
 
 
 # -- the resized-data cache -------------------------------------------------------------
+
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage"])
 def test_damaged_resize_cache_is_rebuilt_with_a_notice(fake_data, tmp_path, capsys, damage):
@@ -75,6 +77,7 @@ def test_damaged_resize_cache_is_rebuilt_with_a_notice(fake_data, tmp_path, caps
 
 # -- damaged checkpoints, then --resume -------------------------------------------------
 
+
 def resumed_run(out, fake_data, after_epoch):
     """A run stopped after `after_epoch` and resumed to the end, and its final weights. (The
     reference backend keeps float64 weights in memory and float32 on disk, so a resumed run
@@ -89,14 +92,18 @@ def finished_run(tmp_path, fake_data):
     return resumed_run(tmp_path / "run", fake_data, after_epoch=2)
 
 
-@pytest.mark.parametrize("victim, damage", [
-    ("epoch-003.safetensors", "truncate"),
-    ("epoch-003.optimizer.safetensors", "truncate"),
-    ("epoch-003.optimizer.safetensors", "flip a byte"),  # same size: only the recorded SHA-256 sees it
-    ("epoch-003.safetensors", "delete"),
-])
-def test_resume_after_a_damaged_checkpoint_restarts_from_the_last_intact_epoch(finished_run, fake_data, capsys,
-                                                                               victim, damage):
+@pytest.mark.parametrize(
+    "victim, damage",
+    [
+        ("epoch-003.safetensors", "truncate"),
+        ("epoch-003.optimizer.safetensors", "truncate"),
+        ("epoch-003.optimizer.safetensors", "flip a byte"),  # same size: only the recorded SHA-256 sees it
+        ("epoch-003.safetensors", "delete"),
+    ],
+)
+def test_resume_after_a_damaged_checkpoint_restarts_from_the_last_intact_epoch(
+    finished_run, fake_data, capsys, victim, damage
+):
     out, final = finished_run
     path = out / "checkpoints" / victim
     raw = bytearray(path.read_bytes())
@@ -126,10 +133,27 @@ def test_resume_with_no_intact_epoch_is_a_clear_error(finished_run, fake_data):
 
 # -- unwritable output, full disk ------------------------------------------------------
 
+
 def test_unwritable_output_directory_is_a_clear_error_before_training(tmp_path, fake_data, capsys):
     (tmp_path / "a-file").write_text("")
-    code = cli.main(["train", "--backend", "reference", "--arch", ARCH, "--size", "13", "--train-examples", "16",
-                     "--data-dir", str(fake_data), "--out", str(tmp_path / "a-file" / "run"), "--quiet"])
+    code = cli.main(
+        [
+            "train",
+            "--backend",
+            "reference",
+            "--arch",
+            ARCH,
+            "--size",
+            "13",
+            "--train-examples",
+            "16",
+            "--data-dir",
+            str(fake_data),
+            "--out",
+            str(tmp_path / "a-file" / "run"),
+            "--quiet",
+        ]
+    )
     assert code == 2
     assert "cannot write to the run directory" in capsys.readouterr().err
 
@@ -143,6 +167,7 @@ def failing_after(calls, error_number=errno.ENOSPC):
         if count[0] > calls:
             raise OSError(error_number, os.strerror(error_number))
         return real(fd)
+
     return fsync
 
 
@@ -193,15 +218,17 @@ def test_a_second_run_into_the_same_directory_is_refused_until_the_first_is_gone
     again = training.Run(tmp_path)
     again.lock()  # the same process may open the same run twice (resume after an error)
     del run, again
-    check = subprocess.run([sys.executable, "-c", HOLD_LOCK.replace("time.sleep(60)", ""), str(tmp_path)],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [sys.executable, "-c", HOLD_LOCK.replace("time.sleep(60)", ""), str(tmp_path)], capture_output=True, text=True
+    )
     assert check.stdout.strip() == "locked", check.stderr  # released when the last Run was freed
 
 
 # -- SIGINT / SIGTERM mid-epoch ------------------------------------------------------
 
-needs_fashion_mnist = pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR),
-                                         reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+needs_fashion_mnist = pytest.mark.skipif(
+    not data._has_all(data.SYSTEM_DIR), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -211,14 +238,38 @@ def shared_cache(tmp_path_factory):
 
 def start_training(out, cache, examples, *extra):
     pytest.importorskip("torch")
-    command = [sys.executable, "-m", "conformance.cli", "train", "--backend", "torch", "--arch", ARCH,
-               "--size", "28", "--batch-size", "32", "--train-examples", str(examples), "--test-examples", "64",
-               "--epochs", "2", "--out", str(out), *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "conformance.cli",
+        "train",
+        "--backend",
+        "torch",
+        "--arch",
+        ARCH,
+        "--size",
+        "28",
+        "--batch-size",
+        "32",
+        "--train-examples",
+        str(examples),
+        "--test-examples",
+        "64",
+        "--epochs",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
     # A shell without job control starts background jobs with SIGINT ignored, and Python keeps an
     # inherited SIG_IGN: the child gets SIGINT's default back, as a program run at a terminal has.
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONUNBUFFERED": "1"},
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "XDG_CACHE_HOME": str(cache), "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def wait_for(process, pattern, timeout=300) -> str:
@@ -272,6 +323,7 @@ def test_sigint_after_the_first_batches_stops_cleanly(tmp_path, shared_cache):
 
 # -- permissions ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("umask", [0o022, 0o027, 0o077])
 def test_written_files_honour_the_umask(tmp_path, fake_data, umask):
     previous = os.umask(umask)
@@ -287,19 +339,26 @@ def test_written_files_honour_the_umask(tmp_path, fake_data, umask):
 
 # -- bad numbers on the command line ------------------------------------------------
 
-@pytest.mark.parametrize("argv, message", [
-    (["train", "--backend", "torch", "--size", "-5"], "argument --size: -5 is not a positive integer"),
-    (["train", "--backend", "torch", "--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
-    (["train", "--backend", "torch", "--epochs", "0"], "argument --epochs: 0 is not a positive integer"),
-    (["train", "--backend", "torch", "--train-examples", "-1"], "argument --train-examples: -1 is not a positive"),
-    (["train", "--backend", "torch", "--lr", "-0.1"], "argument --lr: -0.1 is not a positive number"),
-    (["train", "--backend", "torch", "--seed", "-3"], "argument --seed: -3 is not a non-negative integer"),
-    (["train", "--backend", "torch", "--epochs", "two"], "argument --epochs: 'two' is not a positive integer"),
-    (["shapes", "--backend", "reference", "--arch", "d2l", "--size", "0"], "argument --size: 0 is not a positive"),
-    (["check", "--backend", "reference", "--arch", "d2l", "--size", "32", "--batch", "-2"], "argument --batch: -2"),
-    (["evaluate", "--backend", "torch", "--checkpoint", "x", "--batch-size", "0"], "argument --batch-size: 0 is not"),
-    (["seed-spread", "--backend", "torch", "--seeds", "0"], "argument --seeds: 0 is not a positive integer"),
-])
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--backend", "torch", "--size", "-5"], "argument --size: -5 is not a positive integer"),
+        (["train", "--backend", "torch", "--batch-size", "0"], "argument --batch-size: 0 is not a positive integer"),
+        (["train", "--backend", "torch", "--epochs", "0"], "argument --epochs: 0 is not a positive integer"),
+        (["train", "--backend", "torch", "--train-examples", "-1"], "argument --train-examples: -1 is not a positive"),
+        (["train", "--backend", "torch", "--lr", "-0.1"], "argument --lr: -0.1 is not a positive number"),
+        (["train", "--backend", "torch", "--seed", "-3"], "argument --seed: -3 is not a non-negative integer"),
+        (["train", "--backend", "torch", "--epochs", "two"], "argument --epochs: 'two' is not a positive integer"),
+        (["shapes", "--backend", "reference", "--arch", "d2l", "--size", "0"], "argument --size: 0 is not a positive"),
+        (["check", "--backend", "reference", "--arch", "d2l", "--size", "32", "--batch", "-2"], "argument --batch: -2"),
+        (
+            ["evaluate", "--backend", "torch", "--checkpoint", "x", "--batch-size", "0"],
+            "argument --batch-size: 0 is not",
+        ),
+        (["seed-spread", "--backend", "torch", "--seeds", "0"], "argument --seeds: 0 is not a positive integer"),
+    ],
+)
 def test_non_positive_numbers_are_argparse_errors(capsys, argv, message):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)

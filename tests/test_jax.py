@@ -90,7 +90,9 @@ def test_load_torchvision_style_state_dict_with_batch_counters():
     spec = ARCHS["tiny"]
     state = weights.init_state(spec, randomize_bn=True)
     variables = load_canonical(DenseNet(spec), {**state, "features.norm0.num_batches_tracked": np.array(3)})
-    assert np.asarray(variables["batch_stats"]["norm0"]["var"]).tobytes() == state["features.norm0.running_var"].tobytes()
+    assert (
+        np.asarray(variables["batch_stats"]["norm0"]["var"]).tobytes() == state["features.norm0.running_var"].tobytes()
+    )
     assert export_canonical(variables)["features.conv0.weight"].tobytes() == state["features.conv0.weight"].tobytes()
 
 
@@ -191,6 +193,7 @@ def test_a_fast_trainer_leaves_exact_arithmetic_for_the_checks():
 
 # Memory-efficient model (issue 13): nn.remat of each dense layer with the dots policy.
 
+
 def deep_block_spec():
     return ARCHS["tiny"].replace(block_config=(12,))  # one block deep enough for its quadratic memory
 
@@ -205,6 +208,7 @@ def residual_bytes(spec, memory_efficient, batch=8, size=48):
     def residuals(variables, x):
         def logits(params):
             return model.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"])[0]
+
         return jax.vjp(logits, variables["params"])[1]
 
     kept = jax.tree.leaves(jax.eval_shape(residuals, variables, x))
@@ -216,8 +220,12 @@ def test_memory_efficient_model_matches_the_reference(arch, size):
     from conformance import checks
 
     results = checks.compare_with_reference(load_backend("jax"), arch, size, memory_efficient=True)
-    failures = {f"{dtype}/{name}": item for dtype, items in results.items()
-                for name, item in items.items() if not item["passed"]}
+    failures = {
+        f"{dtype}/{name}": item
+        for dtype, items in results.items()
+        for name, item in items.items()
+        if not item["passed"]
+    }
     assert set(results) == {"float32", "float64"} and not failures
 
 
@@ -231,16 +239,18 @@ def test_memory_efficient_model_keeps_the_variables_and_the_numbers():
     assert backend.count_params(efficient) == backend.count_params(plain)
     assert backend.export_state(efficient).keys() == state.keys()
     x = specs.to_layout(np.random.default_rng(0).standard_normal((2, 3, 19, 19)).astype(np.float32), "NHWC")
-    np.testing.assert_allclose(backend.forward(efficient, x, train=False), backend.forward(plain, x, train=False),
-                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(
+        backend.forward(efficient, x, train=False), backend.forward(plain, x, train=False), rtol=1e-6, atol=1e-6
+    )
 
 
 @partial(jax.jit, static_argnums=0)
 def train_logits_and_gradients(module, variables, x, dropout_key):
     def loss(params):
-        logits, _ = module.apply({**variables, "params": params}, x, train=True, mutable=["batch_stats"],
-                                 rngs={"dropout": dropout_key})
-        return (logits ** 2).sum(), logits
+        logits, _ = module.apply(
+            {**variables, "params": params}, x, train=True, mutable=["batch_stats"], rngs={"dropout": dropout_key}
+        )
+        return (logits**2).sum(), logits
 
     gradients, logits = jax.grad(loss, has_aux=True)(variables["params"])
     return logits, gradients
@@ -256,8 +266,9 @@ def test_memory_efficient_dropout_draws_the_plain_model_s_masks():
     efficient_logits, efficient_gradients = train_logits_and_gradients(efficient, variables, x, KEY)
     assert np.array_equal(efficient_logits, logits)
     for path, gradient in flatten_dict(gradients).items():
-        np.testing.assert_allclose(flatten_dict(efficient_gradients)[path], gradient, rtol=1e-5, atol=1e-6,
-                                   err_msg=str(path))
+        np.testing.assert_allclose(
+            flatten_dict(efficient_gradients)[path], gradient, rtol=1e-5, atol=1e-6, err_msg=str(path)
+        )
 
 
 def test_memory_efficient_model_keeps_only_the_convolution_outputs():

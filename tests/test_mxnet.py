@@ -15,11 +15,18 @@ from mxnet import autograd, np  # noqa: E402
 
 from conformance import checks, reference, specs, weights  # noqa: E402
 from conformance.specs import ARCHS, InputError  # noqa: E402
-from densenet_mxnet import DenseBlock, DenseNet, conv_block, transition_block  # noqa: E402
-from densenet_mxnet import export_canonical, load_canonical  # noqa: E402
-from densenet_mxnet import compat, zoo  # noqa: E402
-from densenet_mxnet.model import NO_MEMORY_EFFICIENT  # noqa: E402
+from densenet_mxnet import (  # noqa: E402  # noqa: E402  # noqa: E402
+    DenseBlock,
+    DenseNet,
+    compat,
+    conv_block,
+    export_canonical,
+    load_canonical,
+    transition_block,
+    zoo,
+)
 from densenet_mxnet.backend import Backend  # noqa: E402
+from densenet_mxnet.model import NO_MEMORY_EFFICIENT  # noqa: E402
 from densenet_mxnet.weights import canonical_key, structural_params  # noqa: E402
 
 
@@ -63,11 +70,16 @@ def test_batch_norm_settings_are_explicit():
 
 # --- numbers: imperative and hybridized, against the reference and each other
 
+
 @pytest.mark.parametrize("hybridize, arch, size", [(False, "tiny_d2l", 13), (True, "tiny", 19)])
 def test_imperative_and_hybridized_models_match_the_reference(hybridize, arch, size):
     results = checks.compare_with_reference(Backend(hybridize=hybridize), arch, size)
-    failures = {f"{dtype}/{name}": item for dtype, items in results.items() for name, item in items.items()
-                if not item["passed"]}
+    failures = {
+        f"{dtype}/{name}": item
+        for dtype, items in results.items()
+        for name, item in items.items()
+        if not item["passed"]
+    }
     assert not failures
 
 
@@ -177,6 +189,7 @@ def test_dropout_is_active_only_in_training():
 
 # --- memory_efficient (issue 13): accepted, says it does nothing, computes the plain numbers
 
+
 def memory_efficient_build(backend, spec, dtype="float32"):
     with pytest.warns(UserWarning, match="no effect in MXNet 1.9"):
         return backend.build(spec, dtype, memory_efficient=True)
@@ -270,8 +283,14 @@ def test_importing_keeps_torch_thread_count():
     pytest.importorskip("torch", reason="PyTorch is not installed")
     code = "import torch; n = torch.get_num_threads(); import densenet_mxnet; print(n, torch.get_num_threads())"
     env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     before, after = out.stdout.split()[-2:]
     if before == "1":
         pytest.skip("torch runs one thread here anyway")

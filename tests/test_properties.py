@@ -11,15 +11,17 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the dev extra: pip install -e '.[dev]'")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
 
 from conformance import checks, reference, specs  # noqa: E402
 from conformance.specs import DenseNetSpec  # noqa: E402
 from conformance.weights import init_state  # noqa: E402
 
 FORWARD_TOLERANCE = checks.TOLERANCES["float64"]["forward_eval"]
-COMMON = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-              database=None)
+COMMON = dict(
+    deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow], database=None
+)
 
 
 @st.composite
@@ -30,9 +32,17 @@ def spec_and_size(draw):
     growth = draw(st.integers(1, 6))
     blocks = tuple(draw(st.lists(st.integers(1, 3), min_size=1, max_size=3)))
     spec = DenseNetSpec(
-        "random", draw(st.sampled_from(specs.STEMS)), init, growth, blocks,
-        bn_size=draw(st.none() | st.integers(1, 4)), compression=draw(st.sampled_from((0.5, 1.0, 0.75, 0.34))),
-        conv_bias=draw(st.booleans()), in_channels=draw(st.integers(1, 3)), num_classes=draw(st.integers(1, 7)))
+        "random",
+        draw(st.sampled_from(specs.STEMS)),
+        init,
+        growth,
+        blocks,
+        bn_size=draw(st.none() | st.integers(1, 4)),
+        compression=draw(st.sampled_from((0.5, 1.0, 0.75, 0.34))),
+        conv_bias=draw(st.booleans()),
+        in_channels=draw(st.integers(1, 3)),
+        num_classes=draw(st.integers(1, 7)),
+    )
     hypothesis.assume(min(stage.out_channels for stage in specs.channel_plan(spec)) >= 1)
     smallest = specs.min_input_size(spec)
     return spec, draw(st.integers(smallest, smallest + 6))

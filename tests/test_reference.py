@@ -52,7 +52,9 @@ def test_sgd_step_moves_parameters_by_lr_times_gradient(rng):
     result = reference.loss_and_gradients(spec, state, x, y)
     new, loss = reference.sgd_step(spec, state, x, y, lr=0.5)
     assert loss == result.loss
-    np.testing.assert_allclose(new["classifier.weight"], state["classifier.weight"] - 0.5 * result.grads["classifier.weight"])
+    np.testing.assert_allclose(
+        new["classifier.weight"], state["classifier.weight"] - 0.5 * result.grads["classifier.weight"]
+    )
     np.testing.assert_allclose(new["features.norm0.running_mean"], result.running_stats["features.norm0.running_mean"])
 
 
@@ -78,8 +80,9 @@ def test_a_config_without_float32_training_checks_float32_in_eval_mode_only():
     build = backend.build
     backend.build = lambda *args, **kwargs: built.append(args) or build(*args, **kwargs)
     model = build(checks.checked_spec("tiny"))
-    results = checks.compare_with_reference(backend, "tiny", 19, 2, trainer_step=False, float32_training=False,
-                                            float32_model=model)
+    results = checks.compare_with_reference(
+        backend, "tiny", 19, 2, trainer_step=False, float32_training=False, float32_model=model
+    )
     assert list(results["float32"]) == ["forward_eval"]
     assert {"forward_train", "loss", "gradients", "running_stats_update"} <= set(results["float64"])
     assert [args[1] for args in built] == ["float64"]  # float32's model was not built again

@@ -27,9 +27,13 @@ def test_broken_backend_fails_the_run_naming_backend_and_check(tmp_path, with_br
     assert report["memory_efficient"] == [list(config) for config in runner.MEMORY_EFFICIENT]
     assert any(f.startswith("broken: tiny@19 memory-efficient float32 forward_eval: error") for f in report["failures"])
     efficient = [row for row in report["rows"] if row["config"].endswith(" memory-efficient")]
-    assert {row["config"] for row in efficient} == {f"{c.arch}@{c.size} memory-efficient" for c in runner.MEMORY_EFFICIENT}
-    assert {(row["dtype"], row["check"]) for row in efficient} >= {("float64", "running_stats_update"),
-                                                                   ("float32", "gradients")}
+    assert {row["config"] for row in efficient} == {
+        f"{c.arch}@{c.size} memory-efficient" for c in runner.MEMORY_EFFICIENT
+    }
+    assert {(row["dtype"], row["check"]) for row in efficient} >= {
+        ("float64", "running_stats_update"),
+        ("float32", "gradients"),
+    }
     assert all(row["results"]["torch"]["passed"] for row in efficient)
     assert "| tiny_d2l@13 memory-efficient float64 running_stats_update |" in (tmp_path / "report.md").read_text()
     assert report["cross"]["errors"]["torch"]["torch"] == 0.0
@@ -71,5 +75,6 @@ def test_the_report_says_which_configs_skip_the_step_and_float32_training():
     assert "densenet_bc100_k12@32, densenet121@64: float32 checks the eval pass" in notes
     assert report._matrix_notes([["tiny", 19, 4]]) == ""  # old four- and three-field matrices still read
     assert "but the trainer's step (make test steps it)" in report._step_words(
-        [list(config) for config in runner.MEMORY_EFFICIENT])
+        [list(config) for config in runner.MEMORY_EFFICIENT]
+    )
     assert report._step_words([["tiny", 19, 4]]) == " (the trainer's step on tiny@19)"

@@ -28,8 +28,11 @@ TEACHING = ("index.md", "blocks.md", "shapes.md", "training.md", "differences.md
 
 
 def hand_written_pages() -> list[Path]:
-    return [path for path in DOCS.rglob("*.md")
-            if path.relative_to(DOCS).parts[0] != "results" and path.name not in GENERATED]
+    return [
+        path
+        for path in DOCS.rglob("*.md")
+        if path.relative_to(DOCS).parts[0] != "results" and path.name not in GENERATED
+    ]
 
 
 # --- the code on the pages is the project's code ----------------------------------------------
@@ -45,10 +48,9 @@ def test_every_listing_is_cut_from_every_backend(name):
 
 
 def test_every_code_link_names_a_definition():
-    links = [(page, *match) for page in hand_written_pages()
-             for match in pages.LINK.findall(page.read_text())]
+    links = [(page, *match) for page in hand_written_pages() for match in pages.LINK.findall(page.read_text())]
     assert links, "the pages link no line of code"
-    for page, path, name in links:
+    for _page, path, name in links:
         source.find(path, name)  # LookupError names the page's broken link target
 
 
@@ -86,8 +88,12 @@ def test_snippet_runs(snippet):
 
 
 def test_every_page_topic_has_a_snippet_per_tab():
-    topics = {match[1] for page in hand_written_pages()
-              for match in pages.DIRECTIVE.findall(page.read_text()) if match[0] == "run"}
+    topics = {
+        match[1]
+        for page in hand_written_pages()
+        for match in pages.DIRECTIVE.findall(page.read_text())
+        if match[0] == "run"
+    }
     assert topics == {s.topic for s in snippets.snippets()}, "a snippet no page shows, or a page without its snippet"
     assert {s.backend for s in snippets.snippets("shapes")} == set(BACKENDS)
 
@@ -100,8 +106,13 @@ def site(tmp_path_factory):
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("material") is None:
         pytest.skip("mkdocs-material is not installed (the dev extra: pip install -e '.[dev]')")
     out = tmp_path_factory.mktemp("site")
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     return out
 
@@ -130,14 +141,21 @@ def test_outputs_on_the_pages_were_computed(site):
 @pytest.fixture(scope="module")
 def browser():
     if not (CHROMIUM.exists() and CHROMEDRIVER.exists()):
-        pytest.skip("needs Debian's chromium and chromium-driver (make browser, or apt-get install chromium chromium-driver)")
+        pytest.skip(
+            "needs Debian's chromium and chromium-driver (make browser, or apt-get install chromium chromium-driver)"
+        )
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (the dev extra)")
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = str(CHROMIUM)
-    for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                     "--window-size=1200,1400"):
+    for argument in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,1400",
+    ):
         options.add_argument(argument)
     # The driver's path is given: Selenium Manager downloads nothing.
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
@@ -174,15 +192,18 @@ def test_framework_tabs_switch_in_a_browser(served, browser):
     assert len(tab_sets) == len(listing_blocks()), "one set of tabs per building block"
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     for backend in BACKENDS:
-        labels = [label for label in tab_sets[0].find_elements("css selector", ".tabbed-labels > label")
-                  if label.text == TABS[backend]]
+        labels = [
+            label
+            for label in tab_sets[0].find_elements("css selector", ".tabbed-labels > label")
+            if label.text == TABS[backend]
+        ]
         assert labels, f"no {TABS[backend]} tab"
         browser.execute_script("arguments[0].scrollIntoView({block: 'center'});", labels[0])
         labels[0].click()
         for tab_set, names in zip(tab_sets, listing_blocks()):
             expected = source.first_found(f"{BACKENDS[backend]}/model.py", names).code.splitlines()[0]
             # Linked tabs: one click switches every block on the page to that framework.
-            WebDriverWait(browser, 10).until(lambda _: expected in shown_code(tab_set))
+            WebDriverWait(browser, 10).until(lambda _, e=expected, t=tab_set: e in shown_code(t))
         browser.save_screenshot(str(SCREENSHOTS / f"blocks-{backend}.png"))
 
 
@@ -190,4 +211,3 @@ def listing_blocks():
     from conformance import listing
 
     return listing.BLOCKS
-

@@ -10,8 +10,10 @@ def test_parameter_counts_match_published_numbers(arch):
     assert specs.count_params(ARCHS[arch])[0] == EXPECTED_PARAMS[arch]
 
 
-@pytest.mark.parametrize("arch, millions", [("densenet40_k12", 1.0), ("densenet_bc100_k12", 0.8),
-                                            ("densenet_bc250_k24", 15.3), ("densenet_bc190_k40", 25.6)])
+@pytest.mark.parametrize(
+    "arch, millions",
+    [("densenet40_k12", 1.0), ("densenet_bc100_k12", 0.8), ("densenet_bc250_k24", 15.3), ("densenet_bc190_k40", 25.6)],
+)
 def test_cifar_nets_match_the_paper_table(arch, millions):
     assert round(specs.count_params(ARCHS[arch])[0] / 1e6, 1) == millions
 
@@ -29,8 +31,17 @@ def test_d2l_stage_shapes_at_96():
     assert shapes["transition1"] == (2, 96, 12, 12)
     assert shapes["denseblock4"] == (2, 248, 3, 3)
     assert shapes["logits"] == (2, 10)
-    assert list(shapes) == ["stem", "denseblock1", "transition1", "denseblock2", "transition2",
-                            "denseblock3", "transition3", "denseblock4", "logits"]
+    assert list(shapes) == [
+        "stem",
+        "denseblock1",
+        "transition1",
+        "denseblock2",
+        "transition2",
+        "denseblock3",
+        "transition3",
+        "denseblock4",
+        "logits",
+    ]
 
 
 def test_nhwc_shapes_are_nchw_transposed():
@@ -64,13 +75,16 @@ def test_spec_json_round_trip():
     assert specs.DenseNetSpec.from_json(spec.to_json()) == spec
 
 
-@pytest.mark.parametrize("shape, dtype, match", [
-    ((1, 96, 96), "float32", r"4-D NCHW batch.*rank 3.*add a batch axis"),
-    ((2, 3, 96, 96), "float32", r"1 input channel\(s\) on axis 1.*got 3"),
-    ((2, 96, 96, 1), "float32", r"looks like NHWC; transpose it with \(0, 3, 1, 2\)"),
-    ((2, 1, 96, 96), "uint8", r"expects float32 input, got uint8"),
-    ((2, 1, 20, 20), "float32", r"too small.*29x29"),
-])
+@pytest.mark.parametrize(
+    "shape, dtype, match",
+    [
+        ((1, 96, 96), "float32", r"4-D NCHW batch.*rank 3.*add a batch axis"),
+        ((2, 3, 96, 96), "float32", r"1 input channel\(s\) on axis 1.*got 3"),
+        ((2, 96, 96, 1), "float32", r"looks like NHWC; transpose it with \(0, 3, 1, 2\)"),
+        ((2, 1, 96, 96), "uint8", r"expects float32 input, got uint8"),
+        ((2, 1, 20, 20), "float32", r"too small.*29x29"),
+    ],
+)
 def test_input_validation_says_what_was_expected(shape, dtype, match):
     with pytest.raises(InputError, match=match):
         specs.validate_input(ARCHS["d2l"], shape, dtype, "NCHW")

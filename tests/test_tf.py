@@ -61,8 +61,19 @@ def test_summary_shows_readable_layer_names():
     lines = []
     DenseNet("tiny").summary(line_length=120, expand_nested=True, print_fn=lambda line, **kwargs: lines.append(line))
     text = "\n".join(lines)
-    for name in ("conv0_pad", "conv0", "norm0", "relu0", "pool0", "denseblock1", "transition1", "norm",
-                 "denseblock2", "norm5", "classifier"):
+    for name in (
+        "conv0_pad",
+        "conv0",
+        "norm0",
+        "relu0",
+        "pool0",
+        "denseblock1",
+        "transition1",
+        "norm",
+        "denseblock2",
+        "norm5",
+        "classifier",
+    ):
         assert f"{name} (" in text, name
     for generated in ("sequential", "conv2d", "batch_normalization", "dense_block"):
         assert generated not in text, generated
@@ -70,9 +81,12 @@ def test_summary_shows_readable_layer_names():
 
 def test_batch_norm_settings_are_explicit():
     model = DenseNet("tiny")
-    norms = [model.features.get_layer("norm0"), model.features.get_layer("norm5"),
-             model.features.get_layer("denseblock1").denselayers[0].get_layer("norm2"),
-             model.features.get_layer("transition1").get_layer("norm")]
+    norms = [
+        model.features.get_layer("norm0"),
+        model.features.get_layer("norm5"),
+        model.features.get_layer("denseblock1").denselayers[0].get_layer("norm2"),
+        model.features.get_layer("transition1").get_layer("norm"),
+    ]
     for bn in norms:
         assert bn.epsilon == 1e-5 and bn.momentum == 0.9 and bn.axis in (-1, 3)
 
@@ -90,8 +104,12 @@ def test_forward_and_gradients_match_the_reference(run_eagerly):
     """Eval and train forward, all gradients and one SGD step with running statistics, float32
     and float64, on an even input size (where 'same' padding on a stride-2 layer would shift)."""
     results = checks.compare_with_reference(Backend(run_eagerly=run_eagerly), "tiny", 20, 4)
-    failures = {f"{dtype}/{name}": item for dtype, items in results.items()
-                for name, item in items.items() if not item["passed"]}
+    failures = {
+        f"{dtype}/{name}": item
+        for dtype, items in results.items()
+        for name, item in items.items()
+        if not item["passed"]
+    }
     assert not failures
 
 
@@ -159,8 +177,9 @@ def test_training_flag_reaches_batch_norm():
     model = DenseNet(spec)
     load_canonical(model, state)
     np.testing.assert_allclose(model(x_nhwc), reference.forward(spec, state, x, train=False), rtol=1e-4, atol=1e-5)
-    np.testing.assert_allclose(model(x_nhwc, training=True), reference.forward(spec, state, x, train=True),
-                               rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        model(x_nhwc, training=True), reference.forward(spec, state, x, train=True), rtol=1e-4, atol=1e-5
+    )
 
 
 def test_load_torchvision_style_state_dict_with_batch_counters():
@@ -175,7 +194,6 @@ def test_dropout_is_active_only_in_training():
     x = tf.random.normal((2, 19, 19, 3))
     np.testing.assert_array_equal(model(x, training=False), model(x, training=False))
     assert not np.array_equal(model(x, training=True), model(x, training=True))
-
 
 
 def test_gpu_request_without_a_gpu_falls_back_to_the_cpu_with_a_note():
@@ -200,8 +218,12 @@ def test_memory_efficient_model_matches_the_reference(arch, size, run_eagerly):
     """Forward, gradients, SGD step and running statistics moved once (not twice by the
     recomputation), float32 and float64."""
     results = checks.compare_with_reference(Backend(run_eagerly=run_eagerly), arch, size, memory_efficient=True)
-    failures = {f"{dtype}/{name}": item for dtype, items in results.items()
-                for name, item in items.items() if not item["passed"]}
+    failures = {
+        f"{dtype}/{name}": item
+        for dtype, items in results.items()
+        for name, item in items.items()
+        if not item["passed"]
+    }
     assert not failures
 
 
@@ -229,7 +251,8 @@ def test_memory_efficient_dropout_draws_the_same_masks():
     spec = ARCHS["tiny"].replace(drop_rate=0.5)
     _, x, y = batch(spec, 19, dtype=np.float64)
     (logits, loss, grads), (logits_me, loss_me, grads_me) = (
-        gradient_step(model, x, tf.constant(y, tf.int32)) for model in plain_and_memory_efficient(spec, "float64"))
+        gradient_step(model, x, tf.constant(y, tf.int32)) for model in plain_and_memory_efficient(spec, "float64")
+    )
     np.testing.assert_allclose(logits_me, logits, rtol=1e-12, atol=1e-12)
     for grad, grad_me in zip(grads, grads_me):
         np.testing.assert_allclose(grad_me, grad, rtol=1e-10, atol=1e-12)
@@ -241,8 +264,9 @@ def test_memory_efficient_model_trains_in_keras_fit():
     _, x, y = batch(spec, 13, n=8)
     states = []
     for model in plain_and_memory_efficient(spec):
-        model.compile(optimizer=keras.optimizers.SGD(0.1),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
         model.fit(x, y, batch_size=4, epochs=1, shuffle=False, verbose=0)
         states.append(export_canonical(model))
     for key, value in states[0].items():
@@ -266,11 +290,13 @@ def allocator_peaks(arch, size, n):
 def test_memory_efficient_model_holds_less_activation_memory():
     """The recomputation is really on: a deep net's forward-backward peak, measured by TensorFlow's
     own allocator in a fresh process, is well under the plain model's (about 40% measured)."""
-    code = ("import json, test_tf; "
-            "print(json.dumps(test_tf.allocator_peaks('densenet_bc100_k12', 32, 8)))")
+    code = "import json, test_tf; print(json.dumps(test_tf.allocator_peaks('densenet_bc100_k12', 32, 8)))"
     tests = Path(__file__).parent
-    env = {**os.environ, "TF_CPU_ALLOCATOR_USE_BFC": "true",
-           "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "TF_CPU_ALLOCATOR_USE_BFC": "true",
+        "PYTHONPATH": os.pathsep.join([str(tests), str(tests.parent), os.environ.get("PYTHONPATH", "")]),
+    }
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     peaks = json.loads(run.stdout.strip().splitlines()[-1])

@@ -40,7 +40,9 @@ def test_load_torchvision_style_state_dict_with_batch_counters():
     state = {k: torch.from_numpy(v) for k, v in weights.init_state(ARCHS["tiny"], randomize_bn=True).items()}
     state["features.norm0.num_batches_tracked"] = torch.tensor(3)
     load_canonical(model, {k: v.numpy() for k, v in state.items()})
-    assert export_canonical(model)["features.norm0.weight"].tobytes() == state["features.norm0.weight"].numpy().tobytes()
+    assert (
+        export_canonical(model)["features.norm0.weight"].tobytes() == state["features.norm0.weight"].numpy().tobytes()
+    )
 
 
 def test_module_call_validates_input():
@@ -82,6 +84,7 @@ def test_a_fast_trainer_switches_tf32_for_its_own_steps_only():
 
 
 # Memory-efficient DenseNet (issue 13): the same network, its concatenations and first BN-ReLU recomputed.
+
 
 def test_memory_efficient_model_passes_the_conformance_checks():
     from conformance import checks

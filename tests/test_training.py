@@ -12,13 +12,13 @@ from conformance import data, training, weights
 from conformance.specs import to_layout
 from conformance.training import Recipe, TrainingError
 
-pytestmark = pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR),
-                                reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
+pytestmark = pytest.mark.skipif(
+    not data._has_all(data.SYSTEM_DIR), reason="Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)"
+)
 
 # Small enough for seconds per backend on two cores; momentum so that resuming must restore
 # the optimiser state as well as the weights.
-RECIPE = Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.9, epochs=3,
-                train_examples=1024, test_examples=500)
+RECIPE = Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.9, epochs=3, train_examples=1024, test_examples=500)
 ARCH = "tiny_d2l"
 
 
@@ -67,8 +67,19 @@ def run_training(backend, out, resume=False, kill=False):
     import dataclasses
 
     script = RUNNER.replace("__RECIPE__", repr(dataclasses.asdict(RECIPE))).replace("__ARCH__", ARCH)
-    return subprocess.run([sys.executable, "-c", script, backend.name, str(out),
-                           "resume" if resume else "fresh", "kill" if kill else "run"], capture_output=True, text=True)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            backend.name,
+            str(out),
+            "resume" if resume else "fresh",
+            "kill" if kill else "run",
+        ],
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_resume_after_kill_mid_epoch_loses_no_completed_epoch(backend, tmp_path):
@@ -117,8 +128,7 @@ def test_a_branch_continues_as_the_run_it_came_from(tmp_path):
     assert continued["epochs"][0] == original["epochs"][0]
     # The reference trains in float64 and checkpoints hold float32: the continued epoch starts
     # from weights rounded to float32, so its losses agree to about float32's precision.
-    np.testing.assert_allclose(continued["epochs"][1]["batch_losses"], original["epochs"][1]["batch_losses"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(continued["epochs"][1]["batch_losses"], original["epochs"][1]["batch_losses"], rtol=1e-6)
     assert continued["epochs"][1]["test_acc"] == original["epochs"][1]["test_acc"]
     with pytest.raises(TrainingError, match="already exists"):
         training.branch(tmp_path / "original", tmp_path / "branch", 1)
@@ -138,8 +148,9 @@ def torch_checkpoint(tmp_path_factory):
 
 def test_checkpoint_from_torch_evaluates_the_same_in_every_backend(backend, torch_checkpoint):
     path, torch_acc = torch_checkpoint
-    result = training.evaluate_checkpoint(backend, path, batch_size=RECIPE.batch_size,
-                                          test_examples=RECIPE.test_examples)
+    result = training.evaluate_checkpoint(
+        backend, path, batch_size=RECIPE.batch_size, test_examples=RECIPE.test_examples
+    )
     assert result["size"] == RECIPE.size and result["examples"] == RECIPE.test_examples
     # Float32 logits agree to ~1e-6 across backends; an argmax could flip only on a near-tie.
     assert abs(result["test_acc"] - torch_acc) <= 1 / RECIPE.test_examples
@@ -147,6 +158,7 @@ def test_checkpoint_from_torch_evaluates_the_same_in_every_backend(backend, torc
 
 # The training loop's path (data on the device, index batches, sums read once) against the
 # plain one (a NumPy batch per train_step): the same batches must give the same steps.
+
 
 def two_trainers(backend, precision="fp32"):
     spec = training.fashion_mnist_spec(ARCH)
@@ -170,7 +182,7 @@ def test_speed_path_takes_the_same_steps_as_train_step(backend):
         plain_losses.append(loss)
         plain_correct += correct
     for first in range(0, len(order), 64):
-        fast.step_on(order[first:first + 64])
+        fast.step_on(order[first : first + 64])
     loss_sum, correct, seen, batch_losses = fast.read_sums()
     assert seen == len(images) and correct == plain_correct
     np.testing.assert_allclose(batch_losses, plain_losses, rtol=1e-6)
@@ -204,8 +216,28 @@ def test_precision_flag_reaches_metrics(tmp_path, capsys):
     from conformance.cli import main
 
     backend_or_skip("torch")
-    argv = ["train", "--backend", "torch", "--arch", ARCH, "--size", "16", "--epochs", "1", "--batch-size", "32",
-            "--train-examples", "64", "--test-examples", "32", "--out", str(tmp_path), "--quiet", "--precision", "tf32"]
+    argv = [
+        "train",
+        "--backend",
+        "torch",
+        "--arch",
+        ARCH,
+        "--size",
+        "16",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--train-examples",
+        "64",
+        "--test-examples",
+        "32",
+        "--out",
+        str(tmp_path),
+        "--quiet",
+        "--precision",
+        "tf32",
+    ]
     assert main(argv) == 0
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["precision"] == "tf32" and saved["arithmetic"] == "fp32 (TF32 exists only on GPUs)"
@@ -238,12 +270,16 @@ def test_divergence_leaves_the_last_good_checkpoint_resumable(tmp_path, monkeypa
                 losses[2] = float("nan")
             trainer.epochs_read += 1
             return loss_sum, correct, seen, losses
+
         trainer.epochs_read, trainer.read_sums = 0, read
         return trainer
 
     monkeypatch.setattr(backend, "make_trainer", poisoned)
-    with pytest.raises(TrainingError, match=r"loss is nan at epoch 2, step 3; the last good checkpoint, epoch 1, "
-                                            r"is intact .*--resume"):
+    with pytest.raises(
+        TrainingError,
+        match=r"loss is nan at epoch 2, step 3; the last good checkpoint, epoch 1, "
+        r"is intact .*--resume",
+    ):
         training.train(backend, ARCH, recipe, tmp_path, progress=False)
     assert [e["epoch"] for e in json.loads((tmp_path / "metrics.json").read_text())["epochs"]] == [1]
     monkeypatch.setattr(backend, "make_trainer", make_trainer)

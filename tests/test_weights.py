@@ -45,12 +45,20 @@ def test_save_load_round_trip_is_bit_identical(tmp_path):
     assert weights.spec_of_checkpoint(path) == spec
 
 
-@pytest.mark.parametrize("damage, match", [
-    (lambda s: s.pop("features.norm0.weight"), r"1 missing key\(s\): features.norm0.weight"),
-    (lambda s: s.__setitem__("features.extra.weight", np.zeros(3, np.float32)), r"unexpected key\(s\): features.extra.weight"),
-    (lambda s: s.__setitem__("classifier.weight", np.zeros((3, 3), np.float32)),
-     r"mis-shaped key\(s\): classifier.weight: expected \(5, 16\), got \(3, 3\)"),
-])
+@pytest.mark.parametrize(
+    "damage, match",
+    [
+        (lambda s: s.pop("features.norm0.weight"), r"1 missing key\(s\): features.norm0.weight"),
+        (
+            lambda s: s.__setitem__("features.extra.weight", np.zeros(3, np.float32)),
+            r"unexpected key\(s\): features.extra.weight",
+        ),
+        (
+            lambda s: s.__setitem__("classifier.weight", np.zeros((3, 3), np.float32)),
+            r"mis-shaped key\(s\): classifier.weight: expected \(5, 16\), got \(3, 3\)",
+        ),
+    ],
+)
 def test_bad_state_names_the_keys(damage, match):
     state = weights.init_state(ARCHS["tiny"])
     damage(state)

@@ -9,12 +9,11 @@ import pickle
 
 import numpy as np
 import pytest
+from conftest import backend_or_skip
 
 from conformance import specs, zoo
 from conformance.cli import main
 from conformance.weights import CheckpointError, init_state, save_state
-
-from conftest import backend_or_skip
 
 BACKENDS = ("torch", "mxnet", "tf", "jax")
 REL_TOL = 1e-5  # float32 logits of the same weights through different kernels; measured ~1e-7..1e-6
@@ -22,8 +21,18 @@ REL_TOL = 1e-5  # float32 logits of the same weights through different kernels; 
 # Keras applications' builder fixes k=32 and 64 init features; 4 blocks of 1-2 layers keep it small.
 KERAS_SPEC = zoo.keras_spec((1, 1, 2, 1), 7)
 # Gluon's zoo ends in AvgPool2D(7): the last map must be 7x7, so 4 blocks at 224x224.
-GLUON_SPEC = specs.DenseNetSpec("gluon_small", "imagenet", 8, 4, (1, 1, 1, 1), bn_size=2, compression=0.5,
-                                conv_bias=False, in_channels=3, num_classes=5)
+GLUON_SPEC = specs.DenseNetSpec(
+    "gluon_small",
+    "imagenet",
+    8,
+    4,
+    (1, 1, 1, 1),
+    bn_size=2,
+    compression=0.5,
+    conv_bias=False,
+    in_channels=3,
+    num_classes=5,
+)
 
 
 def rel_error(a, b):
@@ -51,8 +60,14 @@ def assert_every_backend_reproduces(spec, state, x_nchw, expected, backends=BACK
 
 
 def test_formats_by_suffix_and_override():
-    assert [zoo.detect_format(p) for p in ("a.safetensors", "a.pth", "a.pt", "a.h5", "a.weights.h5", "a.params")] == \
-        ["canonical", "torchvision", "torchvision", "keras-h5", "keras", "gluon"]
+    assert [zoo.detect_format(p) for p in ("a.safetensors", "a.pth", "a.pt", "a.h5", "a.weights.h5", "a.params")] == [
+        "canonical",
+        "torchvision",
+        "torchvision",
+        "keras-h5",
+        "keras",
+        "gluon",
+    ]
     assert zoo.detect_format("weights.bin", "gluon") == "gluon"
     with pytest.raises(zoo.ZooError, match="weights.bin"):
         zoo.detect_format("weights.bin")
@@ -60,7 +75,9 @@ def test_formats_by_suffix_and_override():
         zoo.detect_format("a.pth", "onnx")
 
 
-@pytest.mark.parametrize("arch", ["tiny", "tiny_d2l", "densenet121", "densenet161", "densenet_bc100_k12", "densenet40_k12"])
+@pytest.mark.parametrize(
+    "arch", ["tiny", "tiny_d2l", "densenet121", "densenet161", "densenet_bc100_k12", "densenet40_k12"]
+)
 def test_infer_spec_names_every_architecture(arch):
     spec = specs.get_spec(arch)
     state = {key: np.zeros(shape, np.float32) for key, shape in specs.parameter_table(spec).items()}
@@ -87,8 +104,15 @@ def test_keras_and_gluon_names_are_a_bijection():
     spec = specs.get_spec("densenet121")
     state = init_state(spec)
     keras_layers = zoo.to_keras(state, spec)
-    assert {"conv1_conv", "conv1_bn", "conv2_block6_2_conv", "pool4_conv", "conv5_block16_0_bn", "bn",
-            "predictions"} <= set(keras_layers)
+    assert {
+        "conv1_conv",
+        "conv1_bn",
+        "conv2_block6_2_conv",
+        "pool4_conv",
+        "conv5_block16_0_bn",
+        "bn",
+        "predictions",
+    } <= set(keras_layers)
     assert keras_layers["conv1_conv"][0].shape == (7, 7, 3, 64)  # HWIO
     back = zoo.from_keras(keras_layers, spec)
     assert all(np.allclose(back[k], state[k], rtol=0, atol=1e-7) for k in state)
@@ -152,8 +176,14 @@ def keras_zoo_model(seed=0):
     for layer in model.layers:
         if layer.name.endswith("bn"):  # random gamma, beta, moving mean and variance
             c = layer.weights[0].shape[0]
-            layer.set_weights([rng.uniform(0.5, 1.5, c), rng.uniform(-0.5, 0.5, c), rng.uniform(-0.5, 0.5, c),
-                               rng.uniform(0.5, 2.0, c)])
+            layer.set_weights(
+                [
+                    rng.uniform(0.5, 1.5, c),
+                    rng.uniform(-0.5, 0.5, c),
+                    rng.uniform(-0.5, 0.5, c),
+                    rng.uniform(0.5, 2.0, c),
+                ]
+            )
     return model
 
 
@@ -170,8 +200,12 @@ def test_keras_applications_file_converts_and_reproduces(tmp_path, suffix, backe
     x = images(32)
     expected = keras_logits(model, x)
     src = tmp_path / f"keras{suffix}"
-    tf_zoo.write_zoo(src, zoo.from_keras({l.name: [w.numpy() for w in l.weights] for l in model.layers},
-                                         KERAS_SPEC), KERAS_SPEC, zoo.detect_format(src))
+    tf_zoo.write_zoo(
+        src,
+        zoo.from_keras({l.name: [w.numpy() for w in l.weights] for l in model.layers}, KERAS_SPEC),
+        KERAS_SPEC,
+        zoo.detect_format(src),
+    )
     spec, state = zoo.read_weights(src)
     assert spec == KERAS_SPEC
     assert_every_backend_reproduces(spec, state, x, expected, backends)
@@ -202,6 +236,7 @@ def test_keras_file_of_another_model_is_refused(tmp_path):
 def gluon_zoo_model():
     pytest.importorskip("mxnet")
     import mxnet as mx
+
     from densenet_mxnet import zoo as mx_zoo
 
     net = mx_zoo.gluon_application(GLUON_SPEC)
@@ -218,6 +253,7 @@ def gluon_zoo_model():
 
 def gluon_logits(net, x_nchw):
     import mxnet as mx
+
     from densenet_mxnet import zoo as mx_zoo
 
     with mx_zoo.legacy_mode():
@@ -227,6 +263,7 @@ def gluon_logits(net, x_nchw):
 def test_gluon_model_zoo_file_converts_and_reproduces(tmp_path):
     net = gluon_zoo_model()
     import mxnet as mx  # noqa: F401
+
     from densenet_mxnet import zoo as mx_zoo
 
     x = images(224)
@@ -249,6 +286,7 @@ def test_gluon_model_zoo_file_converts_and_reproduces(tmp_path):
 def test_gluon_file_with_missing_parameters(tmp_path):
     pytest.importorskip("mxnet")
     import mxnet as mx
+
     from densenet_mxnet import zoo as mx_zoo
 
     params = zoo.to_gluon(init_state(GLUON_SPEC), GLUON_SPEC)
@@ -256,7 +294,9 @@ def test_gluon_file_with_missing_parameters(tmp_path):
     path = tmp_path / "missing.params"
     with mx_zoo.legacy_mode():
         mx.nd.save(str(path), {k: mx.nd.array(v) for k, v in params.items()})
-    with pytest.raises(CheckpointError, match=r"missing\.params.*missing parameter\(s\): features\.4\.0\.1\.3\.running_var"):
+    with pytest.raises(
+        CheckpointError, match=r"missing\.params.*missing parameter\(s\): features\.4\.0\.1\.3\.running_var"
+    ):
         zoo.read_weights(path)
 
 
@@ -267,6 +307,7 @@ def test_gluon_file_with_missing_parameters(tmp_path):
 class RunsCode:
     def __reduce__(self):
         import os
+
         return (os.system, ("echo pwned",))
 
 
@@ -289,8 +330,9 @@ def test_pickle_that_is_not_a_state_dict(tmp_path):
         zoo.read_weights(tmp_path / "other.pth")
 
 
-@pytest.mark.parametrize("fmt,framework", [("pth", "torch"), ("params", "mxnet"), ("weights.h5", "tensorflow"),
-                                           ("safetensors", None)])
+@pytest.mark.parametrize(
+    "fmt,framework", [("pth", "torch"), ("params", "mxnet"), ("weights.h5", "tensorflow"), ("safetensors", None)]
+)
 def test_truncated_files(tmp_path, fmt, framework):
     if framework:
         pytest.importorskip(framework)
@@ -342,24 +384,29 @@ def test_constructors_load_any_format(densenet121_pth):
 
 @pytest.mark.slow
 def test_every_backend_constructor_reproduces_torch(densenet121_pth):
-    import densenet_torch
     import torch
+
+    import densenet_torch
 
     x = images(64)
     expected = densenet_torch.densenet121(weights=densenet121_pth).eval()(torch.from_numpy(x)).detach().numpy()
     backend_or_skip("tf")
     import densenet_tf
+
     model = densenet_tf.DenseNet121(weights=densenet121_pth)
     assert rel_error(np.asarray(model(x.transpose(0, 2, 3, 1))), expected) < REL_TOL
     features = densenet_tf.DenseNet121(include_top=False, weights=densenet121_pth, pooling="avg")
     assert tuple(features(x.transpose(0, 2, 3, 1)).shape) == (2, 1024)
     backend_or_skip("jax")
     import densenet_jax
+
     module, variables = densenet_jax.DenseNet121(weights=densenet121_pth)
     assert rel_error(np.asarray(module.apply(variables, x.transpose(0, 2, 3, 1), train=False)), expected) < REL_TOL
     backend_or_skip("mxnet")
-    import densenet_mxnet
     from mxnet import np as mnp
+
+    import densenet_mxnet
+
     net = densenet_mxnet.get_model("densenet121", pretrained=densenet121_pth)
     assert rel_error(net(mnp.array(x)).asnumpy(), expected) < REL_TOL
 

@@ -53,8 +53,9 @@ class DenseBlock(nn.Module):
     training: bool = True
 
     def setup(self):
-        self.net = nn.Sequential([ConvBlock(self.num_channels, self.bn_size, self.bias, self.training)
-                                  for _ in range(self.num_convs)])
+        self.net = nn.Sequential(
+            [ConvBlock(self.num_channels, self.bn_size, self.bias, self.training) for _ in range(self.num_convs)]
+        )
 
     def __call__(self, X):
         return self.net(X)
@@ -84,15 +85,24 @@ class DenseNet(nn.Module):
     training: bool = True
 
     def setup(self):
-        self.net = nn.Sequential(self.b1() + self.blocks() + [
-            nn.BatchNorm(not self.training), nn.relu,
-            lambda x: x.mean(axis=(1, 2)),  # global average pooling
-            nn.Dense(self.num_classes)])
+        self.net = nn.Sequential(
+            self.b1()
+            + self.blocks()
+            + [
+                nn.BatchNorm(not self.training),
+                nn.relu,
+                lambda x: x.mean(axis=(1, 2)),  # global average pooling
+                nn.Dense(self.num_classes),
+            ]
+        )
 
     def b1(self):
-        return [nn.Conv(self.num_channels, kernel_size=(7, 7), strides=(2, 2), padding=(3, 3), use_bias=self.bias),
-                nn.BatchNorm(not self.training), nn.relu,
-                lambda x: nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))]
+        return [
+            nn.Conv(self.num_channels, kernel_size=(7, 7), strides=(2, 2), padding=(3, 3), use_bias=self.bias),
+            nn.BatchNorm(not self.training),
+            nn.relu,
+            lambda x: nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding=((1, 1), (1, 1))),
+        ]
 
     def blocks(self):
         layers, num_channels = [], self.num_channels
@@ -130,8 +140,9 @@ def train_step(state, images, y):
     X = images[..., None].astype(jnp.float32) / 255
 
     def loss(params):
-        y_hat, updates = state.apply_fn({"params": params, "batch_stats": state.batch_stats}, X,
-                                        mutable=["batch_stats"])
+        y_hat, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, X, mutable=["batch_stats"]
+        )
         return optax.softmax_cross_entropy_with_integer_labels(y_hat, y).mean(), (y_hat, updates)
 
     (l, (y_hat, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
@@ -152,13 +163,18 @@ class Anchor:
         self.net = densenet(**arch)
         x = jnp.zeros((1, 32, 32, arch.get("in_channels", 1)))
         variables = jax.jit(self.net.init)(jax.random.key(0), x)
-        state = TrainState.create(apply_fn=self.net.apply, params=variables["params"],
-                                  batch_stats=variables["batch_stats"], tx=optax.sgd(lr))
+        state = TrainState.create(
+            apply_fn=self.net.apply, params=variables["params"], batch_stats=variables["batch_stats"], tx=optax.sgd(lr)
+        )
         self.state = jax.device_put(state, self.device)
 
     @property
     def device_name(self):
-        return "cpu" if self.device.platform == "cpu" else f"{self.device.platform}:{self.device.id} {self.device.device_kind}"
+        return (
+            "cpu"
+            if self.device.platform == "cpu"
+            else f"{self.device.platform}:{self.device.id} {self.device.device_kind}"
+        )
 
     def num_params(self):
         return sum(p.size for p in jax.tree_util.tree_leaves(self.state.params))

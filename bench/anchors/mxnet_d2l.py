@@ -12,12 +12,12 @@ and the number of correct predictions read on the host every step (the book's
 chapter's exercises) so that the same code also builds densenet121.
 """
 
-import densenet_mxnet.compat  # noqa: F401  (NumPy 2 shim; must come before mxnet)
-
 import mxnet as mx
 import numpy
 from mxnet import autograd, gluon, init, np, npx
 from mxnet.gluon import nn
+
+import densenet_mxnet.compat  # noqa: F401  (NumPy 2 shim; must come before mxnet)
 
 npx.set_np()
 
@@ -25,10 +25,8 @@ npx.set_np()
 def conv_block(num_channels, bn_size=None, bias=True):
     blk = nn.Sequential()
     if bn_size:  # DenseNet-B: BN-ReLU-Conv(1x1) to bn_size * growth channels first
-        blk.add(nn.BatchNorm(), nn.Activation('relu'),
-                nn.Conv2D(bn_size * num_channels, kernel_size=1, use_bias=bias))
-    blk.add(nn.BatchNorm(), nn.Activation('relu'),
-            nn.Conv2D(num_channels, kernel_size=3, padding=1, use_bias=bias))
+        blk.add(nn.BatchNorm(), nn.Activation("relu"), nn.Conv2D(bn_size * num_channels, kernel_size=1, use_bias=bias))
+    blk.add(nn.BatchNorm(), nn.Activation("relu"), nn.Conv2D(num_channels, kernel_size=3, padding=1, use_bias=bias))
     return blk
 
 
@@ -48,25 +46,32 @@ class DenseBlock(nn.Block):
 
 def transition_block(num_channels, bias=True):
     blk = nn.Sequential()
-    blk.add(nn.BatchNorm(), nn.Activation('relu'),
-            nn.Conv2D(num_channels, kernel_size=1, use_bias=bias),
-            nn.AvgPool2D(pool_size=2, strides=2))
+    blk.add(
+        nn.BatchNorm(),
+        nn.Activation("relu"),
+        nn.Conv2D(num_channels, kernel_size=1, use_bias=bias),
+        nn.AvgPool2D(pool_size=2, strides=2),
+    )
     return blk
 
 
-def densenet(num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), in_channels=1, num_classes=10,
-             bn_size=None, bias=True):
+def densenet(
+    num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), in_channels=1, num_classes=10, bn_size=None, bias=True
+):
     net = nn.Sequential()
-    net.add(nn.Conv2D(num_channels, kernel_size=7, strides=2, padding=3, use_bias=bias, in_channels=in_channels),
-            nn.BatchNorm(), nn.Activation('relu'),
-            nn.MaxPool2D(pool_size=3, strides=2, padding=1))
+    net.add(
+        nn.Conv2D(num_channels, kernel_size=7, strides=2, padding=3, use_bias=bias, in_channels=in_channels),
+        nn.BatchNorm(),
+        nn.Activation("relu"),
+        nn.MaxPool2D(pool_size=3, strides=2, padding=1),
+    )
     for i, num_convs in enumerate(arch):
         net.add(DenseBlock(num_convs, growth_rate, bn_size, bias))
         num_channels += num_convs * growth_rate
         if i != len(arch) - 1:  # a transition layer halves the channels between dense blocks
             num_channels //= 2
             net.add(transition_block(num_channels, bias))
-    net.add(nn.BatchNorm(), nn.Activation('relu'), nn.GlobalAvgPool2D(), nn.Dense(num_classes))
+    net.add(nn.BatchNorm(), nn.Activation("relu"), nn.GlobalAvgPool2D(), nn.Dense(num_classes))
     return net
 
 
@@ -88,7 +93,7 @@ class Anchor:
         self.net = densenet(**arch)
         self.net.initialize(force_reinit=True, ctx=self.ctx, init=init.Xavier())
         self.net(np.zeros((1, arch.get("in_channels", 1), 32, 32), ctx=self.ctx))  # Gluon infers shapes lazily
-        self.trainer = gluon.Trainer(self.net.collect_params(), 'sgd', {'learning_rate': lr})
+        self.trainer = gluon.Trainer(self.net.collect_params(), "sgd", {"learning_rate": lr})
         self.loss = gluon.loss.SoftmaxCrossEntropyLoss()
 
     @property
@@ -96,14 +101,14 @@ class Anchor:
         return "cpu" if self.ctx.device_type == "cpu" else f"gpu({self.ctx.device_id})"
 
     def num_params(self):
-        return sum(p.data().size for p in self.net.collect_params().values() if p.grad_req != 'null')
+        return sum(p.data().size for p in self.net.collect_params().values() if p.grad_req != "null")
 
     def _inputs(self, images):
-        return np.expand_dims(np.array(images, ctx=self.ctx), 1).astype('float32') / 255
+        return np.expand_dims(np.array(images, ctx=self.ctx), 1).astype("float32") / 255
 
     def step(self, images, labels):
         """One SGD step on uint8 (N, H, W) images; (loss sum, correct), read on the host."""
-        X, y = self._inputs(images), np.array(labels.astype('int32'), ctx=self.ctx)
+        X, y = self._inputs(images), np.array(labels.astype("int32"), ctx=self.ctx)
         with autograd.record():
             y_hat = self.net(X)
             l = self.loss(y_hat, y)

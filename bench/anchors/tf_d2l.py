@@ -26,10 +26,16 @@ class ConvBlock(keras.layers.Layer):
         super().__init__()
         self.listLayers = []
         if bn_size:  # DenseNet-B: BN-ReLU-Conv(1x1) to bn_size * growth channels first
-            self.listLayers += [keras.layers.BatchNormalization(), keras.layers.ReLU(),
-                                keras.layers.Conv2D(bn_size * num_channels, kernel_size=1, use_bias=bias)]
-        self.listLayers += [keras.layers.BatchNormalization(), keras.layers.ReLU(),
-                            keras.layers.Conv2D(num_channels, kernel_size=(3, 3), padding="same", use_bias=bias)]
+            self.listLayers += [
+                keras.layers.BatchNormalization(),
+                keras.layers.ReLU(),
+                keras.layers.Conv2D(bn_size * num_channels, kernel_size=1, use_bias=bias),
+            ]
+        self.listLayers += [
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(num_channels, kernel_size=(3, 3), padding="same", use_bias=bias),
+        ]
 
     def call(self, x, training=None):
         y = x
@@ -65,17 +71,21 @@ class TransitionBlock(keras.layers.Layer):
 
 
 def block_1(num_channels, bias):
-    return keras.Sequential([
-        keras.layers.ZeroPadding2D(3),
-        keras.layers.Conv2D(num_channels, kernel_size=7, strides=2, use_bias=bias),
-        keras.layers.BatchNormalization(),
-        keras.layers.ReLU(),
-        keras.layers.ZeroPadding2D(1),
-        keras.layers.MaxPool2D(pool_size=3, strides=2)])
+    return keras.Sequential(
+        [
+            keras.layers.ZeroPadding2D(3),
+            keras.layers.Conv2D(num_channels, kernel_size=7, strides=2, use_bias=bias),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.ZeroPadding2D(1),
+            keras.layers.MaxPool2D(pool_size=3, strides=2),
+        ]
+    )
 
 
-def densenet(num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), in_channels=1, num_classes=10,
-             bn_size=None, bias=True):
+def densenet(
+    num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), in_channels=1, num_classes=10, bn_size=None, bias=True
+):
     net = block_1(num_channels, bias)
     for i, num_convs in enumerate(arch):
         net.add(DenseBlock(num_convs, growth_rate, bn_size, bias))

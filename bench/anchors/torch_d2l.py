@@ -19,18 +19,26 @@ from torch import nn
 def conv_block(input_channels, num_channels, bn_size=None, bias=True):
     layers = []
     if bn_size:  # DenseNet-B: BN-ReLU-Conv(1x1) to bn_size * growth channels first
-        layers += [nn.BatchNorm2d(input_channels), nn.ReLU(),
-                   nn.Conv2d(input_channels, bn_size * num_channels, kernel_size=1, bias=bias)]
+        layers += [
+            nn.BatchNorm2d(input_channels),
+            nn.ReLU(),
+            nn.Conv2d(input_channels, bn_size * num_channels, kernel_size=1, bias=bias),
+        ]
         input_channels = bn_size * num_channels
-    return nn.Sequential(*layers, nn.BatchNorm2d(input_channels), nn.ReLU(),
-                         nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, bias=bias))
+    return nn.Sequential(
+        *layers,
+        nn.BatchNorm2d(input_channels),
+        nn.ReLU(),
+        nn.Conv2d(input_channels, num_channels, kernel_size=3, padding=1, bias=bias),
+    )
 
 
 class DenseBlock(nn.Module):
     def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True):
         super().__init__()
-        self.net = nn.Sequential(*[conv_block(num_channels * i + input_channels, num_channels, bn_size, bias)
-                                   for i in range(num_convs)])
+        self.net = nn.Sequential(
+            *[conv_block(num_channels * i + input_channels, num_channels, bn_size, bias) for i in range(num_convs)]
+        )
 
     def forward(self, X):
         for blk in self.net:
@@ -40,16 +48,23 @@ class DenseBlock(nn.Module):
 
 
 def transition_block(input_channels, num_channels, bias=True):
-    return nn.Sequential(nn.BatchNorm2d(input_channels), nn.ReLU(),
-                         nn.Conv2d(input_channels, num_channels, kernel_size=1, bias=bias),
-                         nn.AvgPool2d(kernel_size=2, stride=2))
+    return nn.Sequential(
+        nn.BatchNorm2d(input_channels),
+        nn.ReLU(),
+        nn.Conv2d(input_channels, num_channels, kernel_size=1, bias=bias),
+        nn.AvgPool2d(kernel_size=2, stride=2),
+    )
 
 
-def densenet(num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), in_channels=1, num_classes=10,
-             bn_size=None, bias=True):
-    b1 = nn.Sequential(nn.Conv2d(in_channels, num_channels, kernel_size=7, stride=2, padding=3, bias=bias),
-                       nn.BatchNorm2d(num_channels), nn.ReLU(),
-                       nn.MaxPool2d(kernel_size=3, stride=2, padding=1))
+def densenet(
+    num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), in_channels=1, num_classes=10, bn_size=None, bias=True
+):
+    b1 = nn.Sequential(
+        nn.Conv2d(in_channels, num_channels, kernel_size=7, stride=2, padding=3, bias=bias),
+        nn.BatchNorm2d(num_channels),
+        nn.ReLU(),
+        nn.MaxPool2d(kernel_size=3, stride=2, padding=1),
+    )
     blks = []
     for i, num_convs in enumerate(arch):
         blks.append(DenseBlock(num_convs, num_channels, growth_rate, bn_size, bias))
@@ -57,8 +72,15 @@ def densenet(num_channels=64, growth_rate=32, arch=(4, 4, 4, 4), in_channels=1, 
         if i != len(arch) - 1:  # a transition layer halves the channels between dense blocks
             blks.append(transition_block(num_channels, num_channels // 2, bias))
             num_channels = num_channels // 2
-    return nn.Sequential(b1, *blks, nn.BatchNorm2d(num_channels), nn.ReLU(),
-                         nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten(), nn.Linear(num_channels, num_classes))
+    return nn.Sequential(
+        b1,
+        *blks,
+        nn.BatchNorm2d(num_channels),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d((1, 1)),
+        nn.Flatten(),
+        nn.Linear(num_channels, num_classes),
+    )
 
 
 def init_weights(m):

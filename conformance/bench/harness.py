@@ -78,6 +78,7 @@ def shapes_for(device, arch=None, size=None, batch=None, examples=None, table=SH
     if shape.examples < shape.batch:
         raise ValueError(f"--examples {shape.examples} is smaller than one batch of {shape.batch}")
     from ..specs import check_input_size
+
     check_input_size(fashion_mnist_spec(shape.arch), shape.size)
     return [shape]
 
@@ -86,11 +87,11 @@ def write_data(shape: Shape, directory: Path, data_dir=None) -> None:
     """The shape's training images (uint8, resized) and labels, once, for every worker."""
     if shape.size <= 96:  # cached by data.load_resized
         d = data.load_resized(shape.size, data_dir)
-        images, labels = d["train_images"][:shape.examples], d["train_labels"][:shape.examples]
+        images, labels = d["train_images"][: shape.examples], d["train_labels"][: shape.examples]
     else:  # resize only the subset: a cached 224x224 copy of all 70,000 would take 3.5 GB
         d = data.load_fashion_mnist(data_dir)
-        images = data.resize_images(d["train_images"][:shape.examples], shape.size)
-        labels = d["train_labels"][:shape.examples]
+        images = data.resize_images(d["train_images"][: shape.examples], shape.size)
+        labels = d["train_labels"][: shape.examples]
     directory.mkdir(parents=True, exist_ok=True)
     np.save(directory / "images.npy", np.ascontiguousarray(images))
     np.save(directory / "labels.npy", np.ascontiguousarray(labels))
@@ -102,19 +103,48 @@ def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_
     name = f"{shape.arch}-{shape.size}-{backend}-{run}" + (f"-{mode}" if mode not in (None, "plain") else "")
     result_path, log = out_dir / "runs" / f"{name}.json", out_dir / "logs" / f"{name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
-    module_args = ["-m", "conformance.bench.worker", "--backend", backend, "--measure", run,
-                   "--spec", fashion_mnist_spec(shape.arch).to_json(), "--batch", str(shape.batch),
-                   "--data", str(data_path), "--device", device, "--warmup", str(warmup), "--steps", str(steps),
-                   "--devices", str(devices), "--out", str(result_path)] + (["--compile"] if compile else []) + (
-                   ["--memory-efficient"] if mode == "memory_efficient" else [])
+    module_args = (
+        [
+            "-m",
+            "conformance.bench.worker",
+            "--backend",
+            backend,
+            "--measure",
+            run,
+            "--spec",
+            fashion_mnist_spec(shape.arch).to_json(),
+            "--batch",
+            str(shape.batch),
+            "--data",
+            str(data_path),
+            "--device",
+            device,
+            "--warmup",
+            str(warmup),
+            "--steps",
+            str(steps),
+            "--devices",
+            str(devices),
+            "--out",
+            str(result_path),
+        ]
+        + (["--compile"] if compile else [])
+        + (["--memory-efficient"] if mode == "memory_efficient" else [])
+    )
     with open(log, "w") as stream:
         if devices > 1:  # the framework's launcher (torchrun for PyTorch), in a fresh process
-            code = distributed.launch(backend, devices, module_args, WORKER_TIMEOUT_S, stdout=stream,
-                                      stderr=subprocess.STDOUT)
+            code = distributed.launch(
+                backend, devices, module_args, WORKER_TIMEOUT_S, stdout=stream, stderr=subprocess.STDOUT
+            )
         else:
             try:
-                code = subprocess.run([sys.executable, *module_args], stdout=stream, stderr=subprocess.STDOUT,
-                                      timeout=WORKER_TIMEOUT_S, env={**os.environ, "PYTHONUNBUFFERED": "1"}).returncode
+                code = subprocess.run(
+                    [sys.executable, *module_args],
+                    stdout=stream,
+                    stderr=subprocess.STDOUT,
+                    timeout=WORKER_TIMEOUT_S,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                ).returncode
             except subprocess.TimeoutExpired:
                 code = None
         code = None if code == -1 else code
@@ -138,9 +168,21 @@ def _skip_reason(rows, backend, shape, device) -> str | None:
     return None
 
 
-def run(out_dir="build/bench", device="cpu", backends=None, warmup=None, steps=None, quick=False,
-        shapes=None, compile=False, data_dir=None, publish=None, progress=True, sections=SECTIONS,
-        memory_shapes=None) -> int:
+def run(
+    out_dir="build/bench",
+    device="cpu",
+    backends=None,
+    warmup=None,
+    steps=None,
+    quick=False,
+    shapes=None,
+    compile=False,
+    data_dir=None,
+    publish=None,
+    progress=True,
+    sections=SECTIONS,
+    memory_shapes=None,
+) -> int:
     """Measure the `sections`: speed writes bench.json, bench.md and bench.png in `out_dir`,
     memory memory_<device>.json/.md/.png; non-zero if a measurement crashed."""
     check_device(device)
@@ -149,24 +191,55 @@ def run(out_dir="build/bench", device="cpu", backends=None, warmup=None, steps=N
         raise ValueError(f"bench sections must be among {', '.join(SECTIONS)}; got {', '.join(sections) or 'none'}")
     backends = list(backends or backend_names())
     speed_steps = _steps(QUICK_STEPS if quick else STEPS[device], warmup, steps)
-    memory_steps = _steps(tuple(map(min, QUICK_STEPS, MEMORY_STEPS[device])) if quick else MEMORY_STEPS[device],
-                          warmup, steps)
+    memory_steps = _steps(
+        tuple(map(min, QUICK_STEPS, MEMORY_STEPS[device])) if quick else MEMORY_STEPS[device], warmup, steps
+    )
     out_dir = Path(out_dir)
     for stale in ("runs", "logs", "data"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     rows = []
     if "speed" in sections:
         measurements = [(backend, name, None) for backend in backends for name in RUNS]
-        rows += _section(report, shapes or SHAPES[device], measurements, device, speed_steps, compile, out_dir,
-                         data_dir, progress, publish)
+        rows += _section(
+            report,
+            shapes or SHAPES[device],
+            measurements,
+            device,
+            speed_steps,
+            compile,
+            out_dir,
+            data_dir,
+            progress,
+            publish,
+        )
     if "memory" in sections:
         measurements = [(backend, MEMORY_PRECISION, mode) for backend in backends for mode in MEMORY_MODES]
-        rows += _section(memory_report, memory_shapes or MEMORY_SHAPES[device], measurements, device, memory_steps,
-                         compile, out_dir, data_dir, progress, publish)
+        rows += _section(
+            memory_report,
+            memory_shapes or MEMORY_SHAPES[device],
+            measurements,
+            device,
+            memory_steps,
+            compile,
+            out_dir,
+            data_dir,
+            progress,
+            publish,
+        )
     if "scaling" in sections:
         measurements = [(backend, MEMORY_PRECISION, devices) for backend in backends for devices in SCALING_DEVICES]
-        rows += _section(scaling_report, shapes or SHAPES[device], measurements, device, speed_steps, compile,
-                         out_dir, data_dir, progress, publish)
+        rows += _section(
+            scaling_report,
+            shapes or SHAPES[device],
+            measurements,
+            device,
+            speed_steps,
+            compile,
+            out_dir,
+            data_dir,
+            progress,
+            publish,
+        )
     return 1 if any(row["status"] == "error" for row in rows) else 0
 
 
@@ -192,17 +265,28 @@ def _section(writer, shapes, measurements, device, steps, compile, out_dir, data
             for backend, run_name, mode in measurements:
                 bar.set_description(f"bench {shape.arch}@{shape.size} {backend} {mode or run_name}")
                 reason = _skip_reason(rows, backend, shape, device)
-                result = ({"status": "skipped", "reason": reason} if reason else
-                          _worker(backend, run_name, shape, data_path, device, *steps, compile, out_dir, mode))
-                rows.append({"shape": shape.name, "backend": backend, "run": run_name,
-                             **({"mode": mode} if mode is not None else {}), **result})
+                result = (
+                    {"status": "skipped", "reason": reason}
+                    if reason
+                    else _worker(backend, run_name, shape, data_path, device, *steps, compile, out_dir, mode)
+                )
+                rows.append(
+                    {
+                        "shape": shape.name,
+                        "backend": backend,
+                        "run": run_name,
+                        **({"mode": mode} if mode is not None else {}),
+                        **result,
+                    }
+                )
                 bar.update(1)
             shutil.rmtree(data_path, ignore_errors=True)
     finally:
         bar.close()
         shutil.rmtree(out_dir / "data", ignore_errors=True)
-    result = writer.build(rows, device, [asdict(s) | {"name": s.name} for s in shapes], *steps, compile,
-                          seconds=time.time() - started)
+    result = writer.build(
+        rows, device, [asdict(s) | {"name": s.name} for s in shapes], *steps, compile, seconds=time.time() - started
+    )
     writer.write(out_dir, result)
     print(writer.markdown(result))
     print(f"bench: {', '.join(str(out_dir / name) for name in writer.files(device))}")

@@ -27,16 +27,29 @@ def files(device) -> tuple[str, ...]:
 
 def compare(plain: dict, efficient: dict) -> dict:
     """The two runs' memory and time per step, their ratios, and whether the target is met."""
-    added = {mode: row["peak_bytes"] - row["before_steps_bytes"] for mode, row in (("plain", plain), ("efficient", efficient))}
+    added = {
+        mode: row["peak_bytes"] - row["before_steps_bytes"]
+        for mode, row in (("plain", plain), ("efficient", efficient))
+    }
     step = {mode: row["seconds"] / row["steps"] for mode, row in (("plain", plain), ("efficient", efficient))}
     memory_ratio = added["efficient"] / added["plain"] if added["plain"] > 0 else None
     time_ratio = step["efficient"] / step["plain"]
-    return {"status": "ok", "peak_plain": plain["peak_bytes"], "peak_efficient": efficient["peak_bytes"],
-            "peak_ratio": efficient["peak_bytes"] / plain["peak_bytes"], "added_plain": added["plain"],
-            "added_efficient": added["efficient"], "memory_ratio": memory_ratio, "step_s_plain": step["plain"],
-            "step_s_efficient": step["efficient"], "time_ratio": time_ratio, "peak_kind": plain["peak_kind"],
-            "device": plain["device"], "arithmetic": plain["arithmetic"],
-            "target_met": memory_ratio is not None and memory_ratio <= TARGET_MEMORY and time_ratio <= TARGET_TIME}
+    return {
+        "status": "ok",
+        "peak_plain": plain["peak_bytes"],
+        "peak_efficient": efficient["peak_bytes"],
+        "peak_ratio": efficient["peak_bytes"] / plain["peak_bytes"],
+        "added_plain": added["plain"],
+        "added_efficient": added["efficient"],
+        "memory_ratio": memory_ratio,
+        "step_s_plain": step["plain"],
+        "step_s_efficient": step["efficient"],
+        "time_ratio": time_ratio,
+        "peak_kind": plain["peak_kind"],
+        "device": plain["device"],
+        "arithmetic": plain["arithmetic"],
+        "target_met": memory_ratio is not None and memory_ratio <= TARGET_MEMORY and time_ratio <= TARGET_TIME,
+    }
 
 
 def summarize(rows) -> list[dict]:
@@ -62,11 +75,21 @@ def pair_up(rows, first, second, compare) -> list[dict]:
 
 
 def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": device, "device_words": device_words(rows, device), "machine": machine_info(),
-            "frameworks": framework_versions(), "warmup": warmup, "steps": steps, "compile": compile,
-            "shapes": shapes, "target": {"memory_ratio": TARGET_MEMORY, "time_ratio": TARGET_TIME},
-            "summary": summarize(rows), "rows": rows, "seconds": seconds}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "device_words": device_words(rows, device),
+        "machine": machine_info(),
+        "frameworks": framework_versions(),
+        "warmup": warmup,
+        "steps": steps,
+        "compile": compile,
+        "shapes": shapes,
+        "target": {"memory_ratio": TARGET_MEMORY, "time_ratio": TARGET_TIME},
+        "summary": summarize(rows),
+        "rows": rows,
+        "seconds": seconds,
+    }
 
 
 def _mib(value) -> str:
@@ -83,10 +106,12 @@ def _row(entry) -> str:
     if entry["status"] != "ok":
         return f"| {entry['backend']} | {entry['status']}: {_one_line(entry['reason'])} |" + " |" * 9
     verdict = "yes" if entry["target_met"] else "no"
-    return (f"| {entry['backend']} | {_mib(entry['added_plain'])} | {_mib(entry['added_efficient'])} | "
-            f"{_ratio(entry['memory_ratio'])} | {_mib(entry['peak_plain'])} | {_mib(entry['peak_efficient'])} | "
-            f"{entry['step_s_plain']:.3f} | {entry['step_s_efficient']:.3f} | {_ratio(entry['time_ratio'])} | "
-            f"{verdict} | {entry['device']}, {entry['arithmetic']} |")
+    return (
+        f"| {entry['backend']} | {_mib(entry['added_plain'])} | {_mib(entry['added_efficient'])} | "
+        f"{_ratio(entry['memory_ratio'])} | {_mib(entry['peak_plain'])} | {_mib(entry['peak_efficient'])} | "
+        f"{entry['step_s_plain']:.3f} | {entry['step_s_efficient']:.3f} | {_ratio(entry['time_ratio'])} | "
+        f"{verdict} | {entry['device']}, {entry['arithmetic']} |"
+    )
 
 
 def _one_line(text: str) -> str:
@@ -96,21 +121,27 @@ def _one_line(text: str) -> str:
 def markdown(result: dict) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in result["frameworks"].items())
     kinds = sorted({e["peak_kind"] for e in result["summary"] if e["status"] == "ok"})
-    out = ["# Memory: plain against memory-efficient (`memory_efficient=True`)", "",
-           f"- Device: {result['device_words']}",
-           f"- Date: {result['date']}; Python {result['machine']['python']}; {result['machine']['os']}",
-           f"- Versions: {versions}",
-           f"- Each mode of each backend trained in a process of its own (peak memory is per process): the "
-           f"project's trainer, SGD, {result['warmup']} warm-up step(s), then {result['steps']} measured steps.",
-           f"- Memory ({', '.join(kinds) or 'none measured'}): *training adds* is the peak minus what the model, "
-           f"its trainer and the data set held before the first step (the activations the backward pass keeps: "
-           f"what recomputation saves); *peak* includes the framework's own libraries on a CPU.",
-           f"- Target (issue 13): memory at most {TARGET_MEMORY:.0%} of the plain model's for at most "
-           f"{TARGET_TIME - 1:.0%} more time per step; judged on *training adds*.",
-           f"- Total time: {result['seconds']:.0f} s.", ""]
-    head = ["| backend | training adds, plain | memory-efficient | ratio | peak, plain | memory-efficient | "
-            "s/step, plain | memory-efficient | ratio | target met | device |",
-            "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |"]
+    out = [
+        "# Memory: plain against memory-efficient (`memory_efficient=True`)",
+        "",
+        f"- Device: {result['device_words']}",
+        f"- Date: {result['date']}; Python {result['machine']['python']}; {result['machine']['os']}",
+        f"- Versions: {versions}",
+        f"- Each mode of each backend trained in a process of its own (peak memory is per process): the "
+        f"project's trainer, SGD, {result['warmup']} warm-up step(s), then {result['steps']} measured steps.",
+        f"- Memory ({', '.join(kinds) or 'none measured'}): *training adds* is the peak minus what the model, "
+        f"its trainer and the data set held before the first step (the activations the backward pass keeps: "
+        f"what recomputation saves); *peak* includes the framework's own libraries on a CPU.",
+        f"- Target (issue 13): memory at most {TARGET_MEMORY:.0%} of the plain model's for at most "
+        f"{TARGET_TIME - 1:.0%} more time per step; judged on *training adds*.",
+        f"- Total time: {result['seconds']:.0f} s.",
+        "",
+    ]
+    head = [
+        "| backend | training adds, plain | memory-efficient | ratio | peak, plain | memory-efficient | "
+        "s/step, plain | memory-efficient | ratio | target met | device |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
     picture = f"![memory and time, plain and memory-efficient]({files(result['device'])[2]})"
     return "\n".join(out + shape_tables(result, head, _row, picture))
 
@@ -132,16 +163,19 @@ def plot(result, path) -> None:
     entries = [e for e in result["summary"] if e["status"] == "ok"]
     figure, (memory, time) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(entries))
-    for axis, key, scale, label in ((memory, "added", 2**-20, "memory training adds (MiB)"),
-                                    (time, "step_s", 1.0, "seconds per step")):
+    for axis, key, scale, label in (
+        (memory, "added", 2**-20, "memory training adds (MiB)"),
+        (time, "step_s", 1.0, "seconds per step"),
+    ):
         for offset, mode, hatch in ((-0.2, "plain", None), (0.2, "efficient", "//")):
             values = [e[f"{key}_{mode}"] * scale for e in entries]
             axis.bar(x + offset, values, 0.4, hatch=hatch, label="plain" if mode == "plain" else "memory-efficient")
         ratios = [e["memory_ratio" if key == "added" else "time_ratio"] for e in entries]
         for i, (e, ratio) in enumerate(zip(entries, ratios)):
             axis.annotate(_ratio(ratio), (i + 0.2, e[f"{key}_efficient"] * scale), ha="center", va="bottom", fontsize=8)
-        axis.set_ylim(top=1.3 * max([e[f"{key}_{mode}"] * scale for e in entries for mode in ("plain", "efficient")],
-                                     default=1))  # room for the legend above the bars
+        axis.set_ylim(
+            top=1.3 * max([e[f"{key}_{mode}"] * scale for e in entries for mode in ("plain", "efficient")], default=1)
+        )  # room for the legend above the bars
         axis.set_xticks(x, [e["backend"] for e in entries])
         axis.set_ylabel(f"{label} (lower is better)")
         axis.legend(fontsize=8)

@@ -21,9 +21,15 @@ def files(device) -> tuple[str, ...]:
 
 
 def compare(one: dict, two: dict) -> dict:
-    return {"status": "ok", "one": one["examples_per_s"], "two": two["examples_per_s"],
-            "ratio": two["examples_per_s"] / one["examples_per_s"], "bn_semantics": two["bn_semantics"],
-            "device": one["device"], "arithmetic": one["arithmetic"]}
+    return {
+        "status": "ok",
+        "one": one["examples_per_s"],
+        "two": two["examples_per_s"],
+        "ratio": two["examples_per_s"] / one["examples_per_s"],
+        "bn_semantics": two["bn_semantics"],
+        "device": one["device"],
+        "arithmetic": one["arithmetic"],
+    }
 
 
 def summarize(rows) -> list[dict]:
@@ -32,35 +38,59 @@ def summarize(rows) -> list[dict]:
 
 
 def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
-    return {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-            "device": device, "device_words": device_words(rows, device), "machine": machine_info(),
-            "frameworks": framework_versions(), "warmup": warmup, "steps": steps, "compile": compile,
-            "shapes": shapes, "summary": summarize(rows), "rows": rows, "seconds": seconds}
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "device": device,
+        "device_words": device_words(rows, device),
+        "machine": machine_info(),
+        "frameworks": framework_versions(),
+        "warmup": warmup,
+        "steps": steps,
+        "compile": compile,
+        "shapes": shapes,
+        "summary": summarize(rows),
+        "rows": rows,
+        "seconds": seconds,
+    }
 
 
 def _row(entry) -> str:
     if entry["status"] != "ok":
         return f"| {entry['backend']} | {entry['status']}: {_one_line(entry['reason'])} |" + " |" * 4
-    return (f"| {entry['backend']} | {entry['one']:,.0f} | {entry['two']:,.0f} | {entry['ratio']:.2f}x | "
-            f"{entry['bn_semantics']} | {entry['device']}, {entry['arithmetic']} |")
+    return (
+        f"| {entry['backend']} | {entry['one']:,.0f} | {entry['two']:,.0f} | {entry['ratio']:.2f}x | "
+        f"{entry['bn_semantics']} | {entry['device']}, {entry['arithmetic']} |"
+    )
 
 
 def markdown(result: dict) -> str:
     versions = ", ".join(f"{name} {version}" for name, version in result["frameworks"].items())
     simulated = result["device"] == "cpu"
-    out = ["# Scaling: 1 device against 2 (data-parallel, `--devices 2`)", "",
-           f"- Device: {result['device_words']}" + (", 2 simulated CPU devices on the same cores" if simulated else ""),
-           f"- Date: {result['date']}; Python {result['machine']['python']}; {result['machine']['os']}",
-           f"- Versions: {versions}",
-           f"- Each run in a process of its own (torchrun's two for PyTorch): the project's trainer, the same global "
-           f"batch, {result['warmup']} warm-up steps, then {result['steps']} measured steps; 2 devices on each "
-           f"framework's engine (docs/distributed.md).",
-           "- " + ("On a CPU the simulated devices share the same cores: the ratio is the engine's overhead, "
-                   "not a speed-up." if simulated else "The ratio is the speed-up of the second GPU."),
-           f"- Total time: {result['seconds']:.0f} s.", ""]
-    head = ["| backend | examples/s, 1 device | 2 devices | ratio | BatchNorm on 2 | device |",
-            "| --- | ---: | ---: | ---: | --- | --- |"]
-    return "\n".join(out + shape_tables(result, head, _row, f"![examples/s on 1 and 2 devices]({files(result['device'])[2]})"))
+    out = [
+        "# Scaling: 1 device against 2 (data-parallel, `--devices 2`)",
+        "",
+        f"- Device: {result['device_words']}" + (", 2 simulated CPU devices on the same cores" if simulated else ""),
+        f"- Date: {result['date']}; Python {result['machine']['python']}; {result['machine']['os']}",
+        f"- Versions: {versions}",
+        f"- Each run in a process of its own (torchrun's two for PyTorch): the project's trainer, the same global "
+        f"batch, {result['warmup']} warm-up steps, then {result['steps']} measured steps; 2 devices on each "
+        f"framework's engine (docs/distributed.md).",
+        "- "
+        + (
+            "On a CPU the simulated devices share the same cores: the ratio is the engine's overhead, not a speed-up."
+            if simulated
+            else "The ratio is the speed-up of the second GPU."
+        ),
+        f"- Total time: {result['seconds']:.0f} s.",
+        "",
+    ]
+    head = [
+        "| backend | examples/s, 1 device | 2 devices | ratio | BatchNorm on 2 | device |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    return "\n".join(
+        out + shape_tables(result, head, _row, f"![examples/s on 1 and 2 devices]({files(result['device'])[2]})")
+    )
 
 
 def plot(result, path) -> None:

@@ -64,11 +64,19 @@ def load_anchor(backend: str):
 def anchor_arch(spec: DenseNetSpec) -> dict:
     """The anchors' keyword arguments (the book's names) for `spec`."""
     if spec.stem != "imagenet" or spec.compression != 0.5 or spec.drop_rate:
-        raise ValueError(f"the d2l anchors build the book's 7x7 stem and halving transitions without dropout; "
-                         f"{spec.name} has stem {spec.stem!r}, compression {spec.compression}, drop rate {spec.drop_rate}")
-    return {"num_channels": spec.num_init_features, "growth_rate": spec.growth_rate, "arch": list(spec.block_config),
-            "in_channels": spec.in_channels, "num_classes": spec.num_classes, "bn_size": spec.bn_size,
-            "bias": spec.conv_bias}
+        raise ValueError(
+            f"the d2l anchors build the book's 7x7 stem and halving transitions without dropout; "
+            f"{spec.name} has stem {spec.stem!r}, compression {spec.compression}, drop rate {spec.drop_rate}"
+        )
+    return {
+        "num_channels": spec.num_init_features,
+        "growth_rate": spec.growth_rate,
+        "arch": list(spec.block_config),
+        "in_channels": spec.in_channels,
+        "num_classes": spec.num_classes,
+        "bn_size": spec.bn_size,
+        "bias": spec.conv_bias,
+    }
 
 
 def index_batches(num_examples: int, batch: int, count: int, seed: int = 0) -> list[np.ndarray]:
@@ -76,7 +84,7 @@ def index_batches(num_examples: int, batch: int, count: int, seed: int = 0) -> l
     out, epoch = [], 1
     while len(out) < count:
         order = data.epoch_order(num_examples, seed, epoch)
-        out += [order[i:i + batch] for i in range(0, len(order) - batch + 1, batch)]
+        out += [order[i : i + batch] for i in range(0, len(order) - batch + 1, batch)]
         epoch += 1
     return out[:count]
 
@@ -104,8 +112,9 @@ class AnchorRun:
 class TrainerRun:
     """The project's trainer: data on the device, one host read per `sync`."""
 
-    def __init__(self, backend_name, precision, compile, spec, device, images, labels, memory_efficient=False,
-                 devices=1):
+    def __init__(
+        self, backend_name, precision, compile, spec, device, images, labels, memory_efficient=False, devices=1
+    ):
         if devices > 1:  # data-parallel: simulated CPU devices exist only if made before the framework starts
             backend, _ = distributed.prepare(backend_name, devices, device)
         else:
@@ -114,8 +123,11 @@ class TrainerRun:
         if memory_efficient and getattr(model, NO_MECHANISM, None):
             raise Unsupported(getattr(model, NO_MECHANISM))
         backend.load_state(model, weights.init_state(spec, 0))
-        self.trainer = (distributed.make_trainer(backend, model, LR, 0.0, precision, devices) if devices > 1 else
-                        backend.make_trainer(model, LR, 0.0, precision=precision, compile=compile))
+        self.trainer = (
+            distributed.make_trainer(backend, model, LR, 0.0, precision, devices)
+            if devices > 1
+            else backend.make_trainer(model, LR, 0.0, precision=precision, compile=compile)
+        )
         self.bn_semantics = getattr(self.trainer, "bn_semantics", "sync")
         self.trainer.set_data(images, labels)
         self.device_name, self.note, self.arithmetic = backend.device_name, backend.device_note, self.trainer.arithmetic
@@ -144,8 +156,14 @@ def time_steps(run, batches, warmup: int) -> dict:
         run.step(indices)
     loss_sum, seen = run.sync()
     seconds = time.perf_counter() - start
-    return {"first_step_s": first, "warmup_s": rest, "seconds": seconds, "examples": seen,
-            "examples_per_s": seen / seconds, "loss": loss_sum / seen}
+    return {
+        "first_step_s": first,
+        "warmup_s": rest,
+        "seconds": seconds,
+        "examples": seen,
+        "examples_per_s": seen / seconds,
+        "loss": loss_sum / seen,
+    }
 
 
 def peak_memory(backend: str, on_gpu: bool) -> tuple[int, str]:
@@ -174,8 +192,17 @@ def measure(args) -> dict:
     if args.measure == "anchor":
         run = AnchorRun(load_anchor(args.backend), spec, args.device, images, labels)
     else:
-        run = TrainerRun(args.backend, args.measure, args.compile, spec, args.device, images, labels, args.memory_efficient,
-                         args.devices)
+        run = TrainerRun(
+            args.backend,
+            args.measure,
+            args.compile,
+            spec,
+            args.device,
+            images,
+            labels,
+            args.memory_efficient,
+            args.devices,
+        )
     warmup, steps = args.warmup, args.steps
     on_gpu = not run.device_name.startswith("cpu")
     if args.device == "gpu" and not on_gpu:
@@ -184,9 +211,20 @@ def measure(args) -> dict:
     before = resident_bytes() if "RSS" in kind else before  # the model, its trainer and the data set
     result = time_steps(run, index_batches(len(labels), args.batch, warmup + steps), max(warmup, 1))
     peak, kind = peak_memory(args.backend, on_gpu)
-    return {"status": "ok", "device": run.device_name, "device_note": run.note, "arithmetic": run.arithmetic,
-            "warmup": max(warmup, 1), "steps": steps, **result, "peak_bytes": peak, "peak_kind": kind,
-            "before_steps_bytes": before, "devices": args.devices, "bn_semantics": getattr(run, "bn_semantics", None)}
+    return {
+        "status": "ok",
+        "device": run.device_name,
+        "device_note": run.note,
+        "arithmetic": run.arithmetic,
+        "warmup": max(warmup, 1),
+        "steps": steps,
+        **result,
+        "peak_bytes": peak,
+        "peak_kind": kind,
+        "before_steps_bytes": before,
+        "devices": args.devices,
+        "bn_semantics": getattr(run, "bn_semantics", None),
+    }
 
 
 def main(argv=None) -> int:
@@ -202,8 +240,12 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--memory-efficient", action="store_true", help="build the model with memory_efficient=True")
-    parser.add_argument("--devices", type=int, default=1, help="data-parallel over N devices (started by the "
-                        "framework's launcher: conformance.distributed)")
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=1,
+        help="data-parallel over N devices (started by the framework's launcher: conformance.distributed)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     try:

@@ -25,16 +25,25 @@ from .source import BACKENDS, TABS
 LISTINGS: dict[str, dict[str, list[tuple[str, tuple[str, ...]]]]] = {
     names[0]: {backend: [("model.py", names)] for backend in BACKENDS} for names in listing.BLOCKS
 }
-LISTINGS["batch_norm"] = {backend: [("model.py", ("BN_MOMENTUM",)), ("model.py", ("batch_norm",))]
-                          for backend in BACKENDS}
+LISTINGS["batch_norm"] = {
+    backend: [("model.py", ("BN_MOMENTUM",)), ("model.py", ("batch_norm",))] for backend in BACKENDS
+}
 LISTINGS["loss"] = {backend: [("train.py", ("loss_fn",))] for backend in BACKENDS}
 LISTINGS["optimizer"] = {backend: [("train.py", ("Trainer.__init__",))] for backend in BACKENDS}
 LISTINGS["train_step"] = {
     "torch": [("train.py", ("Trainer.train_step",))],
     "mxnet": [("train.py", ("Trainer.train_step",))],
-    "tf": [("train.py", ("gradient_step",)), ("train.py", ("Trainer.sgd_step",)), ("train.py", ("Trainer.train_step",))],
-    "jax": [("train.py", ("train_logits",)), ("train.py", ("loss_and_logits",)), ("train.py", ("grad_fn",)),
-            ("train.py", ("train_step",))],
+    "tf": [
+        ("train.py", ("gradient_step",)),
+        ("train.py", ("Trainer.sgd_step",)),
+        ("train.py", ("Trainer.train_step",)),
+    ],
+    "jax": [
+        ("train.py", ("train_logits",)),
+        ("train.py", ("loss_and_logits",)),
+        ("train.py", ("grad_fn",)),
+        ("train.py", ("train_step",)),
+    ],
 }
 
 DIRECTIVE = re.compile(r"^<!-- xf:(listing|run) ([\w]+)( markdown)? -->$", re.MULTILINE)
@@ -77,8 +86,9 @@ def render_listing(name: str, page: str) -> str:
         raise LookupError(f"{page}: no listing {name!r}; known: {', '.join(LISTINGS)}")
     tabs = []
     for backend, wanted in LISTINGS[name].items():
-        parts = [render_definition(source.first_found(f"{BACKENDS[backend]}/{file}", names), page)
-                 for file, names in wanted]
+        parts = [
+            render_definition(source.first_found(f"{BACKENDS[backend]}/{file}", names), page) for file, names in wanted
+        ]
         tabs.append(tab(TABS[backend], "\n".join(parts)))
     return "\n".join(tabs)
 
@@ -87,8 +97,10 @@ def render_snippet(snippet: snippets.Snippet, as_markdown: bool) -> str:
     path = snippet.path.relative_to(source.ROOT).as_posix()
     code = fence(snippet.code, options=f'title="{path}"')
     if not snippet.installed:
-        return code + (f'\n!!! warning "Not run"\n    {snippets.FRAMEWORK[snippet.backend]} was not installed '
-                       "where this site was built, so this snippet's output is missing here.\n")
+        return code + (
+            f'\n!!! warning "Not run"\n    {snippets.FRAMEWORK[snippet.backend]} was not installed '
+            "where this site was built, so this snippet's output is missing here.\n"
+        )
     output = snippets.run(snippet)
     shown = output if as_markdown else fence(output, "text")
     return code + "\nOutput, computed when this site was built:\n\n" + shown
@@ -103,6 +115,7 @@ def render_run(topic: str, page: str, as_markdown: bool) -> str:
 
 def expand(markdown: str, page: str) -> str:
     """A page's Markdown with its directives replaced and its xf: links resolved."""
+
     def directive(match):
         kind, name, as_markdown = match.groups()
         return render_listing(name, page) if kind == "listing" else render_run(name, page, bool(as_markdown))
@@ -117,19 +130,31 @@ def expand(markdown: str, page: str) -> str:
 def render_code_page(path: str) -> str:
     text = (source.ROOT / path).read_text()
     page = code_page(path)
-    names = [f"[`{d.name}`](#{line_anchor(d.first_line)})" for d in source.definitions(path).values()
-             if "." not in d.name]
-    return (f"# `{path}`\n\nThe file as this site was built from it. Definitions: {', '.join(names)}.\n\n"
-            + fence(text, options='linenums="1"') + f"\n[All source files]({relative('code/index.md', page)})\n")
+    names = [
+        f"[`{d.name}`](#{line_anchor(d.first_line)})" for d in source.definitions(path).values() if "." not in d.name
+    ]
+    return (
+        f"# `{path}`\n\nThe file as this site was built from it. Definitions: {', '.join(names)}.\n\n"
+        + fence(text, options='linenums="1"')
+        + f"\n[All source files]({relative('code/index.md', page)})\n"
+    )
 
 
 def render_code_index() -> str:
-    rows = [f"| {TABS[backend]} | " + " ".join(
-        f"[`{path.split('/')[1]}`]({relative(code_page(path), 'code/index.md')})"
-        for path in source.source_files() if path.startswith(package + "/")) + " |"
-        for backend, package in BACKENDS.items()]
-    return ("# Source code\n\nEvery backend module, as this site was built from it, with numbered lines "
-            "that the other pages link to.\n\n| backend | files |\n| --- | --- |\n" + "\n".join(rows) + "\n")
+    rows = [
+        f"| {TABS[backend]} | "
+        + " ".join(
+            f"[`{path.split('/')[1]}`]({relative(code_page(path), 'code/index.md')})"
+            for path in source.source_files()
+            if path.startswith(package + "/")
+        )
+        + " |"
+        for backend, package in BACKENDS.items()
+    ]
+    return (
+        "# Source code\n\nEvery backend module, as this site was built from it, with numbered lines "
+        "that the other pages link to.\n\n| backend | files |\n| --- | --- |\n" + "\n".join(rows) + "\n"
+    )
 
 
 def generated_pages() -> dict[str, str]:

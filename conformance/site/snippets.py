@@ -13,8 +13,8 @@ import hashlib
 import importlib.util
 import os
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -84,8 +84,14 @@ def environment() -> dict[str, str]:
 
 def execute(snippet: Snippet) -> str:
     """Run the snippet in a fresh interpreter; its stdout, or SnippetError with its stderr."""
-    done = subprocess.run([sys.executable, str(snippet.path)], cwd=ROOT, env=environment(),
-                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    done = subprocess.run(
+        [sys.executable, str(snippet.path)],
+        cwd=ROOT,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
     if done.returncode != 0:
         raise SnippetError(f"{snippet.path.relative_to(ROOT)} failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
     return done.stdout

@@ -44,7 +44,7 @@ def definitions(path: str) -> dict[str, Definition]:
     for name, node in named_nodes(ast.parse("\n".join(lines)).body):
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
         indent = len(lines[first - 1]) - len(lines[first - 1].lstrip())
-        code = "\n".join(line[indent:] for line in lines[first - 1:node.end_lineno])
+        code = "\n".join(line[indent:] for line in lines[first - 1 : node.end_lineno])
         found[name] = Definition(path, name, first, node.end_lineno, code)
     return found
 
@@ -70,5 +70,6 @@ def first_found(path: str, names: tuple[str, ...]) -> Definition:
 
 def source_files() -> list[str]:
     """The files that get a page of their own on the site: every backend module."""
-    return sorted(str(path.relative_to(ROOT)) for package in BACKENDS.values()
-                  for path in (ROOT / package).glob("*.py"))
+    return sorted(
+        str(path.relative_to(ROOT)) for package in BACKENDS.values() for path in (ROOT / package).glob("*.py")
+    )
