@@ -63,7 +63,7 @@ bench: setup data
 # The teaching site (mkdocs.yml) into build/site; its code is cut from the backends and its
 # snippets run while it builds. docs/side_by_side.md is rewritten from the four model.py files.
 docs: setup
-	$(PY) -m conformance.listing
+	$(PY) -m conformance.site.listing
 	$(VENV)/bin/mkdocs build --strict
 
 docs-serve: setup

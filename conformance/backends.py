@@ -1,31 +1,40 @@
-"""The registry of backends and the interface each one implements.
+"""The registry of backends: which module implements each one, and loading it by name.
 
 `conformance` never imports a framework at import time: a backend's module is imported
-only when it is asked for, by name. Every backend package has a `backend.py` with a class
-`Backend(BackendBase)` that turns framework objects into NumPy arrays and canonical state
-dicts, so that everything else (checks, CLI, training loop, report) stays framework-free.
+only when it is asked for, by name (`load_backend`). The interface the modules implement
+is `conformance.interface`.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import os
-from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
+from . import reference_backend
+from .interface import BackendBase, BackendUnavailable, check_device
 
-BACKENDS = {
-    "torch": "densenet_torch.backend",
-    "mxnet": "densenet_mxnet.backend",
-    "tf": "densenet_tf.backend",
-    "jax": "densenet_jax.backend",
+
+@dataclass(frozen=True)
+class Framework:
+    """One backend's package and the names its framework goes by."""
+
+    package: str  # the backend's package: densenet_torch, ...
+    title: str  # the framework's short name (site tabs, reports)
+    full_title: str  # with the API used (side-by-side headings)
+    module: str  # the module whose absence means the framework is not installed
+
+
+FRAMEWORKS = {
+    "torch": Framework("densenet_torch", "PyTorch", "PyTorch", "torch"),
+    "mxnet": Framework("densenet_mxnet", "MXNet", "MXNet Gluon", "mxnet"),
+    "tf": Framework("densenet_tf", "TensorFlow", "TensorFlow / Keras 3", "tensorflow"),
+    "jax": Framework("densenet_jax", "JAX", "JAX / Flax", "flax"),
 }
+BACKENDS = {name: f"{framework.package}.backend" for name, framework in FRAMEWORKS.items()}
 REFERENCE = "reference"
-DEVICES = ("cpu", "gpu")
-# Trainer arithmetic: exact float32 (TF32 off, JAX precision 'highest', as the checks need);
-# the framework's fast float32 defaults (TF32 on Ampere and newer GPUs; on a CPU the same as
-# fp32); mixed precision with bfloat16 compute and float32 parameters.
-PRECISIONS = ("fp32", "tf32", "bf16")
 # More backends, "name=module,name=module", e.g. a deliberately broken one in the tests.
 EXTRA_BACKENDS_ENV = "DENSENET_XF_BACKENDS"
 
@@ -34,10 +43,6 @@ def registered_backends() -> dict[str, str]:
     extra = os.environ.get(EXTRA_BACKENDS_ENV, "")
     pairs = (item.split("=", 1) for item in extra.split(",") if "=" in item)
     return {**BACKENDS, **{name.strip(): module.strip() for name, module in pairs}}
-
-
-class BackendUnavailable(RuntimeError):
-    """The backend's framework is not installed (or cannot be imported here)."""
 
 
 def backend_names(with_reference: bool = False) -> list[str]:
@@ -50,23 +55,33 @@ def check_backend_name(name: str, with_reference: bool = True) -> None:
         raise ValueError(f"unknown backend {name!r}; valid names: {', '.join(valid)}")
 
 
-def check_device(device: str) -> None:
-    if device not in DEVICES:
-        raise ValueError(f"unknown device {device!r}; valid: {', '.join(DEVICES)} ('cuda' is accepted for gpu)")
+def package_of(name: str) -> str:
+    """The package that implements backend `name` (densenet_torch, ...)."""
+    check_backend_name(name, with_reference=False)
+    return registered_backends()[name].rsplit(".", 1)[0]
 
 
-def check_precision(precision: str) -> None:
-    if precision not in PRECISIONS:
-        raise ValueError(f"unknown precision {precision!r}; valid: {', '.join(PRECISIONS)}")
+def _import(name: str, module_name: str):
+    """Import one of backend `name`'s modules; BackendUnavailable if its framework is missing."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:  # the framework is missing, or cannot be used here (Keras on another backend)
+        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == module_name.split(".")[0]:
+            raise  # our own package is broken or missing: a bug, not a missing framework
+        raise BackendUnavailable(f"backend {name!r} is not available: {error}") from error
 
 
-def arithmetic_words(precision: str, on_gpu: bool, mixed: str) -> str:
-    """What a trainer asked for `precision` computes in, in words; `mixed` names the
-    framework's mixed-precision mechanism. TF32 is a GPU format: a CPU computes fp32."""
-    check_precision(precision)
-    if precision == "bf16":
-        return f"bf16 ({mixed})"
-    return "fp32 (TF32 exists only on GPUs)" if precision == "tf32" and not on_gpu else precision
+def lacks_module(name: str, module: str) -> bool:
+    """Whether backend `name`'s package is known, without importing its framework, to have no
+    `module`.py (a backend that is a single module cannot be told without importing it)."""
+    found = importlib.util.find_spec(package_of(name))
+    folders = (found.submodule_search_locations or ()) if found else ()
+    return bool(folders) and not any((Path(folder) / f"{module}.py").is_file() for folder in folders)
+
+
+def backend_module(name: str, module: str):
+    """Module `module` beside backend `name`'s backend.py (its zoo, export or distributed module)."""
+    return _import(name, f"{package_of(name)}.{module}")
 
 
 def load_backend(name: str, device: str = "cpu") -> BackendBase:
@@ -74,166 +89,6 @@ def load_backend(name: str, device: str = "cpu") -> BackendBase:
     device = "gpu" if device == "cuda" else device
     check_device(device)
     if name == REFERENCE:
-        from .reference_backend import Backend
-
-        return Backend(device)
+        return reference_backend.Backend(device)
     check_backend_name(name)
-    module_name = registered_backends()[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as error:  # the framework is missing, or cannot be used here (Keras on another backend)
-        if isinstance(error, ModuleNotFoundError) and (error.name or "").split(".")[0] == module_name.split(".")[0]:
-            raise  # our own package is broken or missing: a bug, not a missing framework
-        raise BackendUnavailable(f"backend {name!r} is not available: {error}") from error
-    return module.Backend(device)
-
-
-class Trainer(ABC):
-    """A model with its optimiser (SGD with optional momentum), in the framework's idiom.
-
-    Two ways to train: `train_step` takes a NumPy batch and returns its loss and accuracy at
-    once (the checks use it); the training loop's path keeps the data set on the device
-    (`set_data`), steps on index batches without waiting for the device (`step_on`) and reads
-    every step's loss and accuracy back in one transfer (`read_sums`). The defaults below run
-    that path on the host through `train_step`; the framework backends keep it on the device.
-    """
-
-    precision = "fp32"  # one of PRECISIONS: what was asked for
-    arithmetic = "fp32"  # what the steps really compute in, in words (e.g. what a CPU lacks)
-    layout = "NCHW"  # the layout train_step takes
-
-    def set_data(self, images: np.ndarray, labels: np.ndarray) -> None:
-        """The training set, uint8 (N, H, W) images and integer labels, for `step_on`."""
-        self.images, self.labels = images, labels
-        self.reset_sums()
-
-    def step_on(self, indices: np.ndarray) -> None:
-        """One optimiser step on the examples `indices` of the set given to `set_data`."""
-        from .data import to_batch
-        from .specs import to_layout
-
-        loss, correct = self.train_step(
-            to_layout(to_batch(self.images[indices]), self.layout), self.labels[indices].astype(np.int64)
-        )
-        self.record_step(loss, correct, len(indices))
-
-    def reset_sums(self) -> None:
-        self.step_losses, self.step_corrects, self.step_sizes = [], [], []
-
-    def record_step(self, loss, correct, size: int) -> None:
-        """Keep one step's mean loss and correct count (device values in the backends)."""
-        self.step_losses.append(loss)
-        self.step_corrects.append(correct)
-        self.step_sizes.append(size)
-
-    def fetch(self, values: list) -> np.ndarray:
-        """The per-step values kept by record_step, as one NumPy array (one device transfer)."""
-        return np.asarray(values)
-
-    def read_sums(self) -> tuple[float, int, int, list[float]]:
-        """(loss sum, correct predictions, examples seen, every step's mean loss) since the last
-        read, and start again: the only point where the training loop waits for the device."""
-        if not self.step_sizes:
-            return 0.0, 0, 0, []
-        losses = self.fetch(self.step_losses).astype(np.float64)
-        corrects = self.fetch(self.step_corrects).astype(np.int64)
-        sizes = np.asarray(self.step_sizes)
-        self.reset_sums()
-        batch_losses = [float(loss) for loss in losses]
-        loss_sum = sum(loss * size for loss, size in zip(batch_losses, sizes.tolist()))
-        return float(loss_sum), int(corrects.sum()), int(sizes.sum()), batch_losses
-
-    @abstractmethod
-    def train_step(self, x: np.ndarray, y: np.ndarray) -> tuple[float, int]:
-        """One optimiser step on a native-layout float32 batch; (mean loss, correct predictions)."""
-
-    @abstractmethod
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        """Eval-mode logits for a native-layout batch."""
-
-    @abstractmethod
-    def export_optimizer_state(self) -> dict[str, np.ndarray]:
-        """Momentum buffers in PyTorch's convention (buf = m * buf + g), keyed by canonical name,
-        PyTorch layout; {} without momentum. A backend that converts from another convention
-        exports float64, so that loading the export restores its own state bit for bit."""
-
-    @abstractmethod
-    def load_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
-        """Restore what export_optimizer_state returned."""
-
-
-class BackendBase(ABC):
-    """What every backend offers the framework-free code.
-
-    Inputs are native-layout NumPy batches of the model's dtype (`layout` says which); states, gradients
-    and optimiser buffers are canonical dicts (torchvision names, PyTorch layout).
-    """
-
-    name: str
-    layout: str  # "NCHW" or "NHWC"
-    running_var: str  # "unbiased" (PyTorch) or "biased" (MXNet, Keras, Flax)
-    # MXNet hands the learning rate and the BatchNorm momentum to its kernels as 32-bit
-    # floats, even for a float64 model; the float64 checks then expect the step that the
-    # rounded values give.
-    float32_hyperparameters = False
-
-    def __init__(self, device: str = "cpu"):
-        self.requested_device = device
-        self.device_note = ""  # why the backend runs elsewhere than asked, if it does
-
-    @property
-    @abstractmethod
-    def device_name(self) -> str:
-        """Where this backend computes, in words ("cpu", "cuda:0 NVIDIA H100 80GB HBM3")."""
-
-    @abstractmethod
-    def build(self, spec, dtype: str = "float32", memory_efficient: bool = False) -> object:
-        """The framework's model for `spec`, with parameters allocated (no dummy call needed).
-
-        dtype "float64" is for the exact-arithmetic conformance checks; inputs then come in
-        float64 and states, gradients and logits go out in float64. `memory_efficient`
-        (torchvision's name) recomputes each dense layer's concatenation and first
-        BN-ReLU-Conv in the backward pass instead of keeping them: the same parameters and
-        the same numbers, less activation memory, more time."""
-
-    @abstractmethod
-    def load_state(self, model, state: dict[str, np.ndarray]) -> None:
-        """Load a canonical state; CheckpointError on missing, unexpected or mis-shaped keys."""
-
-    @abstractmethod
-    def export_state(self, model) -> dict[str, np.ndarray]:
-        """The model's canonical state."""
-
-    @abstractmethod
-    def count_params(self, model) -> tuple[int, int]:
-        """(trainable, non-trainable) parameter counts as the framework reports them."""
-
-    @abstractmethod
-    def stage_shapes(self, model, x: np.ndarray) -> dict[str, tuple[int, ...]]:
-        """Output shape of every stage (stem, denseblockN, transitionN, logits), native layout."""
-
-    @abstractmethod
-    def forward(self, model, x: np.ndarray, train: bool) -> np.ndarray:
-        """Logits; in train mode BatchNorm normalises with batch statistics (whether a forward
-        pass alone also moves the running statistics differs between frameworks)."""
-
-    @abstractmethod
-    def train_pass(self, model, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float, dict[str, np.ndarray]]:
-        """One train-mode pass, as a training step makes it: the logits, the mean cross-entropy
-        and the gradient of every trainable parameter (canonical); it moves the running
-        statistics once."""
-
-    def gradients(self, model, x: np.ndarray, y: np.ndarray) -> tuple[float, dict[str, np.ndarray]]:
-        """train_pass without the logits."""
-        _, loss, grads = self.train_pass(model, x, y)
-        return loss, grads
-
-    @abstractmethod
-    def make_trainer(
-        self, model, lr: float, momentum: float = 0.0, precision: str = "fp32", compile: bool = False
-    ) -> Trainer:
-        """An SGD trainer for `model` (the framework's own optimiser).
-
-        `precision` (one of PRECISIONS) is the trainer's own: the backend keeps exact float32
-        for everything else in the process (the checks). `compile` asks for the framework's
-        optional compiler (torch.compile); the others always compile their steps."""
+    return _import(name, registered_backends()[name]).Backend(device)

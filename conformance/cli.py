@@ -14,39 +14,55 @@ import sys
 
 import numpy as np
 
-from . import backends, checks, distributed, specs, training
-from .backends import BackendUnavailable
+from . import backends, engines, export, interface, specs, training, zoo
+from .bench import harness
 from .data import DataError
+from .interface import BackendUnavailable
 from .reference import gradient_check
 from .specs import InputError, SpecError
+from .suite import checks, runner
 from .training import TrainingError
 from .weights import CheckpointError
 
 FD_TOLERANCE = 1e-3  # finite differences vs. the reference's backward (see reference.gradient_check)
 
 
-def _arch(name):
-    try:
-        return specs.get_spec(name)
-    except SpecError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def argument_type(parse):
+    """An argparse type from `parse`: its ValueError (SpecError too) becomes argparse's error."""
+
+    def convert(text):
+        try:
+            return parse(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    convert.__name__ = parse.__name__.strip("_")
+    return convert
 
 
-def _backend_name(name):
-    try:
-        backends.check_backend_name(name)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+def _backend_name(name: str) -> str:
+    backends.check_backend_name(name)
     return name
 
 
-def _device(name):
+def _backend_list(text: str) -> list[str] | None:
+    """--backends: comma-separated framework backends (the reference is not one)."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    for name in names:
+        backends.check_backend_name(name, with_reference=False)
+    return names or None
+
+
+def _device(name: str) -> str:
     name = "gpu" if name == "cuda" else name
-    try:
-        backends.check_device(name)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
+    interface.check_device(name)
     return name
+
+
+arch_type = argument_type(specs.get_spec)
+backend_type = argument_type(_backend_name)
+backend_list_type = argument_type(_backend_list)
+device_type = argument_type(_device)
 
 
 def _at_least(kind, minimum, *, strict: bool):
@@ -83,9 +99,9 @@ def to_json(payload) -> str:
 
 
 def add_model_args(parser, size=False):
-    parser.add_argument("--backend", type=_backend_name, required=True, help=", ".join(backends.backend_names(True)))
-    parser.add_argument("--arch", type=_arch, required=True, help=", ".join(specs.ARCHS))
-    parser.add_argument("--device", type=_device, default="cpu", help="cpu (default) or gpu/cuda")
+    parser.add_argument("--backend", type=backend_type, required=True, help=", ".join(backends.backend_names(True)))
+    parser.add_argument("--arch", type=arch_type, required=True, help=", ".join(specs.ARCHS))
+    parser.add_argument("--device", type=device_type, default="cpu", help="cpu (default) or gpu/cuda")
     if size:
         parser.add_argument("--size", type=positive_int, required=True, help="input height and width")
         parser.add_argument("--batch", type=positive_int, default=2)
@@ -174,17 +190,17 @@ def cmd_train(args):
         seed=args.seed,
     )
     training.check_devices(recipe, args.devices, args.sync_bn)
-    if args.devices > 1 and args.backend in distributed.ENGINES:  # refused here, once, before any launch
-        distributed.check_semantics(
-            distributed.ENGINES[args.backend].bn_semantics,
+    if args.devices > 1 and args.backend in engines.ENGINES:  # refused here, once, before any launch
+        engines.check_semantics(
+            engines.ENGINES[args.backend].bn_semantics,
             "gpu" if args.device in ("gpu", "cuda") else "cpu",
             args.sync_bn,
             args.backend,
         )
-    if args.devices > 1 and not distributed.launched():  # simulated devices need a fresh process
-        return distributed.launch(args.backend, args.devices, ["-m", "conformance", *args.argv])
+    if args.devices > 1 and not engines.launched():  # simulated devices need a fresh process
+        return engines.launch(args.backend, args.devices, ["-m", "conformance", *args.argv])
     if args.devices > 1:
-        backend, _ = distributed.prepare(args.backend, args.devices, args.device)
+        backend, _ = engines.prepare(args.backend, args.devices, args.device)
     else:
         backend = backends.load_backend(args.backend, args.device)
     if backend.device_note:
@@ -204,7 +220,7 @@ def cmd_train(args):
         sync_bn=args.sync_bn,
     )
     last = record["epochs"][-1] if record["epochs"] else {}
-    if distributed.process_index() == 0:
+    if engines.process_index() == 0:
         print(
             to_json(
                 {
@@ -242,8 +258,6 @@ def cmd_seed_spread(args):
 
 
 def cmd_convert(args):
-    from . import zoo
-
     spec = zoo.convert(args.src, args.dst, args.arch, args.src_format, args.dst_format)
     print(
         to_json(
@@ -261,31 +275,27 @@ def cmd_convert(args):
 
 
 def cmd_export(args):
-    from . import export
-
     backend = backends.load_backend(args.backend)
     print(to_json(export.export_checkpoint(backend, args.checkpoint, args.format, args.out, args.size)))
     return 0
 
 
 def cmd_conformance(args):
-    from . import runner
-
-    names = args.backends.split(",") if args.backends else None
-    for name in names or []:
-        backends.check_backend_name(name, with_reference=False)
     recipe = None if args.recipe is None else ("" if args.recipe == "none" else training.get_recipe(args.recipe).name)
     return runner.run(
-        args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish, jobs=args.jobs
+        args.out,
+        args.device,
+        args.backends,
+        args.matrix,
+        recipe,
+        args.data_dir,
+        args.require_all,
+        args.publish,
+        jobs=args.jobs,
     )
 
 
 def cmd_bench(args):
-    from .bench import harness
-
-    names = args.backends.split(",") if args.backends else None
-    for name in names or []:
-        backends.check_backend_name(name, with_reference=False)
     shapes = harness.shapes_for(args.device, args.arch, args.size, args.batch, args.examples)
     memory_shapes = harness.shapes_for(
         args.device, args.arch, args.size, args.batch, args.examples, harness.MEMORY_SHAPES
@@ -294,7 +304,7 @@ def cmd_bench(args):
     return harness.run(
         args.out,
         args.device,
-        names,
+        args.backends,
         args.warmup,
         args.steps,
         args.quick,
@@ -328,10 +338,10 @@ def build_parser():
     p.set_defaults(run=cmd_check)
 
     p = sub.add_parser("train", help="train on Fashion-MNIST with a recipe (quick, d2l); resumable")
-    p.add_argument("--backend", type=_backend_name, required=True)
-    p.add_argument("--arch", type=_arch, default=specs.get_spec("d2l"), help="default d2l")
+    p.add_argument("--backend", type=backend_type, required=True)
+    p.add_argument("--arch", type=arch_type, default=specs.get_spec("d2l"), help="default d2l")
     p.add_argument("--recipe", default="quick", help="quick (minutes on a CPU) or d2l (the book's: 10 epochs at 96x96)")
-    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--device", type=device_type, default="cpu")
     for flag, kind in (
         ("--epochs", positive_int),
         ("--batch-size", positive_int),
@@ -349,7 +359,7 @@ def build_parser():
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--precision",
-        choices=backends.PRECISIONS,
+        choices=interface.PRECISIONS,
         default="fp32",
         help="fp32: exact float32 (default); tf32: the framework's fast float32 defaults (TF32 on "
         "GPUs that have it); bf16: mixed precision, bfloat16 compute with float32 weights",
@@ -363,7 +373,7 @@ def build_parser():
         "--devices",
         type=positive_int,
         default=1,
-        help="data-parallel over N devices (CPU devices are simulated; docs/distributed.md)",
+        help="data-parallel over N devices (CPU devices are simulated; docs/engines.md)",
     )
     p.add_argument(
         "--sync-bn",
@@ -374,9 +384,9 @@ def build_parser():
     p.set_defaults(run=cmd_train)
 
     p = sub.add_parser("evaluate", help="test accuracy of a canonical checkpoint in any backend")
-    p.add_argument("--backend", type=_backend_name, required=True)
+    p.add_argument("--backend", type=backend_type, required=True)
     p.add_argument("--checkpoint", required=True)
-    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--device", type=device_type, default="cpu")
     p.add_argument("--size", type=positive_int, help="input size (default: the one recorded in the checkpoint)")
     p.add_argument("--batch-size", type=positive_int, default=256)
     p.add_argument("--test-examples", type=positive_int, help="evaluate on the first N test images")
@@ -384,11 +394,11 @@ def build_parser():
     p.set_defaults(run=cmd_evaluate)
 
     p = sub.add_parser("seed-spread", help="train a recipe with seeds 0..N-1: how much accuracy scatters")
-    p.add_argument("--backend", type=_backend_name, required=True)
-    p.add_argument("--arch", type=_arch, default=specs.get_spec("d2l"))
+    p.add_argument("--backend", type=backend_type, required=True)
+    p.add_argument("--arch", type=arch_type, default=specs.get_spec("d2l"))
     p.add_argument("--recipe", default="quick")
     p.add_argument("--seeds", type=positive_int, default=10)
-    p.add_argument("--device", type=_device, default="cpu")
+    p.add_argument("--device", type=device_type, default="cpu")
     p.add_argument("--data-dir")
     p.add_argument("--out", help="default build/seed-spread/BACKEND-RECIPE")
     p.set_defaults(run=cmd_seed_spread)
@@ -401,7 +411,7 @@ def build_parser():
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument(
-        "--arch", type=_arch, help="check that SRC holds this architecture (it is inferred from the tensors)"
+        "--arch", type=arch_type, help="check that SRC holds this architecture (it is inferred from the tensors)"
     )
     p.add_argument(
         "--from",
@@ -412,7 +422,7 @@ def build_parser():
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or in the framework's own format")
-    p.add_argument("--backend", type=_backend_name, required=True, help=", ".join(backends.backend_names()))
+    p.add_argument("--backend", type=backend_type, required=True, help=", ".join(backends.backend_names()))
     p.add_argument(
         "--format",
         choices=("onnx", "native"),
@@ -425,8 +435,8 @@ def build_parser():
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("conformance", help="every backend in its own process against the reference; writes a report")
-    p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--backends", help="comma-separated (default: all)")
+    p.add_argument("--device", type=device_type, default="cpu")
+    p.add_argument("--backends", type=backend_list_type, help="comma-separated (default: all)")
     p.add_argument("--matrix", choices=("default", "tiny"), default="default")
     p.add_argument(
         "--recipe",
@@ -447,8 +457,8 @@ def build_parser():
     p = sub.add_parser(
         "bench", help="time every backend's trainer against the d2l book's code; writes bench.md/json/png"
     )
-    p.add_argument("--device", type=_device, default="cpu")
-    p.add_argument("--backends", help="comma-separated (default: all)")
+    p.add_argument("--device", type=device_type, default="cpu")
+    p.add_argument("--backends", type=backend_list_type, help="comma-separated (default: all)")
     p.add_argument("--out", default="build/bench")
     p.add_argument("--steps", type=positive_int, help="measured steps (default 30 on a CPU, 200 on a GPU)")
     p.add_argument(

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .weights import atomic_write_bytes
+from .files import atomic_write_bytes, cache_dir
 
 ENV_VAR = "DENSENET_XF_DATA"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -57,11 +57,6 @@ FILES = {  # name: (file, SHA-256 of the decompressed content, IDX shape)
 
 class DataError(RuntimeError):
     """Fashion-MNIST could not be found, downloaded or read."""
-
-
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "densenet-xf"
 
 
 def _has_all(directory: Path) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backends, reference
+from . import interface, reference
 from .specs import count_params, get_spec, is_running_stat
 from .weights import init_state, validate_state
 
@@ -19,7 +19,7 @@ class ReferenceModel:
         self.state = init_state(self.spec, seed=0)
 
 
-class Trainer(backends.Trainer):
+class Trainer(interface.Trainer):
     """SGD with PyTorch's momentum convention: buf = m * buf + g; p -= lr * buf."""
 
     def __init__(self, model, lr, momentum=0.0):
@@ -50,7 +50,7 @@ class Trainer(backends.Trainer):
         self.buffers = {key: np.asarray(value, dtype=np.float64) for key, value in state.items()}
 
 
-class Backend(backends.BackendBase):
+class Backend(interface.BackendBase):
     name = "reference"
     layout = "NCHW"
     running_var = "unbiased"
@@ -91,7 +91,7 @@ class Backend(backends.BackendBase):
         return result.logits, result.loss, result.grads
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
-        backends.check_precision(precision)
+        interface.check_precision(precision)
         trainer = Trainer(model, lr, momentum)
         trainer.precision, trainer.arithmetic = precision, "float64 (NumPy; no other precision)"
         return trainer

@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import data, distributed, weights
+from . import data, engines, weights
+from .files import atomic_write_text
 from .specs import DenseNetSpec, get_spec, to_layout
 
 
@@ -162,10 +163,10 @@ class Run:
         metadata = {"epoch": str(last["epoch"]), "backend": backend.name, "recipe": json.dumps(record["recipe"])}
         state = backend.export_state(model)
         weights.save_state(self.checkpoint(last["epoch"]), state, spec, metadata)
-        save_arrays(self.optimizer(last["epoch"]), trainer.export_optimizer_state(), metadata)
+        weights.save_arrays(self.optimizer(last["epoch"]), trainer.export_optimizer_state(), metadata)
         weights.save_state(self.model_path, state, spec, metadata)
         last["sha256"] = {path.name: _sha256(path) for path in self.epoch_files(last["epoch"])}
-        weights.atomic_write_text(self.metrics_path, json.dumps(record, indent=2))
+        atomic_write_text(self.metrics_path, json.dumps(record, indent=2))
 
     def epoch_files(self, epoch: int) -> tuple[Path, Path]:
         return self.checkpoint(epoch), self.optimizer(epoch)
@@ -181,7 +182,7 @@ class Run:
                 return f"{path} is damaged (its SHA-256 differs from the one metrics.json recorded)"
         try:
             weights.load_state(checkpoint, spec)
-            load_arrays(optimizer)
+            weights.load_arrays(optimizer)
         except weights.CheckpointError as error:
             return str(error)
         return None
@@ -223,22 +224,6 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def save_arrays(path, arrays: dict, metadata: dict) -> None:
-    from safetensors.numpy import save
-
-    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}  # float64 stays float64
-    weights.atomic_write_bytes(path, save(tensors, metadata=metadata))
-
-
-def load_arrays(path) -> dict:
-    from safetensors.numpy import load_file
-
-    try:
-        return load_file(str(path))
-    except Exception as error:
-        raise weights.CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
-
-
 def train(
     backend,
     arch,
@@ -257,26 +242,26 @@ def train(
 
     `precision` (fp32, tf32, bf16) and `compile` choose the trainer's arithmetic and compiler
     (see BackendBase.make_trainer); the record says which arithmetic the run used.
-    `devices` > 1 trains data-parallel (in a process made by conformance.distributed.prepare),
+    `devices` > 1 trains data-parallel (in a process made by conformance.engines.prepare),
     BatchNorm synchronised over the devices with `sync_bn`; the record says how.
     `on_step(epoch, step)` is called after every optimiser step (tests use it to interrupt).
     """
     spec = fashion_mnist_spec(arch)
     check_devices(recipe, devices, sync_bn)
-    writer = distributed.process_index() == 0  # torchrun: every rank trains, rank 0 writes
+    writer = engines.process_index() == 0  # torchrun: every rank trains, rank 0 writes
     progress = progress and writer
     run = Run(out_dir)
     record = _start_or_resume(run, backend, spec, recipe, resume, lock=writer)
     model = backend.build(spec)
     if devices > 1:
-        trainer = distributed.make_trainer(backend, model, recipe.lr, recipe.momentum, precision, devices, sync_bn)
+        trainer = engines.make_trainer(backend, model, recipe.lr, recipe.momentum, precision, devices, sync_bn)
     else:
         trainer = backend.make_trainer(model, recipe.lr, recipe.momentum, precision=precision, compile=compile)
-    record.update(precision=precision, arithmetic=trainer.arithmetic, **distributed.describe(trainer))
+    record.update(precision=precision, arithmetic=trainer.arithmetic, **engines.describe(trainer))
     done = len(record["epochs"])
     if done:
         backend.load_state(model, weights.load_state(run.checkpoint(done), spec))
-        trainer.load_optimizer_state(load_arrays(run.optimizer(done)))
+        trainer.load_optimizer_state(weights.load_arrays(run.optimizer(done)))
     else:
         backend.load_state(model, weights.init_state(spec, recipe.seed))
     train_x, train_y, test_x, test_y = load_dataset(recipe, data_dir)
@@ -383,7 +368,7 @@ def branch(source, out_dir, epoch: int) -> None:
     for path in source.epoch_files(epoch):
         shutil.copy2(path, run.dir / path.relative_to(source.dir))
     record.update(epochs=record["epochs"][:epoch], branched_from={"run": str(source.dir), "epoch": epoch})
-    weights.atomic_write_text(run.metrics_path, json.dumps(record, indent=2))
+    atomic_write_text(run.metrics_path, json.dumps(record, indent=2))
 
 
 def check_devices(recipe: Recipe, devices: int, sync_bn: bool) -> None:
@@ -499,5 +484,5 @@ def seed_spread(backend, arch, recipe: Recipe, seeds: int, out_dir, data_dir=Non
             "min": float(values.min()),
             "max": float(values.max()),
         }
-    weights.atomic_write_text(Path(out_dir) / "seed-spread.json", json.dumps(summary, indent=2))
+    atomic_write_text(Path(out_dir) / "seed-spread.json", json.dumps(summary, indent=2))
     return summary

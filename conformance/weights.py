@@ -9,11 +9,11 @@ from the same point.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from .files import atomic_write_bytes
 from .specs import DenseNetSpec, get_spec, is_running_stat, parameter_table
 
 
@@ -106,50 +106,6 @@ def trainable_keys(spec: DenseNetSpec) -> list[str]:
     return [key for key in parameter_table(spec) if not is_running_stat(key)]
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write to a temporary file beside `path`, then rename it over `path`: a reader never
-    sees half a file, and an interrupted write leaves the old file in place."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    except OSError as error:
-        raise WriteError(error.errno, f"cannot write {path}: {error.strerror or error}") from error
-    try:
-        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp creates 0600; honour the umask as open() does
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as error:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        if isinstance(error, OSError):
-            raise WriteError(
-                error.errno,
-                f"could not write {path} ({error.strerror or error}); any earlier version of it is unchanged",
-            ) from error
-        raise
-
-
-class WriteError(OSError):
-    """A file could not be written; the message names it."""
-
-    def __str__(self):
-        return self.strerror
-
-
-def current_umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
 def save_state(
     path: str | os.PathLike,
     state: dict[str, np.ndarray],
@@ -199,3 +155,20 @@ def load_state(path: str | os.PathLike, spec: DenseNetSpec | None = None) -> dic
     spec = spec or spec_of_checkpoint(path)
     state = validate_state(tensors, spec, source=str(path))
     return {key: value.astype(np.float32, copy=False) for key, value in state.items()}
+
+
+def save_arrays(path, arrays: dict, metadata: dict) -> None:
+    """Any arrays (optimiser state) in a safetensors file, atomically, keeping their dtypes."""
+    from safetensors.numpy import save
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in arrays.items()}  # float64 stays float64
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def load_arrays(path) -> dict:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as error:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error

@@ -16,13 +16,14 @@ and ours, and how each is handled.
 
 from __future__ import annotations
 
-import importlib
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from .backends import backend_module
+from .interface import BackendUnavailable
 from .specs import ARCHS, DenseNetSpec, get_spec, parameter_table
 from .weights import (
     IGNORED_SUFFIXES,
@@ -55,7 +56,7 @@ FORMATS = {
     "gluon": "MXNet Gluon model-zoo .params",
 }
 # Which backend package reads and writes each zoo format.
-OWNERS = {"torchvision": "densenet_torch", "keras-h5": "densenet_tf", "keras": "densenet_tf", "gluon": "densenet_mxnet"}
+OWNERS = {"torchvision": "torch", "keras-h5": "tf", "keras": "tf", "gluon": "mxnet"}  # format -> backend
 
 # The constructors every backend offers, by zoo name.
 ZOO_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
@@ -377,12 +378,13 @@ def check_keras_spec(spec: DenseNetSpec, source) -> None:
 # Reading and writing any format
 
 
-def _owner(fmt):
-    module = f"{OWNERS[fmt]}.zoo"
+def owner(fmt):
+    """The zoo module of the backend whose framework reads and writes `fmt`."""
     try:
-        return importlib.import_module(module)
-    except ImportError as error:
-        raise ZooError(f"reading or writing {FORMATS[fmt]} needs {OWNERS[fmt]}'s framework: {error}") from error
+        return backend_module(OWNERS[fmt], "zoo")
+    except BackendUnavailable as error:
+        needs = f"the {OWNERS[fmt]} backend's framework"
+        raise ZooError(f"reading or writing {FORMATS[fmt]} needs {needs}: {error}") from error
 
 
 def read_weights(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray]]:
@@ -393,7 +395,7 @@ def read_weights(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec,
     if fmt == "canonical":
         spec = check_arch(spec_of_checkpoint(path), arch, path)
         return spec, load_state(path, spec)
-    state = _owner(fmt).read_zoo(path, fmt)
+    state = owner(fmt).read_zoo(path, fmt)
     spec = check_arch(infer_spec(state, str(path)), arch, path)
     return spec, validate_state(state, spec, source=str(path))
 
@@ -404,7 +406,7 @@ def write_weights(path, state: dict, spec: DenseNetSpec, fmt: str | None = None)
     if fmt == "canonical":
         save_state(path, state, spec)
     else:
-        _owner(fmt).write_zoo(path, validate_state(state, spec), spec, fmt)
+        owner(fmt).write_zoo(path, validate_state(state, spec), spec, fmt)
 
 
 def convert(src, dst, arch=None, src_format=None, dst_format=None) -> DenseNetSpec:

@@ -6,8 +6,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conformance import backends
-from conformance.data import cache_dir
+from conformance import interface
+from conformance.files import cache_dir
 from conformance.specs import channel_plan, get_spec
 from conformance.weights import init_state
 
@@ -32,7 +32,7 @@ def first_gpu():
         return None
 
 
-class Backend(backends.BackendBase):
+class Backend(interface.BackendBase):
     name = "jax"
     layout = "NHWC"
     running_var = "biased"  # Flax's BatchNorm folds the biased batch variance into `var`
@@ -98,5 +98,5 @@ class Backend(backends.BackendBase):
         return train_pass(model, x, y)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
-        backends.check_precision(precision)
+        interface.check_precision(precision)
         return Trainer(model, lr, momentum, precision, compile)

@@ -16,7 +16,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conformance.distributed import ENGINES, check_semantics, even_part
+from conformance.engines import ENGINES, check_semantics, even_part
 
 from .train import Trainer, eval_logits, float32_mode, loss_and_logits, train_step
 
@@ -36,7 +36,7 @@ def data_mesh(devices, platform):
     if len(available) < devices:
         raise ValueError(
             f"{devices} devices asked for, but JAX sees {len(available)} {platform} device(s); on the CPU "
-            f"simulate them in a fresh process (conformance.distributed.prepare)"
+            f"simulate them in a fresh process (conformance.engines.prepare)"
         )
     # Auto axes: jit places the computation (Explicit axes, make_mesh's default, type the shardings).
     return jax.make_mesh((devices,), (AXIS,), (jax.sharding.AxisType.Auto,), devices=available[:devices])

@@ -11,8 +11,8 @@ import jax
 import jax2onnx
 import numpy as np
 
+from conformance.files import atomic_write_bytes
 from conformance.specs import get_spec
-from conformance.weights import atomic_write_bytes
 
 EXPORTER = f"jax2onnx.to_onnx, jax2onnx {version('jax2onnx')}, JAX {jax.__version__}"
 NATIVE_SUFFIX = ".jax"

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from conformance import backends
+from conformance import interface
 
 from .weights import from_canonical, to_canonical
 
@@ -117,7 +117,7 @@ def float32_mode(precision):
     return jax.default_matmul_precision("highest" if precision == "fp32" else "default")
 
 
-class Trainer(backends.Trainer):
+class Trainer(interface.Trainer):
     layout = "NHWC"
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False, seed=0):
@@ -136,7 +136,7 @@ class Trainer(backends.Trainer):
         # second step compile again.
         self.state = jax.device_put(state, model_device(model))
         on_gpu = model_device(model).platform == "gpu"
-        self.arithmetic = backends.arithmetic_words(precision, on_gpu, "Flax dtype bfloat16, float32 parameters")
+        self.arithmetic = interface.arithmetic_words(precision, on_gpu, "Flax dtype bfloat16, float32 parameters")
 
     def current_state(self):
         # The model's variables are the truth: weights loaded into it between steps are used.

@@ -5,7 +5,7 @@ import os
 import mxnet as mx
 from mxnet import autograd, init
 
-from conformance import backends
+from conformance import interface
 
 from . import compat  # noqa: F401  (before mxnet)
 from .model import DenseNet
@@ -39,7 +39,7 @@ def stage_blocks(model):
     yield from ((name, block) for name, block in children if name.startswith(("denseblock", "transition")))
 
 
-class Backend(backends.BackendBase):
+class Backend(interface.BackendBase):
     name = "mxnet"
     layout = "NCHW"
     running_var = "biased"  # MXNet's running_var takes the biased batch variance
@@ -105,5 +105,5 @@ class Backend(backends.BackendBase):
         return train_pass(model, x, y)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
-        backends.check_precision(precision)
+        interface.check_precision(precision)
         return Trainer(model, lr, momentum, precision, compile)

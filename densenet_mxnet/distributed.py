@@ -14,7 +14,7 @@ yet (docs/distributed.md).
 import mxnet as mx
 from mxnet import autograd
 
-from conformance.distributed import ENGINES, check_semantics, even_part
+from conformance.engines import ENGINES, check_semantics, even_part
 
 from . import compat  # noqa: F401  (before mxnet)
 from .train import Trainer, loss_fn, model_context

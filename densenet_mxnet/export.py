@@ -17,7 +17,7 @@ from mxnet import gluon, np
 from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
 from mxnet.onnx.mx2onnx._op_translations import _op_translations_opset12 as opset12
 
-from conformance.weights import atomic_write_bytes
+from conformance.files import atomic_write_bytes
 
 from . import compat  # noqa: F401  (before mxnet)
 

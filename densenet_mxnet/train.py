@@ -11,7 +11,7 @@ import pickle
 import numpy as onp
 from mxnet import autograd, gluon, np
 
-from conformance import backends
+from conformance import interface
 
 from . import compat  # noqa: F401  (before mxnet)
 from .weights import from_canonical, to_canonical, trainable_params
@@ -55,10 +55,10 @@ def arithmetic(precision, ctx):
         )
     if precision == "tf32" and ctx.device_type == "gpu":
         return "fp32 (tf32 asked: NVIDIA_TF32_OVERRIDE=0 holds for the whole MXNet process)"
-    return backends.arithmetic_words(precision, on_gpu=False, mixed="")
+    return interface.arithmetic_words(precision, on_gpu=False, mixed="")
 
 
-class Trainer(backends.Trainer):
+class Trainer(interface.Trainer):
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         self.model, self.lr, self.precision = model, lr, precision
         self.arithmetic = arithmetic(precision, model_context(model))

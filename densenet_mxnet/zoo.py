@@ -15,7 +15,7 @@ from mxnet import npx, util
 from mxnet.gluon.model_zoo.vision import densenet as gluon_densenet
 
 from conformance import zoo
-from conformance.weights import atomic_write_bytes
+from conformance.files import atomic_write_bytes
 
 from . import compat  # noqa: F401  (before mxnet)
 from .model import DenseNet

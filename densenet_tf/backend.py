@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from conformance import backends
+from conformance import interface
 
 from .model import DenseNet
 from .train import Trainer, compiled, to_tensors, train_pass
@@ -35,7 +35,7 @@ def count(variables):
     return sum(int(np.prod(v.shape)) for v in variables)
 
 
-class Backend(backends.BackendBase):
+class Backend(interface.BackendBase):
     name = "tf"
     layout = "NHWC"
     running_var = "biased"  # Keras' moving_variance takes the biased batch variance
@@ -93,5 +93,5 @@ class Backend(backends.BackendBase):
         return train_pass(model, x, y, self.run_eagerly)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
-        backends.check_precision(precision)
+        interface.check_precision(precision)
         return Trainer(model, lr, momentum, precision, compile)

@@ -20,7 +20,7 @@ import functools
 import tensorflow as tf
 from keras import layers, ops
 
-from conformance.distributed import ENGINES, check_semantics, even_part
+from conformance.engines import ENGINES, check_semantics, even_part
 
 from .train import Trainer, compiled, float32_mode, gradient_step, to_tensors
 
@@ -41,7 +41,7 @@ def mirrored_strategy(devices, device_type):
     if len(available) < devices:
         raise ValueError(
             f"{devices} devices asked for, but TensorFlow sees {len(available)} {device_type} device(s); "
-            f"on the CPU simulate them in a fresh process (conformance.distributed.prepare)"
+            f"on the CPU simulate them in a fresh process (conformance.engines.prepare)"
         )
     return tf.distribute.MirroredStrategy([device.name for device in available[:devices]])
 

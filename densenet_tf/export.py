@@ -10,7 +10,7 @@ import tempfile
 import keras
 import tf2onnx
 
-from conformance.weights import atomic_write_bytes
+from conformance.files import atomic_write_bytes
 
 EXPORTER = f"keras.Model.export(format='onnx') via tf2onnx {tf2onnx.__version__}, Keras {keras.__version__}"
 NATIVE_SUFFIX = ".keras"

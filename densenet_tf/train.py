@@ -8,7 +8,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from conformance import backends
+from conformance import interface
 
 from .weights import from_canonical, to_canonical
 
@@ -76,7 +76,7 @@ def use_mixed_bfloat16(model):
         layer.dtype_policy = "mixed_bfloat16"
 
 
-class Trainer(backends.Trainer):
+class Trainer(interface.Trainer):
     layout = "NHWC"
 
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False, run_eagerly=False):
@@ -90,7 +90,7 @@ class Trainer(backends.Trainer):
         self.compiled_gather_step = compiled(self.gather_step, run_eagerly, compile)
         self.compiled_predict = compiled(self.logits, run_eagerly)
         on_gpu = bool(tf.config.get_visible_devices("GPU"))
-        mixed = backends.arithmetic_words(precision, on_gpu, "Keras mixed_bfloat16 policy")
+        mixed = interface.arithmetic_words(precision, on_gpu, "Keras mixed_bfloat16 policy")
         self.arithmetic = mixed + (", XLA (jit_compile=True)" if compile else "")
 
     def logits(self, X):

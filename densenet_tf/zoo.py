@@ -18,7 +18,7 @@ from keras.src.applications.densenet import DenseNet as KerasDenseNet
 from keras.src.legacy.saving import legacy_h5_format
 
 from conformance import zoo
-from conformance.weights import atomic_write_bytes
+from conformance.files import atomic_write_bytes
 
 from .model import DenseNet
 from .weights import load_canonical

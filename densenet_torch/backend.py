@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from conformance import backends
+from conformance import interface
 
 from .model import DenseNet
 from .train import Trainer, to_device, train_pass
@@ -19,7 +19,7 @@ def stage_modules(model):
     yield from ((name, m) for name, m in children if name.startswith(("denseblock", "transition")))
 
 
-class Backend(backends.BackendBase):
+class Backend(interface.BackendBase):
     name = "torch"
     layout = "NCHW"
     running_var = "unbiased"  # PyTorch's running_var takes the unbiased batch variance
@@ -82,5 +82,5 @@ class Backend(backends.BackendBase):
         return train_pass(model, x, y)
 
     def make_trainer(self, model, lr, momentum=0.0, precision="fp32", compile=False):
-        backends.check_precision(precision)
+        interface.check_precision(precision)
         return Trainer(model, lr, momentum, precision, compile)

@@ -1,6 +1,6 @@
 """Data-parallel training in PyTorch: DistributedDataParallel, one process per device.
 
-torchrun starts one process per device (conformance.distributed.LAUNCHERS); each holds a
+torchrun starts one process per device (conformance.engines.LAUNCHERS); each holds a
 replica and steps on its shard of the global batch, and DDP averages the gradients with an
 all-reduce during backward (gloo on CPUs, NCCL on GPUs). So BatchNorm normalises each shard
 with the shard's own statistics; `nn.SyncBatchNorm` uses the global batch's, but only on
@@ -15,7 +15,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conformance.distributed import ENGINES, check_semantics, even_part
+from conformance.engines import ENGINES, check_semantics, even_part
 
 from .train import Trainer, model_device, to_device
 
@@ -27,7 +27,7 @@ PROCESS_GROUP_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
 
 def simulate_devices(n):
-    """Nothing to do: torchrun starts one process per device (conformance.distributed.LAUNCHERS)."""
+    """Nothing to do: torchrun starts one process per device (conformance.engines.LAUNCHERS)."""
 
 
 def replica_device(device_type):
@@ -49,7 +49,7 @@ def join_process_group(devices, device_type):
     if "WORLD_SIZE" not in os.environ:
         raise ValueError(
             "PyTorch data parallelism runs one process per device: start it with torchrun "
-            "(densenet-xf train --devices N does; see conformance.distributed.LAUNCHERS)"
+            "(densenet-xf train --devices N does; see conformance.engines.LAUNCHERS)"
         )
     if not dist.is_initialized():
         dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type])

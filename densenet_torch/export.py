@@ -7,7 +7,7 @@ import io
 
 import torch
 
-from conformance.weights import atomic_write_bytes
+from conformance.files import atomic_write_bytes
 
 EXPORTER = f"torch.onnx.export(dynamo=True), torch {torch.__version__}"
 NATIVE_SUFFIX = ".pt2"

@@ -5,7 +5,7 @@ import contextlib
 import torch
 from torch import nn
 
-from conformance import backends
+from conformance import interface
 
 from .weights import from_canonical, to_canonical
 
@@ -52,7 +52,7 @@ def float32_mode(precision):
             flag.allow_tf32 = value
 
 
-class Trainer(backends.Trainer):
+class Trainer(interface.Trainer):
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         self.model, self.precision, self.device = model, precision, model_device(model)
         self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
@@ -60,7 +60,7 @@ class Trainer(backends.Trainer):
         if self.bf16:
             model.to(memory_format=torch.channels_last)  # the layout bf16 convolutions are fastest in
         self.net = torch.compile(model) if compile else model
-        mixed = backends.arithmetic_words(precision, self.device.type == "cuda", "torch.autocast, channels_last")
+        mixed = interface.arithmetic_words(precision, self.device.type == "cuda", "torch.autocast, channels_last")
         self.arithmetic = mixed + (", torch.compile" if compile else "")
 
     def step(self, X, y):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from conformance import zoo
-from conformance.weights import atomic_write_bytes
+from conformance.files import atomic_write_bytes
 
 from .model import DenseNet
 from .weights import load_canonical

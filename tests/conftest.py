@@ -6,7 +6,8 @@ try:  # before any MXNet import: densenet_mxnet then keeps torch's thread count 
 except ImportError:
     pass
 
-from conformance.backends import BACKENDS, BackendUnavailable, load_backend
+from conformance.backends import BACKENDS, load_backend
+from conformance.interface import BackendUnavailable
 
 
 def backend_or_skip(name, device="cpu"):

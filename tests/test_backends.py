@@ -6,8 +6,9 @@ A backend whose framework is not installed is skipped with the import error as r
 import numpy as np
 import pytest
 
-from conformance import checks, specs, weights
+from conformance import specs, weights
 from conformance.specs import ARCHS, InputError
+from conformance.suite import checks
 from conformance.weights import CheckpointError
 
 NAMED = [

@@ -67,7 +67,7 @@ def test_unknown_names_list_the_valid_ones(capsys, argv, message):
 
 
 def test_conformance_checks_its_inputs_before_any_worker(capsys, tmp_path, monkeypatch):
-    from conformance import runner
+    from conformance.suite import runner
 
     monkeypatch.setattr(runner, "_worker", lambda *a: pytest.fail("a worker was started"))
     out = tmp_path / "out"

@@ -8,10 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import backends, checks, data, distributed, reference, report, training, weights
-from conformance.backends import BackendUnavailable
-from conformance.distributed import NoDataParallel
+from conformance import backends, data, engines, reference, training, weights
+from conformance.engines import NoDataParallel
+from conformance.interface import BackendUnavailable
 from conformance.specs import get_spec, is_running_stat
+from conformance.suite import checks, parallel, report
 from conformance.weights import init_state
 
 SPEC = get_spec("tiny")
@@ -105,20 +106,20 @@ def test_uneven_batches_and_unknown_names_are_clear_errors(setup):
 
 
 def test_even_part_drops_at_most_devices_minus_one():
-    assert len(distributed.even_part(np.arange(7), 2)) == 6
-    assert len(distributed.even_part(np.arange(8), 4)) == 8
-    assert distributed.check_semantics({"cpu": ("per_shard",)}, "cpu", False, "x") == "per_shard"
+    assert len(engines.even_part(np.arange(7), 2)) == 6
+    assert len(engines.even_part(np.arange(8), 4)) == 8
+    assert engines.check_semantics({"cpu": ("per_shard",)}, "cpu", False, "x") == "per_shard"
     with pytest.raises(ValueError, match="cannot run sync BatchNorm on cpu devices; it runs: per_shard"):
-        distributed.check_semantics({"cpu": ("per_shard",)}, "cpu", True, "x")
+        engines.check_semantics({"cpu": ("per_shard",)}, "cpu", True, "x")
 
 
 @pytest.mark.parametrize("name", list(backends.BACKENDS))
 def test_each_backend_runs_what_its_engine_declares_in_known_dtypes(name):
     try:
-        module = distributed.module_of(name)
+        module = engines.module_of(name)
     except BackendUnavailable as error:  # NoDataParallel too: that backend has no distributed.py yet
         pytest.skip(str(error))
-    declared = distributed.ENGINES[name]
+    declared = engines.ENGINES[name]
     assert module.DECLARED is declared and declared.running_stats in reference.RUNNING_STATS_RULES
     semantics = {s for kinds in declared.bn_semantics.values() for s in kinds}
     assert semantics <= set(reference.BN_SEMANTICS)
@@ -128,16 +129,16 @@ def test_each_backend_runs_what_its_engine_declares_in_known_dtypes(name):
 def test_missing_trainer_and_missing_framework_are_told_apart(monkeypatch):
     monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "ghost=ghost_backend,nodp=json")
     with pytest.raises(NoDataParallel, match="has no data-parallel trainer"):
-        distributed.module_of("nodp")
+        engines.module_of("nodp")
     with pytest.raises(BackendUnavailable, match="no_such_framework_xyz") as error:
-        distributed.module_of("ghost")
+        engines.module_of("ghost")
     assert not isinstance(error.value, NoDataParallel)
 
 
 def test_conformance_notes_a_backend_without_data_parallelism(monkeypatch, tmp_path):
     monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "nodp=json")
     (tmp_path / "nodp.json").write_text(json.dumps({"status": "ok", "rows": []}))
-    distributed.conformance_phase("nodp", tmp_path, "cpu")
+    parallel.conformance_phase("nodp", tmp_path, "cpu")
     saved = json.loads((tmp_path / "nodp.json").read_text())
     assert saved["data_parallel"]["status"] == "skipped" and saved["rows"] == []
     result = report.build(tmp_path, ["nodp"], [], "cpu", "", {}, False, 0.0)
@@ -150,7 +151,7 @@ def test_a_lost_single_device_run_fails_the_row_not_the_job(monkeypatch, tmp_pat
     monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "nodp=json")
     record = {"status": "ok", "rows": [], "training": {"epochs": [{"epoch": 1}, {"epoch": 2}]}}
     (tmp_path / "nodp.json").write_text(json.dumps(record))
-    distributed.conformance_phase("nodp", tmp_path, "cpu", recipe="quick")
+    parallel.conformance_phase("nodp", tmp_path, "cpu", recipe="quick")
     saved = json.loads((tmp_path / "nodp.json").read_text())
     [row] = saved["rows"]
     assert row["check"] == "branch the single-device run" and not row["passed"]
@@ -169,7 +170,7 @@ def test_sync_bn_needs_devices_and_an_even_batch(capsys):
 
 def test_jax_matches_the_reference_on_two_simulated_devices(tmp_path):
     pytest.importorskip("jax", reason="JAX is not installed")
-    result = distributed.launch_check("jax", tmp_path / "dp.json", 2, log=tmp_path / "log")
+    result = parallel.launch_check("jax", tmp_path / "dp.json", 2, log=tmp_path / "log")
     assert result["status"] == "ok", result.get("reason") or (tmp_path / "log").read_text()
     failed = [
         (r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"] if not r["passed"]

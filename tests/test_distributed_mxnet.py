@@ -6,8 +6,9 @@ import numpy as onp
 import pytest
 from data_parallel_cli import loop_batches, train_on_two_devices
 
-from conformance import checks, data, distributed, reference, weights
+from conformance import data, engines, reference, weights
 from conformance.specs import get_spec, is_running_stat
+from conformance.suite import checks, parallel
 
 pytest.importorskip("densenet_mxnet.compat", reason="MXNet is not installed (or cannot be imported here)")
 
@@ -23,8 +24,8 @@ SPEC = get_spec("tiny").replace(drop_rate=0.0)
 def test_mxnet_matches_the_reference_on_two_contexts():
     """The conformance check, in this process: MXNet's contexts need no fresh one (the
     command-line test below goes through the launcher)."""
-    backend, module = distributed.prepare("mxnet", 2)
-    rows = distributed.check(backend, module, 2)
+    backend, module = engines.prepare("mxnet", 2)
+    rows = parallel.check(backend, module, 2)
     failed = [(r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in rows if not r["passed"]]
     assert not failed
     measured = {(r["config"].split()[-1], r["dtype"]) for r in rows}
@@ -111,6 +112,6 @@ def test_mxnet_trains_on_two_contexts_from_the_command_line(tmp_path, capfd):
     onp.testing.assert_allclose(saved["epochs"][0]["batch_losses"], losses, rtol=1e-5)
     trained = weights.load_state(tmp_path / "dp" / "model.safetensors", spec)
     other, _ = reference.data_parallel_train(spec, state, batches, lr, 2, "per_shard", "mean", "biased", momentum)
-    errors = distributed.compare_states(state, trained, expected, other)
+    errors = parallel.compare_states(state, trained, expected, other)
     assert errors["weights"][0] < checks.TOLERANCES["float32"]["sgd_update"]
     assert errors["running"][0] < checks.TOLERANCES["float32"]["running_stats_update"] < errors["running_other"]

@@ -6,14 +6,15 @@ import numpy as np
 import pytest
 from data_parallel_cli import RECIPE, loop_batches, train_on_two_devices
 
-from conformance import checks, data, distributed, reference, weights
+from conformance import data, engines, reference, weights
 from conformance.specs import get_spec
+from conformance.suite import checks, parallel
 
 pytest.importorskip("tensorflow", reason="TensorFlow is not installed")
 
 
 def run_check(tmp_path, dtypes):
-    result = distributed.launch_check(
+    result = parallel.launch_check(
         "tf", tmp_path / "dp.json", 2, log=tmp_path / "log", extra=["--dtypes", ",".join(dtypes)]
     )
     assert result["status"] == "ok", result.get("reason") or (tmp_path / "log").read_text()
@@ -42,7 +43,7 @@ def test_tf_matches_the_reference_on_two_simulated_devices_in_both_dtypes(tmp_pa
 def test_tf_trains_on_two_devices_from_the_command_line(tmp_path, capfd, sync_bn):
     """`train --devices 2` on MirroredStrategy takes the reference's steps on the training
     loop's batches (step_on), keeps replica 0's running statistics, and records how."""
-    semantics = distributed.bn_semantics(sync_bn)
+    semantics = engines.bn_semantics(sync_bn)
     _, saved = train_on_two_devices("tf", tmp_path / "dp", capfd, *["--sync-bn"] * sync_bn)
     assert saved["bn_semantics"] == semantics
     assert saved["running_stats"] == "rank0" and "MirroredStrategy" in saved["engine"]
@@ -51,9 +52,9 @@ def test_tf_trains_on_two_devices_from_the_command_line(tmp_path, capfd, sync_bn
     expected, losses = reference.data_parallel_train(spec, state, batches, RECIPE.lr, 2, semantics, "rank0", "biased")
     np.testing.assert_allclose(saved["epochs"][0]["batch_losses"], losses, rtol=1e-5)
     trained = weights.load_state(tmp_path / "dp" / "model.safetensors", spec)
-    other_semantics = distributed.bn_semantics(not sync_bn)
+    other_semantics = engines.bn_semantics(not sync_bn)
     other, _ = reference.data_parallel_train(spec, state, batches, RECIPE.lr, 2, other_semantics, "rank0", "biased")
-    errors = distributed.compare_states(state, trained, expected, other)
+    errors = parallel.compare_states(state, trained, expected, other)
     tolerances = checks.TOLERANCES["float32"]
     assert errors["running"][0] < tolerances["running_stats_update"] < errors["running_other"]
     assert errors["weights"][0] < tolerances["sgd_update"] < errors["weights_other"]

@@ -5,14 +5,15 @@ import numpy as np
 import pytest
 from data_parallel_cli import RECIPE, loop_batches, train_on_two_devices
 
-from conformance import checks, data, distributed, reference, weights
+from conformance import data, reference, weights
 from conformance.specs import get_spec
+from conformance.suite import checks, parallel
 
 pytest.importorskip("torch", reason="PyTorch is not installed")
 
 
 def test_torch_matches_the_reference_on_two_processes(tmp_path):
-    result = distributed.launch_check("torch", tmp_path / "dp.json", 2, log=tmp_path / "log")
+    result = parallel.launch_check("torch", tmp_path / "dp.json", 2, log=tmp_path / "log")
     assert result["status"] == "ok", result.get("reason") or (tmp_path / "log").read_text()
     failed = [
         (r["config"], r["dtype"], r["check"], r.get("error", r.get("value"))) for r in result["rows"] if not r["passed"]
@@ -36,7 +37,7 @@ def test_torch_trains_on_two_processes_from_the_command_line(tmp_path, capfd):
     np.testing.assert_allclose(saved["epochs"][0]["batch_losses"], losses, rtol=1e-5)
     trained = weights.load_state(tmp_path / "dp" / "model.safetensors", spec)
     other, _ = reference.data_parallel_train(spec, state, batches, RECIPE.lr, 2, "per_shard", "mean")
-    errors = distributed.compare_states(state, trained, expected, other)
+    errors = parallel.compare_states(state, trained, expected, other)
     assert errors["running"][0] < checks.TOLERANCES["float32"]["running_stats_update"] < errors["running_other"]
 
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from conftest import backend_or_skip
 
-from conformance import checks, export, specs, weights
+from conformance import export, specs, weights
 from conformance.cli import main
 from conformance.specs import InputError
+from conformance.suite import checks, onnx
 
 ARCH, SIZE = "tiny", 32
 
@@ -127,7 +128,7 @@ def test_cli_export_writes_onnx_that_onnxruntime_runs(tmp_path, capsys):
     weights.save_state(checkpoint, backend.export_state(model), model.spec)
     assert main(["export", "--backend", "mxnet", "--size", str(SIZE), str(checkpoint), str(tmp_path / "m.onnx")]) == 0
     assert '"format": "onnx"' in capsys.readouterr().out
-    assert_same_logits(export.run_onnx(tmp_path / "m.onnx", x), backend.forward(model, x, train=False))
+    assert_same_logits(onnx.run_onnx(tmp_path / "m.onnx", x), backend.forward(model, x, train=False))
 
 
 def test_cli_export_needs_a_size(tmp_path, capsys):
@@ -143,7 +144,7 @@ def test_onnx_graphs_of_all_backends_agree(tmp_path):
     pytest.importorskip("onnxruntime")
     results = {}
     for name in ("torch", "tf", "jax", "mxnet"):
-        results[name] = {"onnx": export.measure(backend_or_skip(name), tmp_path)}
-    section = export.section(results)
+        results[name] = {"onnx": onnx.measure(backend_or_skip(name), tmp_path)}
+    section = onnx.section(results)
     assert section["failures"] == []
-    assert all(len(row) == 4 and max(row.values()) <= export.ONNX_TOLERANCE for row in section["errors"].values())
+    assert all(len(row) == 4 and max(row.values()) <= onnx.ONNX_TOLERANCE for row in section["errors"].values())

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from test_data import fake_files, write_files  # noqa: F401  (fake_files is a fixture)
 
-from conformance import cli, data, training, weights
+from conformance import cli, data, files, training, weights
 from conformance.backends import load_backend
 from conformance.training import Recipe, TrainingError
 
@@ -173,10 +173,10 @@ def failing_after(calls, error_number=errno.ENOSPC):
 
 def test_full_disk_mid_write_keeps_the_old_file_and_says_which(tmp_path, monkeypatch):
     path = tmp_path / "metrics.json"
-    weights.atomic_write_text(path, "old")
+    files.atomic_write_text(path, "old")
     monkeypatch.setattr(weights.os, "fsync", failing_after(0))
     with pytest.raises(OSError, match=f"could not write {path} .No space left on device.*unchanged"):
-        weights.atomic_write_text(path, "new")
+        files.atomic_write_text(path, "new")
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["metrics.json"]
 
 

@@ -180,7 +180,7 @@ def test_gpu_request_falls_back_to_the_cpu_with_a_reason():
 def test_a_fast_trainer_leaves_exact_arithmetic_for_the_checks():
     import jax
 
-    from conformance import checks
+    from conformance.suite import checks
 
     backend, spec = load_backend("jax"), ARCHS["tiny_d2l"]
     x, y = checks.make_batch(spec, 13, 2, 0)
@@ -217,7 +217,7 @@ def residual_bytes(spec, memory_efficient, batch=8, size=48):
 
 @pytest.mark.parametrize("arch, size", [("tiny", 19), ("tiny_d2l", 13)])
 def test_memory_efficient_model_matches_the_reference(arch, size):
-    from conformance import checks
+    from conformance.suite import checks
 
     results = checks.compare_with_reference(load_backend("jax"), arch, size, memory_efficient=True)
     failures = {

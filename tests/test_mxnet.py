@@ -13,9 +13,10 @@ pytest.importorskip("densenet_mxnet.compat", reason="MXNet is not installed (or 
 import mxnet as mx  # noqa: E402
 from mxnet import autograd, np  # noqa: E402
 
-from conformance import checks, reference, specs, weights  # noqa: E402
+from conformance import reference, specs, weights  # noqa: E402
 from conformance.specs import ARCHS, InputError  # noqa: E402
-from densenet_mxnet import (  # noqa: E402  # noqa: E402  # noqa: E402
+from conformance.suite import checks  # noqa: E402
+from densenet_mxnet import (  # noqa: E402
     DenseBlock,
     DenseNet,
     compat,

@@ -14,8 +14,9 @@ hypothesis = pytest.importorskip("hypothesis", reason="hypothesis is in the dev 
 from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-from conformance import checks, reference, specs  # noqa: E402
+from conformance import reference, specs  # noqa: E402
 from conformance.specs import DenseNetSpec  # noqa: E402
+from conformance.suite import checks  # noqa: E402
 from conformance.weights import init_state  # noqa: E402
 
 FORWARD_TOLERANCE = checks.TOLERANCES["float64"]["forward_eval"]

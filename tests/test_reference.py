@@ -72,8 +72,8 @@ def test_reference_validates_its_input(rng):
 def test_a_config_without_float32_training_checks_float32_in_eval_mode_only():
     """The big nets of `make conformance` (checks.Config.float32_training=False): float32 runs
     the eval pass only, float64 every check; the caller's float32 model is the one checked."""
-    from conformance import checks
     from conformance.backends import load_backend
+    from conformance.suite import checks
 
     backend = load_backend("reference")
     built = []

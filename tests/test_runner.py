@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from conformance import backends, runner
+from conformance import backends
+from conformance.suite import runner
 
 pytest.importorskip("torch", reason="the runner test uses the PyTorch backend")
 
@@ -68,7 +69,7 @@ def test_gpu_run_without_a_gpu_falls_back_with_a_note(tmp_path):
 
 
 def test_the_report_says_which_configs_skip_the_step_and_float32_training():
-    from conformance import report
+    from conformance.suite import report
 
     notes = report._matrix_notes([list(config) for config in runner.MATRICES["default"]])
     assert "not rebuilt for densenet_bc100_k12@32, densenet121@64" in notes

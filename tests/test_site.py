@@ -208,6 +208,6 @@ def test_framework_tabs_switch_in_a_browser(served, browser):
 
 
 def listing_blocks():
-    from conformance import listing
+    from conformance.site import listing
 
     return listing.BLOCKS

@@ -15,8 +15,9 @@ pytest.importorskip("keras", reason="Keras is not installed")
 import keras  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-from conformance import checks, reference, specs, weights  # noqa: E402
+from conformance import reference, specs, weights  # noqa: E402
 from conformance.specs import ARCHS, InputError  # noqa: E402
+from conformance.suite import checks  # noqa: E402
 from densenet_tf import DenseBlock, DenseNet, conv_block, export_canonical, load_canonical, transition_block  # noqa: E402
 from densenet_tf.backend import Backend  # noqa: E402
 from densenet_tf.train import Trainer, gradient_step, train_pass  # noqa: E402

@@ -68,8 +68,8 @@ def test_dropout_is_active_only_in_training():
 
 
 def test_a_fast_trainer_switches_tf32_for_its_own_steps_only():
-    from conformance import checks
     from conformance.backends import load_backend
+    from conformance.suite import checks
 
     backend, spec = load_backend("torch"), ARCHS["tiny_d2l"]
     x, y = checks.make_batch(spec, 13, 2, 0)
@@ -87,8 +87,8 @@ def test_a_fast_trainer_switches_tf32_for_its_own_steps_only():
 
 
 def test_memory_efficient_model_passes_the_conformance_checks():
-    from conformance import checks
     from conformance.backends import load_backend
+    from conformance.suite import checks
 
     backend = load_backend("torch")
     for arch, size in (("tiny", 19), ("tiny_d2l", 13)):

@@ -3,7 +3,7 @@ import os
 import numpy as np
 import pytest
 
-from conformance import weights
+from conformance import files, weights
 from conformance.specs import ARCHS
 from conformance.weights import CheckpointError
 
@@ -90,13 +90,13 @@ def test_checkpoint_for_another_arch_is_refused(tmp_path):
 
 def test_atomic_write_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "file.bin"
-    weights.atomic_write_bytes(path, b"old")
+    files.atomic_write_bytes(path, b"old")
 
     def broken_replace(src, dst):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(KeyboardInterrupt):
-        weights.atomic_write_bytes(path, b"new")
+        files.atomic_write_bytes(path, b"new")
     assert path.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]

@@ -21,8 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data, distributed
-from ..backends import PRECISIONS, backend_names, check_device
+from .. import data, engines
+from ..backends import backend_names
+from ..interface import PRECISIONS, check_device
+from ..reporting import publish_files, write_files
 from ..training import RECIPES, fashion_mnist_spec
 from . import memory_report, report, scaling_report
 
@@ -133,7 +135,7 @@ def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_
     )
     with open(log, "w") as stream:
         if devices > 1:  # the framework's launcher (torchrun for PyTorch), in a fresh process
-            code = distributed.launch(
+            code = engines.launch(
                 backend, devices, module_args, WORKER_TIMEOUT_S, stdout=stream, stderr=subprocess.STDOUT
             )
         else:
@@ -252,7 +254,8 @@ def _steps(defaults, warmup, steps) -> tuple[int, int]:
 
 def _section(writer, shapes, measurements, device, steps, compile, out_dir, data_dir, progress, publish) -> list[dict]:
     """Each (backend, run, memory mode or None) of `measurements` on each shape in a worker
-    process; `writer` (report, memory_report) writes and publishes the section's files."""
+    process; `writer` (report, memory_report, scaling_report) builds the section's report:
+    `files(device)` names its .json, .md and .png, `markdown` and `plot` write the last two."""
     from tqdm.auto import tqdm
 
     started = time.time()
@@ -287,10 +290,11 @@ def _section(writer, shapes, measurements, device, steps, compile, out_dir, data
     result = writer.build(
         rows, device, [asdict(s) | {"name": s.name} for s in shapes], *steps, compile, seconds=time.time() - started
     )
-    writer.write(out_dir, result)
+    json_name, md_name, png_name = names = writer.files(device)
+    write_files(out_dir, result, json_name, md_name, writer.markdown, {png_name: writer.plot})
     print(writer.markdown(result))
-    print(f"bench: {', '.join(str(out_dir / name) for name in writer.files(device))}")
+    print(f"bench: {', '.join(str(out_dir / name) for name in names)}")
     if publish:
-        writer.publish(out_dir, Path(publish), device)
+        publish_files(out_dir, publish, names)
         print(f"published to {publish}")
     return rows

@@ -9,12 +9,7 @@ can shrink, so the peak itself is shown too.
 
 from __future__ import annotations
 
-import datetime
-import json
-from pathlib import Path
-
-from ..report import _pyplot, _save, framework_versions, machine_info
-from ..weights import atomic_write_bytes, atomic_write_text
+from ..reporting import pyplot, run_record, save_png, versions_line
 from .report import device_words
 
 TARGET_MEMORY, TARGET_TIME = 0.5, 1.2
@@ -76,11 +71,9 @@ def pair_up(rows, first, second, compare) -> list[dict]:
 
 def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **run_record(),
         "device": device,
         "device_words": device_words(rows, device),
-        "machine": machine_info(),
-        "frameworks": framework_versions(),
         "warmup": warmup,
         "steps": steps,
         "compile": compile,
@@ -102,9 +95,9 @@ def _ratio(value) -> str:
 
 def _row(entry) -> str:
     if entry["status"] == "unsupported":
-        return f"| {entry['backend']} | no mechanism in this framework: {_one_line(entry['reason'])} |" + " |" * 9
+        return f"| {entry['backend']} | no mechanism in this framework: {one_line(entry['reason'])} |" + " |" * 9
     if entry["status"] != "ok":
-        return f"| {entry['backend']} | {entry['status']}: {_one_line(entry['reason'])} |" + " |" * 9
+        return f"| {entry['backend']} | {entry['status']}: {one_line(entry['reason'])} |" + " |" * 9
     verdict = "yes" if entry["target_met"] else "no"
     return (
         f"| {entry['backend']} | {_mib(entry['added_plain'])} | {_mib(entry['added_efficient'])} | "
@@ -114,12 +107,12 @@ def _row(entry) -> str:
     )
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
     return text.replace("|", "/").splitlines()[0] if text else ""
 
 
 def markdown(result: dict) -> str:
-    versions = ", ".join(f"{name} {version}" for name, version in result["frameworks"].items())
+    versions = versions_line(result["frameworks"])
     kinds = sorted({e["peak_kind"] for e in result["summary"] if e["status"] == "ok"})
     out = [
         "# Memory: plain against memory-efficient (`memory_efficient=True`)",
@@ -159,7 +152,7 @@ def plot(result, path) -> None:
     """Memory added by training and time per step, plain and memory-efficient, per backend."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     entries = [e for e in result["summary"] if e["status"] == "ok"]
     figure, (memory, time) = plt.subplots(1, 2, figsize=(11, 4))
     x = np.arange(len(entries))
@@ -181,28 +174,4 @@ def plot(result, path) -> None:
         axis.legend(fontsize=8)
     names = ", ".join(shape["name"] for shape in result["shapes"])
     figure.suptitle(f"{names} - {result['device_words']} - {result['date']}", fontsize=9)
-    _save(figure, path)
-    plt.close(figure)
-
-
-def write_section(out_dir, result: dict, names, markdown, plot) -> None:
-    """A bench section's .json, .md (from `markdown`) and .png (from `plot`), each atomically."""
-    out_dir = Path(out_dir)
-    json_name, md_name, png_name = names
-    atomic_write_text(out_dir / json_name, json.dumps(result, indent=2, default=float))
-    atomic_write_text(out_dir / md_name, markdown(result))
-    plot(result, out_dir / png_name)
-
-
-def publish_files(out_dir, dest: Path, names) -> None:
-    """Copy a section's files to `dest` (docs/results), each atomically."""
-    for name in names:
-        atomic_write_bytes(Path(dest) / name, (Path(out_dir) / name).read_bytes())
-
-
-def write(out_dir, result: dict) -> None:
-    write_section(out_dir, result, files(result["device"]), markdown, plot)
-
-
-def publish(out_dir, dest: Path, device) -> None:
-    publish_files(out_dir, dest, files(device))
+    save_png(figure, path)

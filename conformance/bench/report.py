@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import datetime
-import json
-from pathlib import Path
-
-from ..report import _pyplot, _save, framework_versions, machine_info
-from ..weights import atomic_write_bytes, atomic_write_text
+from ..reporting import machine_info, pyplot, run_record, save_png, versions_line
 
 FILES = ("bench.json", "bench.md", "bench.png")
 RUN_LABELS = {
@@ -52,11 +47,9 @@ def device_words(rows, device) -> str:
 def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
     fastest = add_ratios(rows)
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **run_record(),
         "device": device,
         "device_words": device_words(rows, device),
-        "machine": machine_info(),
-        "frameworks": framework_versions(),
         "warmup": warmup,
         "steps": steps,
         "compile": compile,
@@ -90,7 +83,7 @@ def _cell_row(row) -> str:
 
 
 def markdown(result: dict) -> str:
-    versions = ", ".join(f"{name} {version}" for name, version in result["frameworks"].items())
+    versions = versions_line(result["frameworks"])
     out = [
         "# Training speed: the project's trainers against the d2l book's code",
         "",
@@ -129,7 +122,7 @@ def plot(result, path) -> None:
     """Examples/s per backend, one bar per run (anchor and precisions), one panel per shape."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     shapes = result["shapes"]
     runs = list(RUN_LABELS)
     figure, axes = plt.subplots(1, len(shapes), figsize=(6.5 * len(shapes), 4), squeeze=False)
@@ -162,22 +155,8 @@ def plot(result, path) -> None:
         ax.set_title(shape["name"])
     axes[0][0].legend(fontsize=8)
     figure.suptitle(f"{result['device_words']} - {result['date']}", fontsize=9)
-    _save(figure, path)
-    plt.close(figure)
-
-
-def write(out_dir, result: dict) -> None:
-    out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "bench.json", json.dumps(result, indent=2, default=float))
-    atomic_write_text(out_dir / "bench.md", markdown(result))
-    plot(result, out_dir / "bench.png")
+    save_png(figure, path)
 
 
 def files(device) -> tuple[str, ...]:
     return FILES
-
-
-def publish(out_dir, dest: Path, device=None) -> None:
-    """Copy bench.json, bench.md and bench.png to `dest` (docs/results), each atomically."""
-    for name in files(device):
-        atomic_write_bytes(Path(dest) / name, (Path(out_dir) / name).read_bytes())

@@ -1,18 +1,15 @@
 """scaling_<device>.json, .md and .png: each backend's trainer on 1 device and data-parallel on 2.
 
 Issue 16: examples/s at 1 and 2 devices, each in a process of its own, the 2-device run on
-the framework's own engine (conformance.distributed). Simulated CPU devices share the same
+the framework's own engine (conformance.engines). Simulated CPU devices share the same
 cores, so on a CPU the ratio is what the engine costs (all-reduces, a second replica), not a
 speed-up; on a machine with several GPUs it is the real scaling.
 """
 
 from __future__ import annotations
 
-import datetime
-from pathlib import Path
-
-from ..report import _pyplot, _save, framework_versions, machine_info
-from .memory_report import _one_line, pair_up, publish_files, shape_tables, write_section
+from ..reporting import pyplot, run_record, save_png, versions_line
+from .memory_report import one_line, pair_up, shape_tables
 from .report import device_words
 
 
@@ -39,11 +36,9 @@ def summarize(rows) -> list[dict]:
 
 def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        **run_record(),
         "device": device,
         "device_words": device_words(rows, device),
-        "machine": machine_info(),
-        "frameworks": framework_versions(),
         "warmup": warmup,
         "steps": steps,
         "compile": compile,
@@ -56,7 +51,7 @@ def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
 
 def _row(entry) -> str:
     if entry["status"] != "ok":
-        return f"| {entry['backend']} | {entry['status']}: {_one_line(entry['reason'])} |" + " |" * 4
+        return f"| {entry['backend']} | {entry['status']}: {one_line(entry['reason'])} |" + " |" * 4
     return (
         f"| {entry['backend']} | {entry['one']:,.0f} | {entry['two']:,.0f} | {entry['ratio']:.2f}x | "
         f"{entry['bn_semantics']} | {entry['device']}, {entry['arithmetic']} |"
@@ -64,7 +59,7 @@ def _row(entry) -> str:
 
 
 def markdown(result: dict) -> str:
-    versions = ", ".join(f"{name} {version}" for name, version in result["frameworks"].items())
+    versions = versions_line(result["frameworks"])
     simulated = result["device"] == "cpu"
     out = [
         "# Scaling: 1 device against 2 (data-parallel, `--devices 2`)",
@@ -97,7 +92,7 @@ def plot(result, path) -> None:
     """Examples/s on 1 and 2 devices per backend."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     entries = [e for e in result["summary"] if e["status"] == "ok"]
     figure, axis = plt.subplots(figsize=(7, 4))
     x = np.arange(len(entries))
@@ -110,13 +105,4 @@ def plot(result, path) -> None:
     axis.legend(fontsize=8)
     names = ", ".join(shape["name"] for shape in result["shapes"])
     figure.suptitle(f"{names} - {result['device_words']} - {result['date']}", fontsize=9)
-    _save(figure, path)
-    plt.close(figure)
-
-
-def write(out_dir, result: dict) -> None:
-    write_section(out_dir, result, files(result["device"]), markdown, plot)
-
-
-def publish(out_dir, dest: Path, device) -> None:
-    publish_files(out_dir, dest, files(device))
+    save_png(figure, path)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import resource
 import sys
@@ -27,11 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import data, distributed, weights
-from ..backends import BackendUnavailable, load_backend
+from .. import data, engines, weights
+from ..backends import load_backend
+from ..files import repository_path, write_json
+from ..interface import BackendUnavailable
 from ..specs import DenseNetSpec
 
-ANCHOR_DIR = Path(__file__).resolve().parents[2] / "bench" / "anchors"
 LR = 0.1
 # A GPU run whose backend fell back to the CPU (MXNet on Hopper) takes only a few steps.
 CPU_FALLBACK_STEPS = (1, 3)
@@ -49,7 +49,10 @@ class NoAnchor(RuntimeError):
 
 def load_anchor(backend: str):
     """bench/anchors/BACKEND_d2l.py as a module; NoAnchor if it is missing or cannot import."""
-    path = ANCHOR_DIR / f"{backend}_d2l.py"
+    try:
+        path = repository_path("bench", "anchors", what="the d2l book's code (bench/anchors/)") / f"{backend}_d2l.py"
+    except FileNotFoundError as error:
+        raise NoAnchor(str(error)) from None
     if not path.is_file():
         raise NoAnchor(f"no anchor for backend {backend!r} (expected {path})")
     spec = importlib.util.spec_from_file_location(f"bench_anchor_{backend}", path)
@@ -116,7 +119,7 @@ class TrainerRun:
         self, backend_name, precision, compile, spec, device, images, labels, memory_efficient=False, devices=1
     ):
         if devices > 1:  # data-parallel: simulated CPU devices exist only if made before the framework starts
-            backend, _ = distributed.prepare(backend_name, devices, device)
+            backend, _ = engines.prepare(backend_name, devices, device)
         else:
             backend = load_backend(backend_name, device)
         model = backend.build(spec, memory_efficient=memory_efficient)
@@ -124,7 +127,7 @@ class TrainerRun:
             raise Unsupported(getattr(model, NO_MECHANISM))
         backend.load_state(model, weights.init_state(spec, 0))
         self.trainer = (
-            distributed.make_trainer(backend, model, LR, 0.0, precision, devices)
+            engines.make_trainer(backend, model, LR, 0.0, precision, devices)
             if devices > 1
             else backend.make_trainer(model, LR, 0.0, precision=precision, compile=compile)
         )
@@ -244,7 +247,7 @@ def main(argv=None) -> int:
         "--devices",
         type=int,
         default=1,
-        help="data-parallel over N devices (started by the framework's launcher: conformance.distributed)",
+        help="data-parallel over N devices (started by the framework's launcher: conformance.engines)",
     )
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -256,8 +259,8 @@ def main(argv=None) -> int:
         result = {"status": "unsupported", "reason": str(error)}
     except Exception as error:  # reported in the table; the other measurements go on
         result = {"status": "error", "reason": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
-    if distributed.process_index() == 0:  # torchrun's other ranks measured the same steps
-        weights.atomic_write_text(args.out, json.dumps(result, indent=2, default=float))
+    if engines.process_index() == 0:  # torchrun's other ranks measured the same steps
+        write_json(args.out, result)
     return 0 if result["status"] != "error" else 1
 
 

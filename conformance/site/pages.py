@@ -17,8 +17,7 @@ import posixpath
 import re
 import textwrap
 
-from .. import listing
-from . import snippets, source
+from . import listing, snippets, source
 from .source import BACKENDS, TABS
 
 # name -> the definitions each backend shows for it: (file in the package, names, first found wins).

@@ -18,14 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..data import cache_dir
-from ..weights import atomic_write_text
+from ..backends import FRAMEWORKS
+from ..files import atomic_write_text, cache_dir
 from .source import BACKENDS, ROOT
 
 SNIPPETS = ROOT / "docs" / "snippets"
 CACHE = ROOT / "build" / "docs" / "snippets"
 # The module whose absence means the backend's framework is not installed.
-FRAMEWORK = {"torch": "torch", "mxnet": "mxnet", "tf": "tensorflow", "jax": "flax"}
+FRAMEWORK = {name: framework.module for name, framework in FRAMEWORKS.items()}
 TIMEOUT_S = 600
 
 

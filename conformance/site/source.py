@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import ast
 from dataclasses import dataclass
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-BACKENDS = {"torch": "densenet_torch", "mxnet": "densenet_mxnet", "tf": "densenet_tf", "jax": "densenet_jax"}
-TABS = {"torch": "PyTorch", "mxnet": "MXNet", "tf": "TensorFlow", "jax": "JAX"}
+from ..backends import FRAMEWORKS
+from ..files import REPOSITORY as ROOT
+
+BACKENDS = {name: framework.package for name, framework in FRAMEWORKS.items()}
+TABS = {name: framework.title for name, framework in FRAMEWORKS.items()}
 
 
 @dataclass(frozen=True)

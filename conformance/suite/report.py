@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
-import platform
-from importlib import metadata
 from pathlib import Path
 
-from . import checks, specs, training
-from .export import markdown as export_markdown
-from .export import section as export_section
-from .weights import atomic_write_bytes, atomic_write_text
+from .. import specs, training
+from ..reporting import matrix_table, publish_files, pyplot, run_record, save_png, versions_line, write_files
+from . import checks, onnx
 
-DISTRIBUTIONS = ("numpy", "torch", "mxnet", "tensorflow", "tensorflow-cpu", "keras", "jax", "jaxlib", "flax", "optax")
 # Two backends reading the same weights each land within forward_eval of the reference.
 CROSS_TOLERANCE = 2 * checks.TOLERANCES["float32"]["forward_eval"]
 ZOO_TOLERANCE = CROSS_TOLERANCE  # a zoo model's logits vs. a backend's on the converted file
@@ -27,40 +21,6 @@ def load_results(out_dir: Path, backends) -> dict:
         path = Path(out_dir) / f"{name}.json"
         results[name] = json.loads(path.read_text()) if path.is_file() else {"status": "error", "reason": "no result"}
     return results
-
-
-def machine_info() -> dict:
-    cpu = platform.processor()
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        cpu = next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    memory = ""
-    try:
-        kib = int(
-            next(l for l in Path("/proc/meminfo").read_text().splitlines() if l.startswith("MemTotal")).split()[1]
-        )
-        memory = f"{kib / 2**20:.0f} GiB"
-    except (OSError, StopIteration, ValueError):
-        pass
-    return {
-        "cpu": cpu,
-        "cores": os.cpu_count(),
-        "memory": memory,
-        "os": platform.platform(),
-        "python": platform.python_version(),
-    }
-
-
-def framework_versions() -> dict:
-    versions = {}
-    for name in DISTRIBUTIONS:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return versions
 
 
 def _key(row) -> str:
@@ -151,12 +111,10 @@ def build(
                 )
 
     train = _training_summary(results, recipe_name, failures)
-    onnx = export_section(results)
-    failures += onnx["failures"] if onnx else []
+    onnx_section = onnx.section(results)
+    failures += onnx_section["failures"] if onnx_section else []
     return {
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": machine_info(),
-        "frameworks": framework_versions(),
+        **run_record(),
         "device": device,
         "matrix": [list(c) for c in configs],
         "memory_efficient": [list(c) for c in memory_efficient],
@@ -168,7 +126,7 @@ def build(
         "zoo": {"tolerance": ZOO_TOLERANCE, "errors": zoo_errors},
         "float32_gradient_sensitivity": sensitivity,
         "training": train,
-        "onnx": onnx,
+        "onnx": onnx_section,
         "failures": failures,
         "passed": not failures,
     }
@@ -288,14 +246,23 @@ def _matrix_notes(matrix) -> str:
     return notes
 
 
-def matrix_table(corner: str, rows, columns, cell) -> list[str]:
-    """A Markdown table: `rows` down, `columns` across, `cell(row, column)` in each place."""
-    out = [f"| {corner} | " + " | ".join(columns) + " |", "|---" * (len(columns) + 1) + "|"]
-    return out + [f"| {row} | " + " | ".join(cell(row, column) for column in columns) + " |" for row in rows]
-
-
 def markdown(result: dict) -> str:
-    names = list(result["backends"])
+    sections = (
+        header_section,
+        backends_section,
+        checks_section,
+        running_variance_section,
+        cross_section,
+        zoo_section,
+        lambda result: onnx.markdown(result.get("onnx")),
+        conditioning_section,
+        training_section,
+    )
+    return "\n".join(line for section in sections for line in section(result)) + "\n"
+
+
+def header_section(result: dict) -> list[str]:
+    """The date, machine and versions, and the verdict with every failure."""
     out = [
         "# densenet-xf conformance report",
         "",
@@ -303,7 +270,7 @@ def markdown(result: dict) -> str:
         f"- machine: {result['machine']['cpu']}, {result['machine']['cores']} cores, {result['machine']['memory']}, "
         f"{result['machine']['os']}, Python {result['machine']['python']}",
         f"- requested device: {result['device']}",
-        "- frameworks: " + ", ".join(f"{k} {v}" for k, v in result["frameworks"].items()),
+        "- frameworks: " + versions_line(result["frameworks"]),
         f"- total time: {result['seconds']:.0f} s",
         "",
         f"## Verdict: {'PASSED' if result['passed'] else 'FAILED'}",
@@ -312,7 +279,13 @@ def markdown(result: dict) -> str:
     out += [f"- {failure}" for failure in result["failures"]] or [
         "Every check of every backend is within its tolerance."
     ]
-    out += ["", "## Backends", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    return out
+
+
+def backends_section(result: dict) -> list[str]:
+    """Each backend's status, device, layout and time, with notes."""
+    names = list(result["backends"])
+    out = ["", "## Backends", "", "| | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
     for field in ("status", "device", "layout", "running_var", "seconds"):
         values = [result["backends"][n].get(field) for n in names]
         values = [f"{v:.0f}" if isinstance(v, float) else str(v if v is not None else "-") for v in values]
@@ -334,8 +307,13 @@ def markdown(result: dict) -> str:
         if (b.get("data_parallel") or {}).get("status") == "skipped"
     ]
     out += [""] + notes if notes else []
+    return out
 
-    out += [
+
+def checks_section(result: dict) -> list[str]:
+    """Every check of every backend against the NumPy reference."""
+    names = list(result["backends"])
+    out = [
         "",
         "## Checks against the NumPy float64 reference",
         "",
@@ -359,7 +337,12 @@ def markdown(result: dict) -> str:
         tolerance = f"{row['tolerance']:.0e}" if row.get("tolerance") is not None else "exact"
         out.append(f"| {_key(row)} | {tolerance} | " + " | ".join(_cell(row["results"].get(n)) for n in names) + " |")
 
-    out += [
+    return out
+
+
+def running_variance_section(result: dict) -> list[str]:
+    """Each backend's running-variance convention and its errors under both."""
+    out = [
         "",
         "## BatchNorm running variance",
         "",
@@ -376,7 +359,13 @@ def markdown(result: dict) -> str:
                 errors = f"{r['error']:.1e} | {r['error_under_other_convention']:.1e}"
                 out.append(f"| {row['config']} | {n} | {r.get('convention')} | {errors} |")
 
+    return out
+
+
+def cross_section(result: dict) -> list[str]:
+    """The matrix of weights exported by one backend and loaded into another."""
     cross = result["cross"]["errors"]
+    out = []
     if cross:
         sources = list(next(iter(cross.values())))
         out += [
@@ -395,7 +384,13 @@ def markdown(result: dict) -> str:
         )
         out += ["", "![cross-backend errors](cross_backend.png)"]
 
+    return out
+
+
+def zoo_section(result: dict) -> list[str]:
+    """Each zoo's file converted and reproduced by every backend."""
     zoo_errors = result.get("zoo", {}).get("errors", {})
+    out = []
     if zoo_errors:
         formats = sorted({fmt for errors in zoo_errors.values() for fmt in errors})
         out += [
@@ -414,9 +409,12 @@ def markdown(result: dict) -> str:
             lambda fmt, loader: f"{zoo_errors[loader].get(fmt, float('nan')):.1e}",
         )
 
-    out += export_markdown(result.get("onnx"))
+    return out
 
-    out += [
+
+def conditioning_section(result: dict) -> list[str]:
+    """How far float32 rounding can move the reference's own gradients."""
+    out = [
         "",
         "## Float32 conditioning of the reference",
         "",
@@ -431,7 +429,13 @@ def markdown(result: dict) -> str:
         out.append(f"| {config} | {s['gradient_change']:.1e} | {s['worst_key']} |")
     out += ["", "![errors relative to tolerances](errors.png)"]
 
+    return out
+
+
+def training_section(result: dict) -> list[str]:
+    """The recipe's final accuracies, spreads and learning curves."""
     train = result.get("training")
+    out = []
     if train:
         out += [
             "",
@@ -465,7 +469,7 @@ def markdown(result: dict) -> str:
                 f"{f['loss']:.4f} | {f['examples_per_s']:.0f} | {f['seconds']:.0f} |"
             )
         out += ["", "![learning curves](learning_curves.png)"]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def summary_text(result: dict) -> str:
@@ -500,34 +504,13 @@ def summary_text(result: dict) -> str:
 
 
 def write(out_dir, result: dict) -> None:
-    out_dir = Path(out_dir)
-    atomic_write_text(out_dir / "report.json", json.dumps(result, indent=2, default=float))
-    atomic_write_text(out_dir / "report.md", markdown(result))
-    plot_errors(result, out_dir / "errors.png")
-    plot_cross(result, out_dir / "cross_backend.png")
-    plot_training(result, out_dir / "learning_curves.png")
-
-
-def _save(figure, path) -> None:
-    import io
-
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+    plots = dict(zip(PLOTS, (plot_errors, plot_cross, plot_training)))
+    write_files(out_dir, result, "report.json", "report.md", markdown, plots)
 
 
 def plot_errors(result, path) -> None:
     """Every measured error divided by its tolerance, per backend: below 1 passes."""
-    plt = _pyplot()
+    plt = pyplot()
     rows = [r for r in result["rows"] if r.get("tolerance")]
     if not rows:
         return
@@ -547,8 +530,7 @@ def plot_errors(result, path) -> None:
     axis.set_ylabel("error / tolerance")
     axis.set_title("Each backend against the NumPy reference (below the red line passes)")
     axis.legend(fontsize=8)
-    _save(figure, path)
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def plot_cross(result, path) -> None:
@@ -557,7 +539,7 @@ def plot_cross(result, path) -> None:
     cross = result["cross"]["errors"]
     if not cross:
         return
-    plt = _pyplot()
+    plt = pyplot()
     loaders = list(cross)
     sources = list(next(iter(cross.values())))
     matrix = np.array([[cross[l].get(s, np.nan) for l in loaders] for s in sources])
@@ -577,15 +559,14 @@ def plot_cross(result, path) -> None:
     axis.set_ylabel("exported by")
     axis.set_title("Logit error on another backend's weights")
     figure.colorbar(image, label="log10 relative error")
-    _save(figure, path)
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def plot_training(result, path) -> None:
     train = result.get("training")
     if not train or not train["curves"]:
         return
-    plt = _pyplot()
+    plt = pyplot()
     import numpy as np
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
@@ -606,13 +587,9 @@ def plot_training(result, path) -> None:
         axis.legend(fontsize=8)
         axis.grid(alpha=0.3)
     figure.suptitle(f"Fashion-MNIST, recipe {train['recipe']}, same weights and batches in every backend")
-    _save(figure, path)
-    plt.close(figure)
+    save_png(figure, path)
 
 
 def publish(out_dir, dest: Path) -> None:
     """Copy the report and its plots to `dest` (docs/results), each file atomically."""
-    for name in ("report.md", "report.json", *PLOTS):
-        source = Path(out_dir) / name
-        if source.is_file():
-            atomic_write_bytes(dest / name, source.read_bytes())
+    publish_files(out_dir, dest, ("report.md", "report.json", *PLOTS))

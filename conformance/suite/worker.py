@@ -1,12 +1,12 @@
 """One backend's part of `make conformance`, run in a Python process of its own.
 
-    python -m conformance.worker --backend B --phase checks|cross --out DIR [--device D] ...
+    python -m conformance.suite.worker --backend B --phase checks|cross --out DIR [--device D] ...
 
 Phase `checks` measures shapes, parameter counts and the reference comparison over the
 matrix and, on the memory-efficient model, over its own list; exports a trained-one-step
 canonical checkpoint for the cross-backend matrix, and trains the accuracy recipe; phase
 `cross` loads every other backend's export and writes this backend's ONNX graph of a
-canonical checkpoint (conformance.export). Each phase merges its results into DIR/B.json.
+canonical checkpoint (conformance.suite.onnx). Each phase merges its results into DIR/B.json.
 A backend whose framework is missing writes status "skipped" with the reason.
 """
 
@@ -22,8 +22,11 @@ from pathlib import Path
 
 import numpy as np
 
-from . import checks, export, specs, weights
-from .backends import BackendUnavailable, load_backend
+from .. import specs, training, weights, zoo
+from ..backends import load_backend
+from ..files import merge_json
+from ..interface import BackendUnavailable
+from . import checks, onnx
 
 # The d2l net at the matrix's size and batch: the trainer step that exports compiles once (JAX).
 CROSS_ARCH, CROSS_SIZE, CROSS_BATCH = "d2l", 96, 4
@@ -134,16 +137,13 @@ def cross_load(backend, exports: dict) -> dict:
 def zoo_export(backend, out_dir: Path) -> dict:
     """For each zoo format this backend's framework owns: a small zoo model's file (made by the
     zoo's own code), converted to canonical, with the zoo model's logits on the sample batch."""
-    from . import zoo
-
-    package = type(backend).__module__.split(".")[0]
     exports = {}
     for fmt, (spec, size) in zoo.SAMPLES.items():
-        if zoo.OWNERS[fmt] != package:
+        if zoo.OWNERS[fmt] != backend.name:
             continue
         src = out_dir / "zoo" / f"{spec.name}{zoo.SAMPLE_SUFFIX[fmt]}"
         src.parent.mkdir(parents=True, exist_ok=True)
-        logits = zoo._owner(fmt).zoo_sample(src, spec, zoo.sample_images(size))
+        logits = zoo.owner(fmt).zoo_sample(src, spec, zoo.sample_images(size))
         canonical = out_dir / "zoo" / f"{fmt}.safetensors"
         zoo.convert(src, canonical)
         exports[fmt] = {"file": str(src), "canonical": str(canonical), "size": size, "logits": logits.tolist()}
@@ -152,8 +152,6 @@ def zoo_export(backend, out_dir: Path) -> dict:
 
 def zoo_reproduce(backend, out_dir: Path) -> dict:
     """Relative error of this backend's logits on each converted zoo file, against the zoo model's."""
-    from . import zoo
-
     errors = {}
     for result in sorted(out_dir.glob("*.json")):
         for fmt, exported in json.loads(result.read_text()).get("zoo_export", {}).items():
@@ -166,8 +164,6 @@ def zoo_reproduce(backend, out_dir: Path) -> dict:
 
 
 def train_recipe(backend, recipe_name: str, out_dir: Path, data_dir) -> dict:
-    from . import training
-
     if recipe_name != "quick" and backend.requested_device == "gpu" and backend.device_name.startswith("cpu"):
         recipe_name = "quick"  # a backend that fell back to the CPU would take hours on the GPU recipe
     recipe = training.get_recipe(recipe_name)
@@ -175,12 +171,6 @@ def train_recipe(backend, recipe_name: str, out_dir: Path, data_dir) -> dict:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # conformance always trains from the start
     return training.train(backend, "d2l", recipe, run_dir, data_dir, progress=False)
-
-
-def merge_json(path: Path, update: dict) -> None:
-    current = json.loads(path.read_text()) if path.is_file() else {}
-    current.update(update)
-    weights.atomic_write_text(path, json.dumps(current, indent=2, default=float))
 
 
 def main(argv=None):
@@ -235,7 +225,7 @@ def main(argv=None):
                     "seconds_cross": time.perf_counter() - start,
                 },
             )
-            merge_json(path, {"onnx": export.measure(backend, out_dir)})  # run in onnxruntime by the report
+            merge_json(path, {"onnx": onnx.measure(backend, out_dir)})  # run in onnxruntime by the report
     except Exception as error:  # reported for this backend; the others go on
         merge_json(
             path,

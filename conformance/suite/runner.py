@@ -1,6 +1,6 @@
 """`densenet-xf conformance`: every backend in its own process, then one report.
 
-Each backend runs `python -m conformance.worker` twice (checks, then loading the other
+Each backend runs `python -m conformance.suite.worker` twice (checks, then loading the other
 backends' exports), so frameworks never share a process, their CUDA libraries or their GPU
 memory. A backend that crashes or times out is reported as failed, and the others go on.
 """
@@ -17,11 +17,12 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from . import checks, distributed, report
-from .backends import backend_names, check_device
+from ..backends import backend_names
+from ..data import check_readable
+from ..files import WriteError, merge_json, read_json
+from ..interface import check_device
+from . import checks, parallel, report
 from .checks import Config
-from .data import check_readable
-from .weights import WriteError, atomic_write_text
 
 MATRICES = {
     # The d2l net at the book's 96x96, a bottleneck net, and densenet121 at a size two CPU cores
@@ -61,7 +62,7 @@ def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[st
     command = [
         sys.executable,
         "-m",
-        "conformance.worker",
+        "conformance.suite.worker",
         "--backend",
         backend,
         "--phase",
@@ -85,15 +86,13 @@ def _worker(backend: str, phase: str, out_dir: Path, device: str, extra: list[st
 def _record_failure(out_dir: Path, backend: str, phase: str, code: int, log: str) -> None:
     """A worker that died without saying why (crash, timeout) is recorded here."""
     path = out_dir / f"{backend}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    if data.get("status") in ("error", "skipped"):
+    if read_json(path).get("status") in ("error", "skipped"):
         return
     tail = Path(log).read_text(errors="replace")[-2000:] if Path(log).is_file() else ""
     reason = f"timed out after {WORKER_TIMEOUT_S} s" if code == -1 else f"worker exited with code {code}"
-    data.update(
-        {"status": "error", "phase": phase, "reason": f"{reason} in phase {phase}; log: {log}", "traceback": tail}
+    merge_json(
+        path, {"status": "error", "phase": phase, "reason": f"{reason} in phase {phase}; log: {log}", "traceback": tail}
     )
-    atomic_write_text(path, json.dumps(data, indent=2))
 
 
 def check_inputs(out_dir: Path, recipe: str, data_dir=None) -> None:
@@ -162,7 +161,7 @@ def run(
         if code != 0:
             _record_failure(out_dir, name, "checks", code, log)
         if matrix == "default":  # 2 simulated devices against the reference (docs/distributed.md)
-            distributed.conformance_phase(name, out_dir, device, recipe or "", data_dir, env)
+            parallel.conformance_phase(name, out_dir, device, recipe or "", data_dir, env)
         print(f"  {name}: {_status(out_dir, name)} ({time.time() - t:.0f} s)", flush=True)
 
     _each(backends, jobs, checks_phase)

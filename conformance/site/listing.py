@@ -7,18 +7,11 @@ checks that the committed page is current.
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
+from ..backends import FRAMEWORKS
+from ..files import atomic_write_text
+from .source import ROOT, definitions
 
-from .weights import atomic_write_text
-
-ROOT = Path(__file__).resolve().parents[1]
-BACKENDS = {
-    "PyTorch": "densenet_torch",
-    "MXNet Gluon": "densenet_mxnet",
-    "TensorFlow / Keras 3": "densenet_tf",
-    "JAX / Flax": "densenet_jax",
-}
+BACKENDS = {framework.full_title: framework.package for framework in FRAMEWORKS.values()}
 # The d2l chapter's names; TensorFlow and Flax may spell them as classes.
 BLOCKS = (
     ("conv_block", "ConvBlock"),
@@ -30,19 +23,8 @@ BLOCKS = (
 OUTPUT = ROOT / "docs" / "side_by_side.md"
 
 
-def definitions(path: Path) -> dict[str, str]:
-    """Top-level function and class sources of a file, by name."""
-    source = path.read_text()
-    tree = ast.parse(source)
-    return {
-        node.name: ast.get_source_segment(source, node)
-        for node in tree.body
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef))
-    }
-
-
 def render() -> str:
-    found = {title: definitions(ROOT / package / "model.py") for title, package in BACKENDS.items()}
+    found = {title: definitions(f"{package}/model.py") for title, package in BACKENDS.items()}
     out = [
         "# DenseNet four ways, side by side",
         "",
@@ -58,7 +40,7 @@ def render() -> str:
             if name is None:
                 out += [f"**{title}**: no `{' / '.join(names)}` in `{package}/model.py`.", ""]
                 continue
-            out += [f"**{title}** (`{package}/model.py`)", "", "```python", defs[name], "```", ""]
+            out += [f"**{title}** (`{package}/model.py`)", "", "```python", defs[name].code, "```", ""]
     return "\n".join(out)
 
 

@@ -1,185 +1,33 @@
-"""Data-parallel training, framework-free: the declared BatchNorm semantics of each engine,
-the launcher that starts a process with simulated devices, and the check against the
-NumPy reference.
+"""The data-parallel check of `make conformance`: each backend's engine on 2 devices (simulated
+on a CPU) against the NumPy reference's data-parallel step, for the BatchNorm semantics the
+engine declares (conformance.engines), and a short data-parallel run against the single-device
+run. It runs in a process of its own, started by conformance.engines.launch:
 
-Each backend's `densenet_<fw>/distributed.py` offers DECLARED (its entry of ENGINES below),
-DTYPES, `simulate_devices(n)` and `make_trainer(...)` (docs/distributed.md). Simulated CPU
-devices must exist before a framework initialises, so data-parallel work runs in a process
-of its own, started here:
-
-    python -m conformance.distributed check --backend jax --devices 2 --out dp.json
+    python -m conformance.suite.parallel check --backend jax --devices 2 --out dp.json
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
-import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import traceback
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
+from .. import reference, training
+from ..engines import ENGINES, device_kind, launch, prepare, process_index
+from ..files import merge_json, read_json, write_json
+from ..interface import BackendUnavailable
+from ..specs import get_spec, is_running_stat, to_layout
+from ..weights import init_state
+from . import checks
 
-from . import checks, reference
-from .backends import BackendUnavailable, load_backend, registered_backends
-from .specs import get_spec, is_running_stat, to_layout
-from .weights import atomic_write_text, init_state
-
-
-@dataclass(frozen=True)
-class Engine:
-    """One framework's data-parallel engine, as documented (docs/distributed.md)."""
-
-    engine: str
-    bn_semantics: dict  # device kind -> the BatchNorm semantics it runs (reference.BN_SEMANTICS)
-    running_stats: str  # what per-shard running statistics become (reference.RUNNING_STATS_RULES)
-    multi_node: str  # the command that launches it across machines
-
-
-# What each engine runs, declared once: each backend's distributed.py reads its own entry (DECLARED).
-ENGINES = {
-    "torch": Engine(
-        "DistributedDataParallel (gloo on CPUs, NCCL on GPUs)",
-        {"cpu": ("per_shard",), "gpu": ("per_shard", "sync")},
-        "rank0",
-        "torchrun --nnodes=2 --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 "
-        "-m conformance train --backend torch --devices N",
-    ),
-    "mxnet": Engine(
-        "gluon.Trainer(kvstore='device') over several contexts",
-        {"cpu": ("per_shard",), "gpu": ("per_shard",)},
-        "per_device",
-        "DMLC_ROLE=scheduler|server|worker DMLC_PS_ROOT_URI=HOST0 DMLC_PS_ROOT_PORT=9091 "
-        "DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 python -m conformance train --backend mxnet ... "
-        "(kvstore dist_sync; one process per role and machine; documented, not wired into "
-        "the trainer yet)",
-    ),
-    "tf": Engine(
-        "tf.distribute.MirroredStrategy",
-        {"cpu": ("per_shard", "sync"), "gpu": ("per_shard", "sync")},
-        "rank0",
-        'TF_CONFIG=\'{"cluster": {"worker": ["HOST0:12345", "HOST1:12345"]}, '
-        '"task": {"type": "worker", "index": I}}\' python -m conformance train --backend tf ... '
-        "(MultiWorkerMirroredStrategy, one process per machine)",
-    ),
-    "jax": Engine(
-        "jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)",
-        {"cpu": ("sync", "per_shard"), "gpu": ("sync", "per_shard")},
-        "mean",
-        "jax.distributed.initialize(coordinator_address='HOST0:1234', num_processes=2, process_id=I) "
-        "at the start of each machine's process, then the same jit over jax.devices()",
-    ),
-}
-# What goes between `python` and `-m module` to start one data-parallel job: PyTorch runs one
-# process per device (torchrun: every rank runs the same job); the others one process.
-LAUNCHERS = {"torch": ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "{devices}")}
-LAUNCHED_ENV = "DENSENET_XF_LAUNCHED"  # set in a launched process: it must not launch again
 CHECK_ARCH, CHECK_SIZE, CHECK_BATCH, CHECK_STEPS = "tiny", 16, 4, 3
 SEMANTICS_APART = 1e-6  # float64: the other semantics' step must differ from ours by more than this
 TIMEOUT_S = 1200
-
-
-class NoDataParallel(BackendUnavailable):
-    """The backend has no data-parallel trainer (no distributed.py)."""
-
-
-def process_index() -> int:
-    """This process's rank (torchrun sets RANK); only process 0 writes files and prints."""
-    return int(os.environ.get("RANK", "0"))
-
-
-def launched() -> bool:
-    """Whether this process was started for data-parallel work (by `launch`, or by torchrun)."""
-    return os.environ.get(LAUNCHED_ENV) == "1" or "WORLD_SIZE" in os.environ
-
-
-def even_part(indices, devices: int):
-    """The first multiple of `devices` of a batch's indices: a last batch that does not split
-    evenly loses at most devices - 1 examples (PyTorch's DistributedSampler(drop_last=True))."""
-    return indices[: len(indices) - len(indices) % devices]
-
-
-def bn_semantics(sync_bn: bool) -> str:
-    return "sync" if sync_bn else "per_shard"
-
-
-def check_semantics(declared: dict, device_kind: str, sync_bn: bool, backend: str) -> str:
-    """The semantics `sync_bn` asks for, or a ValueError saying what the engine can run here."""
-    wanted, offered = bn_semantics(sync_bn), declared.get(device_kind, ())
-    if wanted not in offered:
-        raise ValueError(
-            f"{backend} cannot run {wanted} BatchNorm on {device_kind} devices; it runs: "
-            f"{', '.join(offered) or 'none'} (sync: pass --sync-bn; per_shard: leave it out)"
-        )
-    return wanted
-
-
-def module_of(name: str):
-    """Backend `name`'s distributed module; NoDataParallel if it has none, BackendUnavailable
-    if its framework is missing."""
-    if name not in registered_backends():
-        raise NoDataParallel(f"backend {name!r} has no data-parallel trainer (only the frameworks have one)")
-    package = registered_backends()[name].rsplit(".", 1)[0]
-    found = importlib.util.find_spec(package)  # a top-level name: found without importing the framework
-    if (
-        found
-        and found.submodule_search_locations
-        and not any((Path(folder) / "distributed.py").is_file() for folder in found.submodule_search_locations)
-    ):
-        raise NoDataParallel(f"backend {name!r} has no data-parallel trainer ({package}/distributed.py)")
-    try:
-        return importlib.import_module(f"{package}.distributed")
-    except ModuleNotFoundError as error:
-        if error.name == f"{package}.distributed":
-            raise NoDataParallel(f"backend {name!r} has no data-parallel trainer ({package}/distributed.py)") from None
-        if (error.name or "").split(".")[0] == package:
-            raise
-        raise BackendUnavailable(f"backend {name!r} is not available: {error}") from error
-    except ImportError as error:
-        raise BackendUnavailable(f"backend {name!r} is not available: {error}") from error
-
-
-def prepare(name: str, devices: int, device: str = "cpu"):
-    """In a fresh process: simulate `devices` CPU devices (on the CPU), then load the backend.
-    Returns (backend, its distributed module)."""
-    module = module_of(name)
-    if device == "cpu":
-        module.simulate_devices(devices)
-    return load_backend(name, device), module
-
-
-def device_kind(backend) -> str:
-    return "cpu" if backend.device_name.startswith("cpu") else "gpu"
-
-
-def make_trainer(backend, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
-    """The backend's data-parallel trainer (in a process made by `prepare`)."""
-    if devices < 2:
-        raise ValueError(f"data parallelism needs at least 2 devices, got {devices}")
-    return module_of(backend.name).make_trainer(backend, model, lr, momentum, precision, devices, sync_bn)
-
-
-def describe(trainer) -> dict:
-    """What a run's metrics.json records about its data parallelism."""
-    return {
-        "devices": getattr(trainer, "devices", 1),
-        "bn_semantics": getattr(trainer, "bn_semantics", "sync"),
-        "running_stats": getattr(trainer, "running_stats", None),
-        "engine": getattr(trainer, "engine", None),
-    }
-
-
-# ---------------------------------------------------------------------------------------
-# The check against the reference
-
-
-def _deltas(keys, old, new) -> dict:
-    return {key: np.asarray(new[key], np.float64) - np.asarray(old[key], np.float64) for key in keys}
 
 
 def compare_states(old, new, expected, other) -> dict:
@@ -189,9 +37,9 @@ def compare_states(old, new, expected, other) -> dict:
     running = [key for key in old if is_running_stat(key)]
     result = {}
     for label, keys in (("weights", trainable), ("running", running)):
-        actual = _deltas(keys, old, new)
-        result[label] = checks.worst_error(actual, _deltas(keys, old, expected))
-        result[f"{label}_other"] = checks.worst_error(actual, _deltas(keys, old, other))[0]
+        actual = checks.deltas(old, new, keys)
+        result[label] = checks.worst_error(actual, checks.deltas(old, expected, keys))
+        result[f"{label}_other"] = checks.worst_error(actual, checks.deltas(old, other, keys))[0]
     return result
 
 
@@ -303,28 +151,6 @@ def check(
     return rows
 
 
-# ---------------------------------------------------------------------------------------
-# Processes
-
-
-def command(name: str, devices: int, module_args: list[str]) -> list[str]:
-    """`python [launcher] -m ...` for backend `name` on `devices` devices."""
-    launcher = [part.format(devices=devices) for part in LAUNCHERS.get(name, ())]
-    return [sys.executable, *launcher, *module_args]
-
-
-def launch(
-    name: str, devices: int, module_args: list[str], timeout: float | None = None, env: dict | None = None, **run_kwargs
-) -> int:
-    """Run `-m module_args` for backend `name` in a fresh process (or torchrun's processes),
-    in `env` (default: this process's environment)."""
-    env = {**(env or os.environ), LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
-    try:
-        return subprocess.run(command(name, devices, module_args), env=env, timeout=timeout, **run_kwargs).returncode
-    except subprocess.TimeoutExpired:
-        return -1
-
-
 def launch_check(
     name: str,
     out,
@@ -340,7 +166,7 @@ def launch_check(
     out = Path(out)
     args = [
         "-m",
-        "conformance.distributed",
+        "conformance.suite.parallel",
         "check",
         "--backend",
         name,
@@ -400,8 +226,6 @@ def train_recipe(backend, recipe_name: str, devices: int, run_dir, data_dir=None
     """The conformance recipe trained data-parallel (per-shard BatchNorm, which every engine
     runs) in `run_dir`, continuing the run there if it holds one (conformance_phase branches the
     single-device run into it); the summary of its last epoch."""
-    from . import training
-
     if not recipe_name:
         return None
     recipe = training.get_recipe(recipe_name)
@@ -425,17 +249,12 @@ def conformance_phase(
     on them, continuing the single-device run from the epoch before (a short run whose final
     accuracy is compared with the single-device run's); the rows join the backend's result,
     and a run without distributed.py is noted as skipped."""
-    import shutil
-
-    from . import training
-
     path = out_dir / f"{name}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {}
-    if data.get("status") != "ok":
+    if read_json(path).get("status") != "ok":
         return
     run_dir = out_dir / "data_parallel" / "train-dp" / name
     shutil.rmtree(run_dir, ignore_errors=True)
-    single = (data.get("training") or {}).get("epochs") or []
+    single = (read_json(path).get("training") or {}).get("epochs") or []
     rows = []
     if recipe and len(single) > 1:
         try:
@@ -484,13 +303,12 @@ def conformance_phase(
                 "expected": "it runs",
             }
         )
-    data = json.loads(path.read_text())  # re-read: the worker may have written since
-    data.update(rows=data.get("rows", []) + rows, data_parallel={k: v for k, v in result.items() if k != "rows"})
-    atomic_write_text(path, json.dumps(data, indent=2, default=float))
+    earlier = read_json(path).get("rows", [])  # read now: the worker may have written since
+    merge_json(path, {"rows": earlier + rows, "data_parallel": {k: v for k, v in result.items() if k != "rows"}})
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m conformance.distributed", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m conformance.suite.parallel", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="job", required=True)
     p = sub.add_parser("check", help="one step and a few steps on N devices against the reference")
     p.add_argument("--backend", required=True)
@@ -511,7 +329,7 @@ def main(argv=None) -> int:
         parser.error("--recipe needs --train-dir DIR, the run directory to train (or continue) it in")
     result = run_check(args)
     if process_index() == 0:
-        atomic_write_text(Path(args.out), json.dumps(result, indent=2, default=float))
+        write_json(args.out, result)
         failed = [f"{r['config']} {r['dtype']} {r['check']}" for r in result.get("rows", []) if not r["passed"]]
         print(
             f"{args.backend}: {result['status']}"

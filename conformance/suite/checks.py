@@ -23,9 +23,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import reference
-from .specs import get_spec, is_running_stat, to_layout
-from .weights import init_state
+from .. import reference
+from ..specs import get_spec, is_running_stat, to_layout
+from ..weights import init_state
 
 DTYPES = ("float32", "float64")
 TOLERANCES = {
@@ -214,14 +214,14 @@ def _compare(model, backend, state, x, y, ref_eval, ref, expected, tolerances, t
     return results
 
 
-def _deltas(old, new, keys):
+def deltas(old, new, keys):
     return {key: np.asarray(new[key], np.float64) - np.asarray(old[key], np.float64) for key in keys}
 
 
 def _compare_update(old, new, expected, tolerances):
     """The SGD step's parameter updates against the reference's."""
     trainable = [key for key in old if not is_running_stat(key)]
-    error, key = worst_error(_deltas(old, new, trainable), expected.update)
+    error, key = worst_error(deltas(old, new, trainable), expected.update)
     return measurement(error, tolerances["sgd_update"], worst_key=key)
 
 
@@ -229,8 +229,8 @@ def _compare_running_stats(backend, old, new, expected, tolerances):
     """The running-statistic updates against the reference's, also under the other variance
     convention, which shows how large the PyTorch-versus-the-rest difference is at this batch."""
     running = [key for key in old if is_running_stat(key)]
-    error, key = worst_error(_deltas(old, new, running), _deltas(old, expected.stats, running))
-    other_error, _ = worst_error(_deltas(old, new, running), _deltas(old, expected.other_stats, running))
+    error, key = worst_error(deltas(old, new, running), deltas(old, expected.stats, running))
+    other_error, _ = worst_error(deltas(old, new, running), deltas(old, expected.other_stats, running))
     return measurement(
         error,
         tolerances["running_stats_update"],
