@@ -209,7 +209,7 @@ def compare_with_reference(
     pass, and the big nets skip the trainer program, which TF and JAX take ~20 s each to build.
     Without `float32_training`, float32 checks the eval forward pass only: the train-mode pass
     is the same code in both dtypes, held to near machine precision in float64, and in float32
-    to coarse tolerances only (the module docstring); JAX compiles a program for it per net and
+    to tolerances their conditioning allows (float32_conditioning); JAX compiles a program for it per net and
     dtype. `float32_model`: the caller's float32 model of checked_spec(arch), already built.
     `conditioning`: float32_conditioning of this configuration, if already measured (it is
     measured here when float32 gradients are checked without it). Each dtype runs inside the
