@@ -37,6 +37,9 @@ def test_worst_error_leaves_the_zero_gradients_out_and_zero_error_measures_them(
     assert checks.worst_error(actual, expected, skip={"b"}) == (0.0, "a")
     assert checks.zero_gradient_error(actual, expected, {"b"}) == pytest.approx((5e-4, "b"))
     assert checks.zero_gradient_error({}, expected, {"b"})[0] == np.inf
+    nan = {"a": np.array([1.0, np.nan]), "b": np.zeros(3), "c": np.array([np.nan])}
+    assert checks.zero_gradient_error(nan, {**expected, "c": np.zeros(1)}, {"b", "c"}) == (np.inf, "c")
+    assert checks.network_error(nan, expected, skip={"b"}) == (np.inf, "a")
 
 
 @pytest.mark.parametrize(("bits", "unit"), [(7, 2.0**-8), (10, 2.0**-11)])

@@ -113,6 +113,7 @@ def network_error(actual: dict, expected: dict, skip=()) -> tuple[float, str]:
             if key in actual and np.shape(actual[key]) == np.shape(value)
             else np.inf
         )
+        difference = np.inf if np.isnan(difference) else difference
         if difference >= worst:
             worst, worst_key = difference, key
     return worst / max(largest, 1e-30), worst_key
@@ -138,6 +139,7 @@ def zero_gradient_error(actual: dict, expected: dict, keys) -> tuple[float, str]
         value = (
             float(np.abs(np.asarray(actual[key], np.float64)).max()) / max(largest, 1e-30) if key in actual else np.inf
         )
+        value = np.inf if np.isnan(value) else value
         if value > worst or not worst_key:
             worst, worst_key = value, key
     return worst, worst_key
