@@ -8,6 +8,7 @@ optimiser, so that everything else (checks, CLI, training loop, reports) stays f
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 
 import numpy as np
 
@@ -148,6 +149,12 @@ class BackendBase(ABC):
         (torchvision's name) recomputes each dense layer's concatenation and first
         BN-ReLU-Conv in the backward pass instead of keeping them: the same parameters and
         the same numbers, less activation memory, more time."""
+
+    def dtype_scope(self, dtype: str):
+        """A context in which models of `dtype` compute in exactly that dtype, whatever ran
+        before in the process (JAX's 64-bit switch is process-wide); the checks run each dtype
+        inside it. Frameworks whose dtype lives in the model need nothing."""
+        return nullcontext()
 
     @abstractmethod
     def load_state(self, model, state: dict[str, np.ndarray]) -> None:

@@ -232,13 +232,13 @@ class _Net:
         )
 
 
-def _prepare(spec, state, x, train):
+def _prepare(spec, state, x, train, dtype=np.float64):
     spec = get_spec(spec)
     if train and spec.drop_rate > 0:
         raise NotImplementedError("the reference has no dropout: compare with drop_rate=0")
     validate_input(spec, np.shape(x), np.asarray(x).dtype.name, "NCHW", expected_dtype=("float32", "float64"))
-    state64 = {key: np.asarray(value, dtype=np.float64) for key, value in state.items()}
-    return spec, state64, np.asarray(x, dtype=np.float64)
+    state64 = {key: np.asarray(value, dtype=dtype) for key, value in state.items()}
+    return spec, state64, np.asarray(x, dtype=dtype)
 
 
 def forward(spec, state, x, train: bool = False):
@@ -275,9 +275,10 @@ class TrainPass(NamedTuple):
     running_stats: dict  # canonical key -> BatchNorm running statistic after this pass
 
 
-def loss_and_gradients(spec, state, x, labels, running_var: str = "unbiased") -> TrainPass:
-    """One train-mode forward and backward pass with mean cross-entropy."""
-    spec, state64, x = _prepare(spec, state, x, True)
+def loss_and_gradients(spec, state, x, labels, running_var: str = "unbiased", dtype=np.float64) -> TrainPass:
+    """One train-mode forward and backward pass with mean cross-entropy. `dtype` float32 runs the
+    same arithmetic in float32: what a faithful float32 implementation's rounding costs."""
+    spec, state64, x = _prepare(spec, state, x, True, dtype)
     net = _Net(spec, state64, True)
     logits = net.forward(x)
     loss, dlogits = cross_entropy(logits, np.asarray(labels))

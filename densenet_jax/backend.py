@@ -58,14 +58,20 @@ class Backend(interface.BackendBase):
         return "cpu" if device.platform == "cpu" else f"{device.platform}:{device.id} {device.device_kind}"
 
     def build(self, spec, dtype="float32", memory_efficient=False):
-        if dtype == "float64":
-            jax.config.update("jax_enable_x64", True)  # without it JAX silently computes float64 in float32
+        if dtype == "float64" and not jax.config.jax_enable_x64:
+            # without it JAX silently computes float64 in float32; inside dtype_scope it is on already
+            jax.config.update("jax_enable_x64", True)
         module = DenseNet(get_spec(spec), jnp.dtype(dtype), memory_efficient)
         # Flax's module.init would compile and run the whole network to draw initial weights
         # (minutes for the large nets on a CPU); the canonical NumPy ones need neither.
         model = Model(module, {})
         self.load_state(model, init_state(module.spec))
         return model
+
+    def dtype_scope(self, dtype):
+        # 64-bit types on for float64 only: with them on, a float32 program's integer arrays
+        # (indices, labels) turn int64, and a Python float in a float32 expression could promote.
+        return jax.enable_x64(dtype == "float64")
 
     def load_state(self, model, state):
         model.variables = jax.device_put(load_canonical(model.module, state), self.device)

@@ -37,6 +37,13 @@ def test_broken_backend_fails_the_run_naming_backend_and_check(tmp_path, with_br
     }
     assert all(row["results"]["torch"]["passed"] for row in efficient)
     assert "| tiny_d2l@13 memory-efficient float64 running_stats_update |" in (tmp_path / "report.md").read_text()
+    trainer = [row for row in report["rows"] if row["config"] == "tiny_d2l@13 trainer"]  # the arithmetic modes
+    assert {row["dtype"] for row in trainer} == {"fp32", "tf32", "bf16"}
+    assert all(row["results"]["torch"]["passed"] for row in trainer)
+    assert any(f.startswith("broken: tiny_d2l@13 trainer fp32 sgd_update: error") for f in report["failures"])
+    conditioning = report["float32_gradient_sensitivity"]["tiny@19"]  # the derived float32 tolerances
+    gradients = next(row for row in report["rows"] if row["config"] == "tiny@19" and row["check"] == "gradients")
+    assert gradients["dtype"] == "float32" and gradients["tolerance"] == conditioning["tolerance"]["gradients"]
     assert report["cross"]["errors"]["torch"]["torch"] == 0.0
     assert report["cross"]["errors"]["broken"]["torch"] > report["cross"]["tolerance"]  # broken loads torch's export
     for name in ("report.md", "errors.png", "cross_backend.png", "torch.json", "broken.json"):

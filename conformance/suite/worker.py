@@ -38,7 +38,7 @@ def cross_batch():
     return checks.make_batch(specs.get_spec(CROSS_ARCH), CROSS_SIZE, CROSS_BATCH, seed=11)
 
 
-def run_matrix(backend, matrix) -> list[dict]:
+def run_matrix(backend, matrix, conditioning=None) -> list[dict]:
     rows = []
     for config in (checks.Config(*entry) for entry in matrix):
         arch, size, batch = config.arch, config.size, config.batch
@@ -76,6 +76,7 @@ def run_matrix(backend, matrix) -> list[dict]:
             trainer_step=config.trainer_step,
             float32_training=config.float32_training,
             float32_model=model,
+            conditioning=(conditioning or {}).get(label),
         )
         for dtype, items in results.items():
             for name, item in items.items():
@@ -84,7 +85,7 @@ def run_matrix(backend, matrix) -> list[dict]:
     return rows
 
 
-def run_memory_efficient(backend, matrix) -> list[dict]:
+def run_memory_efficient(backend, matrix, conditioning=None) -> list[dict]:
     """The reference comparison again, on the memory-efficient model (config "ARCH@SIZE memory-efficient")."""
     rows = []
     for config in (checks.Config(*entry) for entry in matrix):
@@ -97,6 +98,7 @@ def run_memory_efficient(backend, matrix) -> list[dict]:
             memory_efficient=True,
             trainer_step=config.trainer_step,
             float32_training=config.float32_training,
+            conditioning=(conditioning or {}).get(f"{config.arch}@{config.size}"),
         )
         rows += [
             {"config": label, "dtype": dtype, "check": name, **item}
@@ -104,6 +106,17 @@ def run_memory_efficient(backend, matrix) -> list[dict]:
             for name, item in items.items()
         ]
     return rows
+
+
+def run_precisions(backend) -> list[dict]:
+    """One trainer step per arithmetic mode (fp32, tf32, bf16) against the reference: config
+    "ARCH@SIZE trainer", the mode in the dtype column."""
+    arch, size, _ = checks.PRECISION_CONFIG
+    return [
+        {"config": f"{arch}@{size} trainer", "dtype": mode, "check": name, **item}
+        for mode, items in checks.check_precisions(backend).items()
+        for name, item in items.items()
+    ]
 
 
 def export_for_cross(backend, out_dir: Path) -> dict:
@@ -183,6 +196,9 @@ def main(argv=None):
     parser.add_argument(
         "--memory-efficient", default="[]", help="JSON list of checks.Config fields, checked memory-efficient"
     )
+    parser.add_argument(
+        "--conditioning", default="{}", help="JSON {ARCH@SIZE: checks.float32_conditioning}, measured once"
+    )
     parser.add_argument("--recipe", default="", help="training recipe; empty: no training")
     parser.add_argument("--data-dir")
     parser.add_argument("--exports", default="{}", help="JSON {backend: export} for phase cross")
@@ -208,9 +224,12 @@ def main(argv=None):
     )
     try:
         if args.phase == "checks":  # each part is saved as soon as it is measured
-            rows = run_matrix(backend, json.loads(args.matrix))
+            conditioning = json.loads(args.conditioning)
+            rows = run_matrix(backend, json.loads(args.matrix), conditioning)
             merge_json(path, {"rows": rows})
-            merge_json(path, {"rows": rows + run_memory_efficient(backend, json.loads(args.memory_efficient))})
+            rows += run_memory_efficient(backend, json.loads(args.memory_efficient), conditioning)
+            merge_json(path, {"rows": rows})
+            merge_json(path, {"rows": rows + run_precisions(backend)})
             merge_json(path, {"export": export_for_cross(backend, out_dir)})
             merge_json(path, {"zoo_export": zoo_export(backend, out_dir)})
             if args.recipe:
