@@ -341,3 +341,30 @@ def test_the_machine_record_names_the_cpu_flags_that_matter():
     machine = reporting.machine_info()
     assert set(machine["flags"]) <= set(reporting.CPU_FLAGS) and "family" in machine["family"]
     assert "flags:" in reporting.machine_line(machine)
+
+
+def test_the_book_loop_and_its_compiled_variant_both_train(anchor):
+    """Each anchor steps (the book's loop), and so does its compiled variant where it has one."""
+    spec = fashion_mnist_spec("tiny_d2l")
+    rng = np.random.default_rng(0)
+    images, labels = rng.integers(0, 256, (4, 16, 16), dtype=np.uint8), rng.integers(0, 10, 4)
+    for kind in ("Anchor", "CompiledAnchor"):
+        if not hasattr(anchor, kind):
+            continue
+        net = getattr(anchor, kind)(worker.anchor_arch(spec), 0.1, "cpu")
+        losses = [float(net.step(images, labels)) for _ in range(3)]
+        assert all(math.isfinite(loss) for loss in losses) and losses[-1] < losses[0], kind
+
+
+@pytest.mark.parametrize("backend", list(BACKENDS))
+def test_each_anchor_imports_in_a_fresh_process(backend):
+    """As a bench worker loads it: nothing imported before it (MXNet needs its NumPy 2 shim first)."""
+    import subprocess
+    import sys
+
+    code = (
+        "from conformance.bench import worker\n"
+        f"try:\n    worker.load_anchor({backend!r})\nexcept worker.NoAnchor:\n    pass\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

@@ -12,12 +12,13 @@ and the number of correct predictions read on the host every step (the book's
 chapter's exercises) so that the same code also builds densenet121.
 """
 
+import densenet_mxnet.compat  # noqa: F401  (NumPy 2 shim; must come before mxnet)
+
+# isort: split
 import mxnet as mx
 import numpy
 from mxnet import autograd, gluon, init, np, npx
 from mxnet.gluon import nn
-
-import densenet_mxnet.compat  # noqa: F401  (NumPy 2 shim; must come before mxnet)
 
 npx.set_np()
 
