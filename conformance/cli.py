@@ -315,6 +315,7 @@ def cmd_bench(args):
         progress=not args.quiet,
         sections=sections,
         memory_shapes=memory_shapes,
+        repeats=args.repeats,
     )
 
 
@@ -475,6 +476,11 @@ def build_parser():
     p.add_argument("--compile", action="store_true", help="the trainers' compile flag (torch.compile, XLA for TF)")
     p.add_argument("--data-dir")
     p.add_argument("--publish", help="also copy bench.md/json/png to this directory (docs/results)")
+    p.add_argument(
+        "--repeats",
+        type=positive_int,
+        help=f"speed section: each measurement N times, round-robin (default {harness.REPEATS}; 1 with --quick)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--section",

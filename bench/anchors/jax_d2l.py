@@ -1,14 +1,16 @@
-"""The d2l book's JAX/Flax DenseNet, trained with a `jax.jit` step and optax: the anchor
-that `make bench` times the project's JAX trainer against. Imports jax, flax, optax and
-numpy only.
+"""The d2l book's JAX/Flax DenseNet and training loop, with optax: the anchor that
+`make bench` times the project's JAX trainer against. Imports jax, flax, optax and numpy only.
 
 Kept from the book (chapter "Densely Connected Networks", `d2l.Trainer` for JAX):
 `ConvBlock`, `DenseBlock` and `TransitionBlock` as Flax linen modules with a `training`
 attribute, the net as one `nn.Sequential`, Flax's default initialisers and BatchNorm
 settings, a `TrainState` carrying `batch_stats`, `optax.sgd` on
-`optax.softmax_cross_entropy_with_integer_labels`, and the loss and the number of correct
-predictions read on the host every step (the book plots the loss every step). The whole
-step (forward, backward, update) is one `jax.jit` function, as Flax's own examples do. The
+`optax.softmax_cross_entropy_with_integer_labels`, and the book's step (`d2l.Trainer.fit_epoch`,
+`Classifier.training_step`): only the loss is jitted; `jax.value_and_grad` around it and the
+optax update (`TrainState.apply_gradients`) run eagerly, and the loss is moved to the host
+without waiting for it (the book's plot averages it later). `CompiledAnchor` is the same
+model with the whole step (forward, backward, update) in one `jax.jit`, as Flax's own
+examples write it. The
 book's bugs, fixed: its stride-2 stem conv and max-pool use `padding='same'`, which pads
 asymmetrically on even inputs (here explicit symmetric padding), and its transition layers
 take stale channel counts (here each halves the channels its dense block produced).
@@ -135,19 +137,24 @@ def pick_device(device):
     return jax.devices("cpu")[0], ""
 
 
-@jax.jit
-def train_step(state, images, y):
+@partial(jax.jit, static_argnums=0)
+def loss(net, params, batch_stats, images, y):
+    """The book's `Classifier.loss` with BatchNorm: the only jitted part of its step."""
     X = images[..., None].astype(jnp.float32) / 255
+    y_hat, updates = net.apply({"params": params, "batch_stats": batch_stats}, X, mutable=["batch_stats"])
+    return optax.softmax_cross_entropy_with_integer_labels(y_hat, y).mean(), updates
 
-    def loss(params):
-        y_hat, updates = state.apply_fn(
-            {"params": params, "batch_stats": state.batch_stats}, X, mutable=["batch_stats"]
-        )
-        return optax.softmax_cross_entropy_with_integer_labels(y_hat, y).mean(), (y_hat, updates)
 
-    (l, (y_hat, updates)), grads = jax.value_and_grad(loss, has_aux=True)(state.params)
-    state = state.apply_gradients(grads=grads).replace(batch_stats=updates["batch_stats"])
-    return state, l * y.shape[0], (y_hat.argmax(axis=-1) == y).sum()
+def book_step(net, state, images, y):
+    """`fit_epoch`'s body: value_and_grad of the jitted loss, then the optax update, eagerly."""
+    (l, updates), grads = jax.value_and_grad(loss, argnums=1, has_aux=True)(
+        net, state.params, state.batch_stats, images, y
+    )
+    state = state.apply_gradients(grads=grads)
+    return state.replace(batch_stats=updates["batch_stats"]), l
+
+
+compiled_step = jax.jit(book_step, static_argnums=0)
 
 
 @partial(jax.jit, static_argnums=0)
@@ -156,7 +163,9 @@ def eval_logits(net, variables, images):
 
 
 class Anchor:
-    """The book's net and a `jax.jit` SGD step on `device` ("cpu" or "gpu")."""
+    """The book's net and its SGD step (only the loss jitted) on `device` ("cpu" or "gpu")."""
+
+    train_step = staticmethod(book_step)
 
     def __init__(self, arch, lr, device="cpu"):
         self.device, self.note = pick_device(device)
@@ -180,18 +189,32 @@ class Anchor:
         return sum(p.size for p in jax.tree_util.tree_leaves(self.state.params))
 
     def step(self, images, labels):
-        """One SGD step on uint8 (N, H, W) images; (loss sum, correct), read on the host."""
+        """One SGD step on uint8 (N, H, W) images; its mean loss, on its way to the host."""
         images, labels = jax.device_put((images, labels.astype(np.int32)), self.device)
-        self.state, l, correct = train_step(self.state, images, labels)
-        return float(l), int(correct)
+        self.state, l = self.train_step(self.net, self.state, images, labels)
+        return jax.device_put(l, jax.devices("cpu")[0])  # as the book's plot: no wait
 
     def logits(self, images):
         variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
         return np.asarray(eval_logits(self.net.clone(training=False), variables, jax.device_put(images, self.device)))
 
 
+class CompiledAnchor(Anchor):
+    """The book's net with the whole step in one `jax.jit`."""
+
+    train_step = staticmethod(compiled_step)
+
+
+def gpu_bytes_in_use():
+    try:
+        stats = jax.devices("gpu")[0].memory_stats() or {}
+    except RuntimeError:
+        return None
+    return int(stats["bytes_in_use"]) if "bytes_in_use" in stats else None
+
+
 def gpu_peak_bytes():
-    """The peak of JAX's allocator on the first GPU; None on the CPU."""
+    """The peak of JAX's allocator on the first GPU; None on the CPU (JAX cannot reset it)."""
     try:
         stats = jax.devices("gpu")[0].memory_stats() or {}
     except RuntimeError:

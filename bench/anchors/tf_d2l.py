@@ -1,12 +1,13 @@
-"""The d2l book's TensorFlow/Keras DenseNet, trained with a `tf.function` step: the anchor
-that `make bench` times the project's TensorFlow trainer against. Imports tensorflow,
-keras and numpy only.
+"""The d2l book's TensorFlow/Keras DenseNet and training loop: the anchor that `make bench`
+times the project's TensorFlow trainer against. Imports tensorflow, keras and numpy only.
 
-Kept from the book (chapter "Densely Connected Networks"): `ConvBlock`, `DenseBlock` and
-`TransitionBlock` as Keras layers, `block_1` to `block_3` as one `keras.Sequential`,
-Keras' default initialisers and BatchNormalization settings, SGD on sparse categorical
-cross-entropy, and the loss and the number of correct predictions read on the host every
-step (as the book's `Accumulator` does in the other frameworks). The book's bugs, fixed:
+Kept from the book (chapter "Densely Connected Networks", `d2l.Trainer.fit_epoch` for
+TensorFlow): `ConvBlock`, `DenseBlock` and `TransitionBlock` as Keras layers, `block_1` to
+`block_3` as one `keras.Sequential`, Keras' default initialisers and BatchNormalization
+settings, SGD on sparse categorical cross-entropy, and the book's step: eager, under a
+`tf.GradientTape`, with the loss read on the host every step (its plot converts it to NumPy).
+`CompiledAnchor` is the same model with the step in a `tf.function`, as a Keras user would
+write it for speed. The book's bugs, fixed:
 its stride-2 stem conv and max-pool use `padding='same'`, which pads asymmetrically on
 even inputs; here explicit symmetric zero padding comes first (zeros are safe before the
 max-pool because it follows a ReLU). Its layers call sublayers without `training`, so
@@ -109,7 +110,7 @@ def pick_device(device):
 
 
 class Anchor:
-    """The book's net and a `tf.function` SGD step on `device` ("cpu" or "gpu")."""
+    """The book's net and its eager SGD step on `device` ("cpu" or "gpu")."""
 
     def __init__(self, arch, lr, device="cpu"):
         self.device, self.note = pick_device(device)
@@ -128,26 +129,30 @@ class Anchor:
     def num_params(self):
         return sum(int(np.prod(w.shape)) for w in self.net.trainable_weights)
 
-    @tf.function
     def train_step(self, images, y):
         X = tf.cast(images, tf.float32)[..., None] / 255
         with tf.GradientTape() as tape:
-            y_hat = self.net(X, training=True)
-            l = self.loss(y, y_hat)
+            l = self.loss(y, self.net(X, training=True))
         grads = tape.gradient(l, self.net.trainable_variables)
         self.optimizer.apply_gradients(zip(grads, self.net.trainable_variables))
-        correct = tf.reduce_sum(tf.cast(tf.argmax(y_hat, axis=1) == tf.cast(y, tf.int64), tf.int32))
-        return l * tf.cast(tf.shape(y)[0], tf.float32), correct
+        return l
 
     def step(self, images, labels):
-        """One SGD step on uint8 (N, H, W) images; (loss sum, correct), read on the host."""
+        """One SGD step on uint8 (N, H, W) images; its mean loss, read on the host."""
         with tf.device(self.device):
-            l, correct = self.train_step(tf.constant(images), tf.constant(labels))
-        return float(l), int(correct)
+            return float(self.train_step(tf.constant(images), tf.constant(labels)))
 
     def logits(self, images):
         with tf.device(self.device):
             return self.net(tf.cast(images, tf.float32)[..., None] / 255, training=False).numpy()
+
+
+class CompiledAnchor(Anchor):
+    """The book's net with its step compiled into a `tf.function` graph."""
+
+    @tf.function
+    def train_step(self, images, y):
+        return Anchor.train_step(self, images, y)
 
 
 def gpu_peak_bytes():
@@ -155,6 +160,17 @@ def gpu_peak_bytes():
     if not tf.config.list_physical_devices("GPU"):
         return None
     return int(tf.config.experimental.get_memory_info("GPU:0")["peak"])
+
+
+def gpu_bytes_in_use():
+    if not tf.config.list_physical_devices("GPU"):
+        return None
+    return int(tf.config.experimental.get_memory_info("GPU:0")["current"])
+
+
+def gpu_reset_peak():
+    if tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.reset_memory_stats("GPU:0")
 
 
 def versions():

@@ -113,7 +113,8 @@ class Anchor:
         return sum(p.numel() for p in self.net.parameters())
 
     def step(self, images, labels):
-        """One SGD step on uint8 (N, H, W) images; (loss sum, correct), read on the host."""
+        """One SGD step on uint8 (N, H, W) images; its mean loss, read on the host every step
+        with the number of correct predictions, as `train_ch6` adds both to its metrics."""
         X = torch.from_numpy(images).to(self.device).unsqueeze(1).float() / 255
         y = torch.from_numpy(labels).long().to(self.device)
         self.net.train()
@@ -123,7 +124,8 @@ class Anchor:
         l.backward()
         self.optimizer.step()
         with torch.no_grad():
-            return float(l) * len(y), int((y_hat.argmax(dim=1) == y).sum())
+            self.correct = int((y_hat.argmax(dim=1) == y).sum())
+            return float(l)
 
     @torch.no_grad()
     def logits(self, images):
@@ -137,6 +139,15 @@ def gpu_peak_bytes():
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return int(torch.cuda.max_memory_allocated())
     return None
+
+
+def gpu_bytes_in_use():
+    return int(torch.cuda.memory_allocated()) if torch.cuda.is_available() and torch.cuda.is_initialized() else None
+
+
+def gpu_reset_peak():
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
 
 
 def versions():

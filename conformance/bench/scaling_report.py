@@ -8,7 +8,7 @@ speed-up; on a machine with several GPUs it is the real scaling.
 
 from __future__ import annotations
 
-from ..reporting import pyplot, run_record, save_png, versions_line
+from ..reporting import machine_line, pyplot, run_record, save_png, versions_line
 from .memory_report import one_line, pair_up, shape_tables
 from .report import device_words
 
@@ -65,6 +65,7 @@ def markdown(result: dict) -> str:
         "# Scaling: 1 device against 2 (data-parallel, `--devices 2`)",
         "",
         f"- Device: {result['device_words']}" + (", 2 simulated CPU devices on the same cores" if simulated else ""),
+        f"- Machine: {machine_line(result['machine'])}",
         f"- Date: {result['date']}; Python {result['machine']['python']}; {result['machine']['os']}",
         f"- Versions: {versions}",
         f"- Each run in a process of its own (torchrun's two for PyTorch): the project's trainer, the same global "
