@@ -276,7 +276,16 @@ def cmd_conformance(args):
         backends.check_backend_name(name, with_reference=False)
     recipe = None if args.recipe is None else ("" if args.recipe == "none" else training.get_recipe(args.recipe).name)
     return runner.run(
-        args.out, args.device, names, args.matrix, recipe, args.data_dir, args.require_all, args.publish, jobs=args.jobs
+        args.out,
+        args.device,
+        names,
+        args.matrix,
+        recipe,
+        args.data_dir,
+        args.require_all,
+        args.publish,
+        jobs=args.jobs,
+        data_parallel=not args.no_data_parallel,
     )
 
 
@@ -441,6 +450,11 @@ def build_parser():
         type=positive_int,
         help="backend worker processes at a time (default: 2 on the CPU, one compiling while another "
         "computes; 1 on a GPU, whose memory each framework takes most of)",
+    )
+    p.add_argument(
+        "--no-data-parallel",
+        action="store_true",
+        help="leave out the data-parallel check (it needs 2 devices: a machine with one GPU has 1)",
     )
     p.set_defaults(run=cmd_conformance)
 

@@ -133,7 +133,9 @@ def report(import_backends: bool = False) -> dict:
 def missing_core(result: dict) -> list[str]:
     """What a user must install before anything runs, in words."""
     missing = [
-        f"{r['module']} ({r['distribution']}, for {r['needed_by']}): {r['missing']}" for r in result["core"] if r["missing"]
+        f"{r['module']} ({r['distribution']}, for {r['needed_by']}): {r['missing']}"
+        for r in result["core"]
+        if r["missing"]
     ]
     return missing or result["core_import_errors"]
 
