@@ -251,3 +251,20 @@ def test_rehearsal_passes_offline_in_the_gpu_machines_versions(tmp_path):
         assert (out / report).is_file(), report
     copied = publish.publish(out, tmp_path / "published")
     assert Path("summary.md") in copied and not any(p.suffix == ".safetensors" for p in copied)
+
+
+def test_the_phases_fill_the_default_budget_and_scale_with_another():
+    default = plan.phases(plan.GPU, ["torch", "jax"], "fp32")
+    assert [p.name for p in default] == [
+        "environment",
+        "conformance",
+        "train-torch",
+        "train-jax",
+        "bench-speed",
+        "bench-memory",
+    ]
+    # the essential phases fit the default budget even when each takes its whole box
+    essential = sum(p.box_s for p in default[:4])
+    assert essential <= plan.DEFAULT_BUDGET_S
+    doubled = plan.phases(plan.GPU, ["torch"], "fp32", 2 * plan.DEFAULT_BUDGET_S)
+    assert doubled[1].box_s == 2 * default[1].box_s and doubled[1].reserve_s == 2 * default[1].reserve_s

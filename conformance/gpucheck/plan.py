@@ -245,20 +245,27 @@ def bench_phase(sizes: Sizes, backends, section: str):
     return run
 
 
-def phases(sizes: Sizes, backends, precision: str) -> list[Phase]:
-    """The check's phases with their boxes: within the default budget each gets its box when the
-    ones before it finish early, and none starts with less than its reserve."""
+# (phase, box, reserve) in seconds for the default budget; another budget scales them all.
+BOXES = {"environment": (90, 20), "conformance": (170, 60), "train": (110, 40), "speed": (150, 60), "memory": (120, 0)}
+
+
+def phases(sizes: Sizes, backends, precision: str, budget_s: float = DEFAULT_BUDGET_S) -> list[Phase]:
+    """The check's phases with their boxes: within the budget each gets its box when the ones
+    before it finish early, and none starts with less than its reserve."""
+    scale = budget_s / DEFAULT_BUDGET_S
+    box = {name: (b * scale, r * scale) for name, (b, r) in BOXES.items()}
+    memory = "densenet121" if sizes is GPU else "a tiny net"
     out = [
-        Phase("environment", environment_phase(sizes, backends, precision), 90, 20, "GPUs, versions, devices"),
-        Phase("conformance", conformance_phase(sizes, backends), 170, 60, "conformance checks, exact arithmetic"),
+        Phase("environment", environment_phase(sizes, backends, precision), *box["environment"], "GPUs, versions"),
+        Phase("conformance", conformance_phase(sizes, backends), *box["conformance"], "the checks, exact arithmetic"),
     ]
     out += [
-        Phase(f"train-{name}", train_phase(sizes, name, precision), 110, 40, f"the {sizes.recipe} recipe in {name}")
+        Phase(f"train-{name}", train_phase(sizes, name, precision), *box["train"], f"{sizes.recipe} recipe in {name}")
         for name in backends
     ]
     out += [
-        Phase("bench-speed", bench_phase(sizes, backends, "speed"), 150, 60, "anchor, fp32, tf32, bf16"),
-        Phase("bench-memory", bench_phase(sizes, backends, "memory"), 120, 0, "densenet121 plain vs memory-efficient"),
+        Phase("bench-speed", bench_phase(sizes, backends, "speed"), *box["speed"], "anchor, fp32, tf32, bf16"),
+        Phase("bench-memory", bench_phase(sizes, backends, "memory"), *box["memory"], f"{memory}, memory-efficient"),
     ]
     return out
 
@@ -286,7 +293,7 @@ def main(argv=None) -> int:
         shutil.rmtree(out)
     header = {"rehearsal": args.rehearse, "device": sizes.device, "backends": backends, "precision": args.precision}
     record = run_phases(
-        phases(sizes, backends, args.precision),
+        phases(sizes, backends, args.precision, args.budget),
         out,
         args.budget,
         python_env(),
