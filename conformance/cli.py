@@ -292,6 +292,7 @@ def cmd_conformance(args):
         args.require_all,
         args.publish,
         jobs=args.jobs,
+        data_parallel=not args.no_data_parallel,
     )
 
 
@@ -452,6 +453,11 @@ def build_parser():
         type=positive_int,
         help="backend worker processes at a time (default: 2 on the CPU, one compiling while another "
         "computes; 1 on a GPU, whose memory each framework takes most of)",
+    )
+    p.add_argument(
+        "--no-data-parallel",
+        action="store_true",
+        help="leave out the data-parallel check (it needs 2 devices: a machine with one GPU has 1)",
     )
     p.set_defaults(run=cmd_conformance)
 

@@ -1,7 +1,8 @@
 """Fashion-MNIST, read once by shared code, so every backend trains on identical batches.
 
 Where the files come from, in order: an explicit directory (`--data-dir`), the environment
-variable DENSENET_XF_DATA, the Debian package `dataset-fashion-mnist`
+variable DENSENET_XF_DATA, the checkout's git-ignored `.device-data/` (the files carried to a
+machine without network), the Debian package `dataset-fashion-mnist`
 (/usr/share/datasets/fashion-mnist), and a cache directory filled by a download from the
 official source. Every file is checked against the SHA-256 of its decompressed IDX payload,
 so re-compressed copies (Debian's) and the official archives both pass and a corrupt or
@@ -29,6 +30,8 @@ from .files import atomic_write_bytes, cache_dir
 
 ENV_VAR = "DENSENET_XF_DATA"
 SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")
+# The four files carried with a checkout to a machine without network (git-ignored).
+CHECKOUT_DIR = Path(__file__).resolve().parents[1] / ".device-data"
 DEBIAN_PACKAGE = "dataset-fashion-mnist"
 URL = "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"
 FILES = {  # name: (file, SHA-256 of the decompressed content, IDX shape)
@@ -69,7 +72,11 @@ def candidate_dirs(data_dir=None) -> list[tuple[str, Path]]:
         return [("--data-dir", Path(data_dir))]
     if os.environ.get(ENV_VAR):
         return [(ENV_VAR, Path(os.environ[ENV_VAR]))]
-    return [("Debian package dataset-fashion-mnist", SYSTEM_DIR), ("download cache", cache_dir() / "fashion-mnist")]
+    return [
+        ("the checkout's .device-data", CHECKOUT_DIR),
+        ("Debian package dataset-fashion-mnist", SYSTEM_DIR),
+        ("download cache", cache_dir() / "fashion-mnist"),
+    ]
 
 
 def find_data_dir(data_dir: str | os.PathLike | None = None, download: bool = True) -> Path:

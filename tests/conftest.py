@@ -1,3 +1,5 @@
+import importlib.util
+
 import numpy as np
 import pytest
 
@@ -5,6 +7,12 @@ try:  # before any MXNet import: densenet_mxnet then keeps torch's thread count 
     import torch  # noqa: F401  imported after MXNet would start with one thread)
 except ImportError:
     pass
+else:
+    # PyTorch's CUDA wheels bring Triton, whose LLVM aborts the process ("LLVM ERROR: inconsistency
+    # in registered CommandLine options") when it loads after TensorFlow's, as torch.optim loads it;
+    # loaded before TensorFlow, both work. Only the tests hold every framework in one process.
+    if importlib.util.find_spec("triton") is not None:
+        import triton  # noqa: F401
 
 from conformance.backends import BACKENDS, load_backend
 from conformance.interface import BackendUnavailable

@@ -140,8 +140,24 @@ def nowhere(tmp_path, monkeypatch):
     """No Fashion-MNIST anywhere: an empty system directory and cache, no environment variable."""
     monkeypatch.delenv(data.ENV_VAR, raising=False)
     monkeypatch.setattr(data, "SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(data, "CHECKOUT_DIR", tmp_path / "checkout" / ".device-data")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     return tmp_path
+
+
+def test_the_checkouts_device_data_is_found_without_flags(nowhere, fake_files, monkeypatch):
+    write_files(data.CHECKOUT_DIR, fake_files)
+    write_files(data.SYSTEM_DIR, fake_files)
+    monkeypatch.setattr(data, "apt_install", lambda: pytest.fail("apt-get was called"))
+    assert data.ensure_data() == data.find_data_dir() == data.CHECKOUT_DIR
+    monkeypatch.setenv(data.ENV_VAR, str(data.SYSTEM_DIR))  # the variable still wins
+    assert data.find_data_dir() == data.SYSTEM_DIR
+
+
+def test_the_device_data_folder_is_the_checkouts_and_git_ignored():
+    root = Path(data.__file__).resolve().parents[1]
+    assert data.CHECKOUT_DIR == root / ".device-data"
+    assert "/.device-data/" in (root / ".gitignore").read_text().splitlines()
 
 
 def test_ensure_uses_files_already_present_and_installs_nothing(nowhere, fake_files, monkeypatch):

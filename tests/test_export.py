@@ -148,3 +148,20 @@ def test_onnx_graphs_of_all_backends_agree(tmp_path):
     section = onnx.section(results)
     assert section["failures"] == []
     assert all(len(row) == 4 and max(row.values()) <= onnx.ONNX_TOLERANCE for row in section["errors"].values())
+
+
+def test_an_exporter_whose_package_is_missing_is_skipped_not_failed(tmp_path, monkeypatch):
+    """A machine without onnxscript or jax2onnx (the offline GPU machine) reports the export as
+    skipped, as a missing framework is, and the conformance verdict does not fail on it."""
+
+    def missing(backend):
+        raise ModuleNotFoundError("No module named 'jax2onnx'", name="jax2onnx")
+
+    monkeypatch.setattr(onnx, "backend_exporter", missing)
+    from conformance.backends import load_backend
+
+    measured = onnx.measure(load_backend("reference"), tmp_path)
+    assert "error" not in measured and "jax2onnx" in measured["skipped"]
+    section = onnx.section({"reference": {"onnx": measured}})
+    assert section["failures"] == [] and "jax2onnx" in section["export_skipped"]["reference"]
+    assert any("skipped: No module named 'jax2onnx'" in line for line in onnx.markdown(section))

@@ -86,3 +86,15 @@ def test_the_report_says_which_configs_skip_the_step_and_float32_training():
         [list(config) for config in runner.MEMORY_EFFICIENT]
     )
     assert report._step_words([["tiny", 19, 4]]) == " (the trainer's step on tiny@19)"
+
+
+@pytest.mark.parametrize("data_parallel", [True, False])
+def test_the_data_parallel_check_can_be_left_out(tmp_path, with_broken_backend, monkeypatch, data_parallel):
+    """On a machine with one GPU (--no-data-parallel) the 2-device check is not started."""
+    started = []
+    monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "ghost=ghost_backend")
+    monkeypatch.setattr(runner.distributed, "conformance_phase", lambda name, *args: started.append(name))
+    floor = {"relative_input_change": 1e-6, "gradient_change": 1e-3, "worst_key": "classifier.weight"}
+    monkeypatch.setattr(runner.checks, "gradient_sensitivity", lambda *args: floor)  # not measured here
+    runner.run(tmp_path, backends=["ghost"], matrix="default", recipe="", data_parallel=data_parallel)
+    assert started == (["ghost"] if data_parallel else [])

@@ -53,6 +53,8 @@ def measure(backend, out_dir) -> dict:
         exporter = backend_exporter(backend)
         result["exporter"] = exporter.EXPORTER
         exporter.export_onnx(model, path, EXPORT_SIZE)
+    except ModuleNotFoundError as error:  # the exporter's package is not installed: skipped, as a missing framework
+        return {**result, "skipped": f"{error} (the exporter's package is not installed)"}
     except Exception as error:
         return {**result, "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
     return {**result, "path": str(path), "seconds": time.perf_counter() - start}
@@ -89,6 +91,7 @@ def section(results: dict) -> dict | None:
         "tolerance": ONNX_TOLERANCE,
         "exporters": {name: m["exporter"] for name, m in measured.items()},
         "export_errors": {name: m["error"] for name, m in measured.items() if "error" in m},
+        "export_skipped": {name: m["skipped"] for name, m in measured.items() if "skipped" in m},
         "seconds": {name: m.get("seconds") for name, m in measured.items()},
         "errors": errors,
         "failures": failures,
@@ -122,6 +125,11 @@ def markdown(result: dict | None) -> list[str]:
         seconds = result["seconds"].get(name)
         out.append(
             f"| {name} | {result['exporters'][name]} | {'' if seconds is None else f'{seconds:.1f}'} | "
-            f"{result['export_errors'].get(name, '')} |"
+            f"{result['export_errors'].get(name, '') or _skipped(result, name)} |"
         )
     return out
+
+
+def _skipped(result: dict, name: str) -> str:
+    reason = result.get("export_skipped", {}).get(name)
+    return f"skipped: {reason}" if reason else ""

@@ -136,6 +136,7 @@ def run(
     require_all=False,
     publish=None,
     jobs=None,
+    data_parallel=True,
 ) -> int:
     check_device(device)
     # Two workers share two CPU cores well; on a GPU they would share its memory, which TF and
@@ -154,7 +155,7 @@ def run(
 
     print(
         f"conformance: {len(backends)} backends, matrix {matrix}, device {device}, training recipe {recipe or 'none'}, "
-        f"{jobs} worker(s) at a time"
+        f"{jobs} worker(s) at a time" + ("" if data_parallel else ", no data-parallel check")
     )
     # The reference's own float32 conditioning: the float32 gradient tolerances of the nets whose
     # float32 train-mode pass is checked, measured once before the workers need them; the other
@@ -184,7 +185,7 @@ def run(
         code, log = _worker(name, "checks", out_dir, device, extra, env)
         if code != 0:
             _record_failure(out_dir, name, "checks", code, log)
-        if matrix == "default":  # 2 simulated devices against the reference (docs/distributed.md)
+        if matrix == "default" and data_parallel:  # 2 devices against the reference (docs/distributed.md)
             parallel.conformance_phase(name, out_dir, device, recipe or "", data_dir, env)
         print(f"  {name}: {_status(out_dir, name)} ({time.time() - t:.0f} s)", flush=True)
 

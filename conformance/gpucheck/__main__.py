@@ -1,0 +1,5 @@
+import sys
+
+from .plan import main
+
+sys.exit(main())
