@@ -35,7 +35,7 @@ LISTINGS["train_step"] = {
     "mxnet": [("train.py", ("Trainer.train_step",))],
     "tf": [
         ("train.py", ("gradient_step",)),
-        ("train.py", ("Trainer.sgd_step",)),
+        ("train.py", ("Trainer.step",)),
         ("train.py", ("Trainer.train_step",)),
     ],
     "jax": [
