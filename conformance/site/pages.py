@@ -8,6 +8,12 @@ each replaced here by content tabs (PyTorch | MXNet | TensorFlow | JAX):
     <!-- xf:run TOPIC markdown -->     the same, the output shown as Markdown (a table)
     [text](xf:PATH:NAME)               a link to the line where PATH defines NAME
 
+and three forms without tabs, for what is the same in every framework:
+
+    <!-- xf:code PATH:NAME -->         one definition cut from any source file (a recipe, the data loader)
+    <!-- xf:figure NAME -->            a figure drawn at build time (figures.FIGURES)
+    <!-- xf:stages ARCH SIZE -->       every stage's output shape and parameters, computed from the spec
+
 and every backend module gets a generated page, code/PATH.md, with numbered, linkable lines.
 """
 
@@ -18,7 +24,7 @@ import re
 import textwrap
 
 from .. import listing
-from . import snippets, source
+from . import figures, snippets, source
 from .source import BACKENDS, TABS
 
 # name -> the definitions each backend shows for it: (file in the package, names, first found wins).
@@ -31,13 +37,9 @@ LISTINGS["batch_norm"] = {
 LISTINGS["loss"] = {backend: [("train.py", ("loss_fn",))] for backend in BACKENDS}
 LISTINGS["optimizer"] = {backend: [("train.py", ("Trainer.__init__",))] for backend in BACKENDS}
 LISTINGS["train_step"] = {
-    "torch": [("train.py", ("Trainer.train_step",))],
-    "mxnet": [("train.py", ("Trainer.train_step",))],
-    "tf": [
-        ("train.py", ("gradient_step",)),
-        ("train.py", ("Trainer.step",)),
-        ("train.py", ("Trainer.train_step",)),
-    ],
+    "torch": [("train.py", ("Trainer.step",))],
+    "mxnet": [("train.py", ("Trainer.step",))],
+    "tf": [("train.py", ("gradient_step",)), ("train.py", ("Trainer.step",))],
     "jax": [
         ("train.py", ("train_logits",)),
         ("train.py", ("loss_and_logits",)),
@@ -45,8 +47,21 @@ LISTINGS["train_step"] = {
         ("train.py", ("train_step",)),
     ],
 }
+LISTINGS["MemoryEfficientDenseBlock"] = {
+    backend: [("model.py", ("no_memory_efficient" if backend == "mxnet" else "MemoryEfficientDenseBlock",))]
+    for backend in BACKENDS
+}
+# The data pipeline: the training set on the device once, then each step gathers its batch there.
+LISTINGS["data_pipeline"] = {
+    backend: [("train.py", ("Trainer.set_data",)), ("train.py", ("Trainer.step_on",))] for backend in BACKENDS
+}
+LISTINGS["data_pipeline"]["tf"].append(("train.py", ("Trainer.gather_step",)))
+LISTINGS["data_pipeline"]["jax"].insert(0, ("train.py", ("gather_step",)))
 
 DIRECTIVE = re.compile(r"^<!-- xf:(listing|run) ([\w]+)( markdown)? -->$", re.MULTILINE)
+CODE = re.compile(r"^<!-- xf:code ([\w/.]+\.py):([\w.]+) -->$", re.MULTILINE)
+FIGURE = re.compile(r"^<!-- xf:figure (\w+) -->$", re.MULTILINE)
+STAGES = re.compile(r"^<!-- xf:stages (\w+) (\d+) -->$", re.MULTILINE)
 LINK = re.compile(r"\]\(xf:([\w/.]+\.py):([\w.]+)\)")
 
 
@@ -124,6 +139,9 @@ def expand(markdown: str, page: str) -> str:
         path, name = match.groups()
         return f"]({link_to(source.find(path, name), page)})"
 
+    markdown = CODE.sub(lambda m: render_definition(source.find(*m.groups()), page), markdown)
+    markdown = FIGURE.sub(lambda m: figures.render_figure(m[1], page), markdown)
+    markdown = STAGES.sub(lambda m: figures.render_stages(m[1], int(m[2])), markdown)
     return LINK.sub(link, DIRECTIVE.sub(directive, markdown))
 
 
@@ -161,4 +179,4 @@ def generated_pages() -> dict[str, str]:
     """Source path on the site -> Markdown, for the pages that exist only at build time."""
     pages = {code_page(path): render_code_page(path) for path in source.source_files()}
     pages["code/index.md"] = render_code_index()
-    return pages
+    return pages | figures.generated_figures()
