@@ -140,11 +140,14 @@ class MemoryEfficientDenseBlock(DenseBlock):
     """torchvision's memory_efficient: the same block and parameters, keeping the list of feature
     maps instead of their concatenation, which each layer recomputes in the backward pass."""
 
-    @torch.jit.ignore  # TorchScript cannot compile checkpoint: a scripted model calls back into Python
     def forward(self, X):
         features = [X]
         for blk in self.children():
-            features.append(F.dropout(checkpointed_layer(blk, features), self.drop_rate, self.training))
+            if torch.jit.is_scripting():  # TorchScript cannot compile checkpoint: no recomputation there
+                Y = blk(torch.cat(features, dim=1))
+            else:
+                Y = checkpointed_layer(blk, features)
+            features.append(F.dropout(Y, self.drop_rate, self.training))
         return torch.cat(features, dim=1)
 
 

@@ -168,3 +168,9 @@ def test_zoo_constructor_builds_the_memory_efficient_model():
     model = densenet121(memory_efficient=True)
     blocks = [m for m in model.modules() if isinstance(m, DenseBlock)]
     assert len(blocks) == 4 and all(isinstance(block, MemoryEfficientDenseBlock) for block in blocks)
+
+
+def test_memory_efficient_model_scripts_without_its_recomputation():
+    model = DenseNet("tiny", memory_efficient=True).eval()
+    X = torch.randn(2, 3, 19, 19)
+    assert torch.equal(torch.jit.script(model)(X), model(X))

@@ -28,6 +28,8 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    plt.rcParams["svg.fonttype"] = "none"  # text stays text: smaller files, searchable, selectable
+    plt.rcParams["svg.hashsalt"] = "densenet-xf"  # the same ids in every build
     return plt
 
 

@@ -13,6 +13,8 @@ and three forms without tabs, for what is the same in every framework:
     <!-- xf:code PATH:NAME -->         one definition cut from any source file (a recipe, the data loader)
     <!-- xf:figure NAME -->            a figure drawn at build time (figures.FIGURES)
     <!-- xf:stages ARCH SIZE -->       every stage's output shape and parameters, computed from the spec
+    <!-- xf:results -->                accuracy and speed read from the committed docs/results/*.json
+    <!-- xf:results gpu -->            one line: measured on a GPU, or "not yet run"
 
 and every backend module gets a generated page, code/PATH.md, with numbered, linkable lines.
 """
@@ -24,7 +26,7 @@ import re
 import textwrap
 
 from .. import listing
-from . import figures, snippets, source
+from . import figures, results, snippets, source
 from .source import BACKENDS, TABS
 
 # name -> the definitions each backend shows for it: (file in the package, names, first found wins).
@@ -62,6 +64,7 @@ DIRECTIVE = re.compile(r"^<!-- xf:(listing|run) ([\w]+)( markdown)? -->$", re.MU
 CODE = re.compile(r"^<!-- xf:code ([\w/.]+\.py):([\w.]+) -->$", re.MULTILINE)
 FIGURE = re.compile(r"^<!-- xf:figure (\w+) -->$", re.MULTILINE)
 STAGES = re.compile(r"^<!-- xf:stages (\w+) (\d+) -->$", re.MULTILINE)
+RESULTS = re.compile(r"^<!-- xf:results( gpu)? -->$", re.MULTILINE)
 LINK = re.compile(r"\]\(xf:([\w/.]+\.py):([\w.]+)\)")
 
 
@@ -125,6 +128,8 @@ def render_run(topic: str, page: str, as_markdown: bool) -> str:
     found = snippets.snippets(topic)
     if not found:
         raise LookupError(f"{page}: no snippets docs/snippets/{topic}_<backend>.py")
+    if len(found) == 1:  # one framework: no tab set (a page's tab sets all have the four)
+        return f"**{TABS[found[0].backend]}**\n\n" + render_snippet(found[0], as_markdown)
     return "\n".join(tab(TABS[s.backend], render_snippet(s, as_markdown)) for s in found)
 
 
@@ -142,6 +147,7 @@ def expand(markdown: str, page: str) -> str:
     markdown = CODE.sub(lambda m: render_definition(source.find(*m.groups()), page), markdown)
     markdown = FIGURE.sub(lambda m: figures.render_figure(m[1], page), markdown)
     markdown = STAGES.sub(lambda m: figures.render_stages(m[1], int(m[2])), markdown)
+    markdown = RESULTS.sub(lambda m: results.render_gpu_status() if m[1] else results.render_results(), markdown)
     return LINK.sub(link, DIRECTIVE.sub(directive, markdown))
 
 
@@ -169,6 +175,11 @@ def render_code_index() -> str:
         + " |"
         for backend, package in BACKENDS.items()
     ]
+    rows.append(
+        "| framework-free | "
+        + " ".join(f"[`{path}`]({relative(code_page(path), 'code/index.md')})" for path in source.CORE_FILES)
+        + " |"
+    )
     return (
         "# Source code\n\nEvery backend module, as this site was built from it, with numbered lines "
         "that the other pages link to.\n\n| backend | files |\n| --- | --- |\n" + "\n".join(rows) + "\n"
