@@ -136,6 +136,7 @@ def test_outputs_on_the_pages_were_computed(site):
     exercises = (site / "exercises" / "index.html").read_text()
     if snippets.Snippet("exercises", "torch").installed:
         assert "758,226" in exercises  # the d2l net's parameter count, measured at build time
+        assert "| dense MLP (growth 16, 4 layers) |" in exercises  # exercise 5, trained at build time
 
 
 @pytest.fixture(scope="module")
