@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conformance import cli
+from conformance import cli, listing
 from conformance.site import pages, snippets, source
 from conformance.site.source import BACKENDS, ROOT, TABS
 
@@ -45,6 +45,17 @@ def test_every_listing_is_cut_from_every_backend(name):
             definition = source.first_found(f"{BACKENDS[backend]}/{file}", names)
             lines = (ROOT / definition.path).read_text().splitlines()
             assert lines[definition.first_line - 1].strip() == definition.code.splitlines()[0].strip()
+
+
+# Lecture length: the chapter's listings, as the site shows them, in lines (decorators and docstrings included).
+LECTURE_LINES = {"conv_block": 25, "DenseBlock": 20, "transition_block": 20, "stem": 20, "DenseNet": 35}
+
+
+@pytest.mark.parametrize("names", listing.BLOCKS, ids=lambda names: names[0])
+def test_the_chapter_s_listings_are_lecture_length(names):
+    for package in BACKENDS.values():
+        lines = len(source.first_found(f"{package}/model.py", names).code.splitlines())
+        assert lines <= LECTURE_LINES[names[0]], f"{package}: {names[0]} is {lines} lines"
 
 
 def test_every_code_link_names_a_definition():
@@ -136,7 +147,7 @@ def test_outputs_on_the_pages_were_computed(site):
     exercises = (site / "exercises" / "index.html").read_text()
     if snippets.Snippet("exercises", "torch").installed:
         assert "758,226" in exercises  # the d2l net's parameter count, measured at build time
-        assert "| dense MLP (growth 16, 4 layers) |" in exercises  # exercise 5, trained at build time
+        assert "<td>dense MLP (growth 16, 4 layers)</td>" in exercises  # exercise 5, trained at build time
 
 
 @pytest.fixture(scope="module")
