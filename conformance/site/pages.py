@@ -26,7 +26,7 @@ import re
 import textwrap
 
 from .. import listing
-from . import figures, results, snippets, source
+from . import figures, notebooks, results, snippets, source
 from .source import BACKENDS, TABS
 
 # name -> the definitions each backend shows for it: (file in the package, names, first found wins).
@@ -187,7 +187,8 @@ def render_code_index() -> str:
 
 
 def generated_pages() -> dict[str, str]:
-    """Source path on the site -> Markdown, for the pages that exist only at build time."""
+    """Source path on the site -> text, for the files that exist only at build time: the code
+    pages (Markdown), the figures (SVG) and the notebooks (.ipynb)."""
     pages = {code_page(path): render_code_page(path) for path in source.source_files()}
     pages["code/index.md"] = render_code_index()
-    return pages | figures.generated_figures()
+    return pages | figures.generated_figures() | notebooks.generated_notebooks()
