@@ -19,6 +19,15 @@ def loss_fn(labels, logits):
     return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
+def sgd(model, lr, momentum=0.0):
+    """Stochastic gradient descent on every trainable variable (momentum 0: plain SGD, as the
+    chapter trains), built now: Keras would create the momentum variables at the first step,
+    and load_optimizer_state needs them before it."""
+    optimizer = keras.optimizers.SGD(learning_rate=learning_rate(lr, model.dtype), momentum=momentum)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
 def to_tensors(x, y=None):
     X = tf.convert_to_tensor(x)
     return X if y is None else (X, tf.cast(y, tf.int32))  # the dtype of ops.argmax
@@ -83,9 +92,7 @@ class Trainer(backends.Trainer):
         self.model, self.lr, self.precision = model, lr, precision
         if precision == "bf16":
             use_mixed_bfloat16(model)
-        self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate(lr, model.dtype), momentum=momentum)
-        # Keras creates the momentum variables at the first step; load_optimizer_state needs them now.
-        self.optimizer.build(model.trainable_variables)
+        self.optimizer = sgd(model, lr, momentum)
         self.compiled_step = compiled(self.step, run_eagerly, compile)
         self.compiled_gather_step = compiled(self.gather_step, run_eagerly, compile)
         self.compiled_predict = compiled(self.logits, run_eagerly)

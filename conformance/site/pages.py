@@ -37,7 +37,7 @@ LISTINGS["batch_norm"] = {
     backend: [("model.py", ("BN_MOMENTUM",)), ("model.py", ("batch_norm",))] for backend in BACKENDS
 }
 LISTINGS["loss"] = {backend: [("train.py", ("loss_fn",))] for backend in BACKENDS}
-LISTINGS["optimizer"] = {backend: [("train.py", ("Trainer.__init__",))] for backend in BACKENDS}
+LISTINGS["optimizer"] = {backend: [("train.py", ("sgd",))] for backend in BACKENDS}
 LISTINGS["train_step"] = {
     "torch": [("train.py", ("Trainer.step",))],
     "mxnet": [("train.py", ("Trainer.step",))],
