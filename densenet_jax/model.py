@@ -4,7 +4,9 @@ The d2l chapter's ConvBlock, DenseBlock, TransitionBlock and DenseNet, grown to 
 `DenseNetSpec` (bottleneck or not, compression, ImageNet or CIFAR stem). Submodule names
 are torchvision's (conv0, denseblock1/denselayer1/norm1, transition1/conv, norm5,
 classifier), so a variable's path in `params` or `batch_stats` spells its canonical key.
-Linen modules hold no state: `init` returns the variables and `apply` takes them.
+Linen modules hold no state: `init` returns the variables and `apply` takes them. The
+chapter's four come first; the extensions after them (memory-efficient recomputation, the input
+check) are what torchvision's DenseNet adds, kept out of the listings.
 """
 
 import dataclasses
@@ -21,6 +23,10 @@ BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # Flax's convention: weight of the old running statistic (PyTorch's 0.1)
 
 
+def dtype_name(dtype):
+    return jnp.dtype(dtype).name
+
+
 def batch_norm(train, dtype, name):
     # Flax's default momentum is 0.99. use_fast_variance=False computes the variance as
     # mean((x - mean)^2) like the others, not as mean(x^2) - mean^2.
@@ -35,18 +41,12 @@ def batch_norm(train, dtype, name):
     )
 
 
-def conv(num_channels, kernel_size, bias, dtype, name, stride=1):
-    # Explicit symmetric padding: padding='SAME' pads a stride-2 layer on one side only.
+def conv(num_channels, kernel_size, bias=True, stride=1, name=None, dtype=jnp.float32):
+    """Explicit, symmetric padding by kernel_size // 2: padding='SAME' pads a stride-2 layer on one side only."""
     pad = kernel_size // 2
+    padding = ((pad, pad), (pad, pad))
     return nn.Conv(
-        num_channels,
-        (kernel_size, kernel_size),
-        strides=stride,
-        padding=((pad, pad), (pad, pad)),
-        use_bias=bias,
-        dtype=dtype,
-        param_dtype=dtype,
-        name=name,
+        num_channels, (kernel_size,) * 2, stride, padding, use_bias=bias, dtype=dtype, param_dtype=dtype, name=name
     )
 
 
@@ -62,10 +62,106 @@ class ConvBlock(nn.Module):
     def __call__(self, X, train: bool):
         X = nn.relu(batch_norm(train, self.dtype, "norm1")(X))
         if self.bn_size is None:
-            return conv(self.num_channels, 3, self.bias, self.dtype, "conv1")(X)
-        X = conv(self.bn_size * self.num_channels, 1, self.bias, self.dtype, "conv1")(X)
+            return conv(self.num_channels, 3, self.bias, name="conv1", dtype=self.dtype)(X)
+        X = conv(self.bn_size * self.num_channels, 1, self.bias, name="conv1", dtype=self.dtype)(X)
         X = nn.relu(batch_norm(train, self.dtype, "norm2")(X))
-        return conv(self.num_channels, 3, self.bias, self.dtype, "conv2")(X)
+        return conv(self.num_channels, 3, self.bias, name="conv2", dtype=self.dtype)(X)
+
+
+class DenseBlock(nn.Module):
+    """`num_convs` conv blocks; each one's output is concatenated to its input."""
+
+    num_convs: int
+    num_channels: int
+    bn_size: int | None = None
+    bias: bool = True
+    drop_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        for i in range(self.num_convs):
+            blk = ConvBlock(self.num_channels, self.bn_size, self.bias, self.dtype, name=f"denselayer{i + 1}")
+            Y = nn.Dropout(self.drop_rate, deterministic=not train)(blk(X, train))  # torchvision's drop_rate (0: none)
+            X = jnp.concatenate((X, Y), axis=-1)  # concatenate the input and output of each block on the channels
+        return X
+
+
+class TransitionBlock(nn.Module):
+    """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
+
+    num_channels: int
+    bias: bool = True
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        X = nn.relu(batch_norm(train, self.dtype, "norm")(X))
+        X = conv(self.num_channels, 1, self.bias, name="conv", dtype=self.dtype)(X)
+        return nn.avg_pool(X, window_shape=(2, 2), strides=(2, 2))
+
+
+def stem(spec, X, train, dtype):
+    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv.
+
+    Called inside DenseNet's compact __call__, so its layers become DenseNet's submodules."""
+    if spec.stem == "cifar":
+        return conv(spec.num_init_features, 3, spec.conv_bias, name="conv0", dtype=dtype)(X)
+    X = conv(spec.num_init_features, 7, spec.conv_bias, stride=2, name="conv0", dtype=dtype)(X)
+    X = nn.relu(batch_norm(train, dtype, "norm0")(X))
+    # Zeros pad exactly like -inf here: the inputs follow a ReLU, so they are all >= 0. (Padding
+    # inside nn.max_pool would do the same, but jax2onnx 0.17 drops it when exporting to ONNX.)
+    X = jnp.pad(X, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return nn.max_pool(X, window_shape=(3, 3), strides=(2, 2))
+
+
+class DenseNet(nn.Module):
+    """Any spec (or its name): the stem, dense blocks with transition blocks between them,
+    then BN, ReLU, global average pooling and a dense classifier. The stem's output is sown
+    into 'intermediates' (the blocks' outputs are there too when `apply` captures intermediates)."""
+
+    spec: DenseNetSpec | str
+    dtype: Any = jnp.float32
+    memory_efficient: bool = False  # torchvision's name: recompute concatenations and BN-ReLUs in backward
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        spec = get_spec(self.spec)
+        check_input(spec, X, self.dtype)
+        dense_block = MemoryEfficientDenseBlock if self.memory_efficient else DenseBlock
+        X = stem(spec, X, train, self.dtype)
+        self.sow("intermediates", "stem", X)
+        for stage in channel_plan(spec)[1:]:  # the widths of every stage, from the spec
+            if stage.name.startswith("denseblock"):
+                args = spec.growth_rate, spec.bn_size, spec.conv_bias, spec.drop_rate, self.dtype
+                X = dense_block(len(stage.layers), *args, name=stage.name)(X, train)
+            else:
+                X = TransitionBlock(stage.out_channels, spec.conv_bias, self.dtype, name=stage.name)(X, train)
+        X = nn.relu(batch_norm(train, self.dtype, "norm5")(X))
+        X = X.mean(axis=(1, 2))
+        return nn.Dense(spec.num_classes, dtype=self.dtype, param_dtype=self.dtype, name="classifier")(X)
+
+
+# Extensions: what torchvision's DenseNet adds to the chapter's.
+
+
+def check_input(spec, X, dtype):
+    """A clear error for a batch the model cannot take (NCHW, wrong channels or size, wrong dtype)."""
+    validate_input(spec, X.shape, dtype_name(X.dtype), "NHWC", dtype_name(dtype))
+
+
+class MemoryEfficientDenseBlock(DenseBlock):
+    """torchvision's memory_efficient: the same block and variables, keeping the list of feature
+    maps instead of their concatenation, which each layer (CheckpointedLayer) recomputes in the
+    backward pass. The dropout layers are the plain block's, so they draw the same masks."""
+
+    @nn.compact
+    def __call__(self, X, train: bool):
+        features = [X]
+        for i in range(self.num_convs):
+            blk = CheckpointedLayer(self.num_channels, self.bn_size, self.bias, self.dtype, name=f"denselayer{i + 1}")
+            features.append(nn.Dropout(self.drop_rate, deterministic=not train)(blk(features, train)))
+        return jnp.concatenate(features, axis=-1)
 
 
 class ConcatConvBlock(ConvBlock):
@@ -82,97 +178,6 @@ class ConcatConvBlock(ConvBlock):
 # argument 2 counting `self`, static because it picks Python branches. The steps in train.py are
 # compiled with KEEP_REMAT, without which XLA's CPU compiler merges the recomputation back.
 CheckpointedLayer = nn.remat(ConcatConvBlock, static_argnums=(2,), policy=jax.checkpoint_policies.dots_saveable)
-
-
-class DenseBlock(nn.Module):
-    """`num_convs` conv blocks; each one's output is concatenated to its input. memory_efficient
-    keeps the list of outputs instead, as torchvision's _DenseBlock, for CheckpointedLayer."""
-
-    num_convs: int
-    num_channels: int
-    bn_size: int | None = None
-    bias: bool = True
-    drop_rate: float = 0.0
-    dtype: Any = jnp.float32
-    memory_efficient: bool = False
-
-    @nn.compact
-    def __call__(self, X, train: bool):
-        if self.memory_efficient:
-            features = [X]
-            for i in range(self.num_convs):
-                Y = CheckpointedLayer(
-                    self.num_channels, self.bn_size, self.bias, self.dtype, name=f"denselayer{i + 1}"
-                )(features, train)
-                features.append(nn.Dropout(self.drop_rate, deterministic=not train)(Y))
-            return jnp.concatenate(features, axis=-1)
-        for i in range(self.num_convs):
-            Y = ConvBlock(self.num_channels, self.bn_size, self.bias, self.dtype, name=f"denselayer{i + 1}")(X, train)
-            Y = nn.Dropout(self.drop_rate, deterministic=not train)(Y)  # draws from the 'dropout' rng
-            X = jnp.concatenate((X, Y), axis=-1)
-        return X
-
-
-class TransitionBlock(nn.Module):
-    """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
-
-    num_channels: int
-    bias: bool = True
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(self, X, train: bool):
-        X = nn.relu(batch_norm(train, self.dtype, "norm")(X))
-        X = conv(self.num_channels, 1, self.bias, self.dtype, "conv")(X)
-        return nn.avg_pool(X, window_shape=(2, 2), strides=(2, 2))
-
-
-def stem(spec, X, train, dtype):
-    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv.
-
-    Called inside DenseNet's compact __call__, so its layers become DenseNet's submodules."""
-    if spec.stem == "cifar":
-        return conv(spec.num_init_features, 3, spec.conv_bias, dtype, "conv0")(X)
-    X = conv(spec.num_init_features, 7, spec.conv_bias, dtype, "conv0", stride=2)(X)
-    X = nn.relu(batch_norm(train, dtype, "norm0")(X))
-    # Zeros pad exactly like -inf here: the inputs follow a ReLU, so they are all >= 0. (Padding
-    # inside nn.max_pool would do the same, but jax2onnx 0.17 drops it when exporting to ONNX.)
-    X = jnp.pad(X, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    return nn.max_pool(X, window_shape=(3, 3), strides=(2, 2))
-
-
-class DenseNet(nn.Module):
-    """Any `DenseNetSpec` (or its name). The stem's output is sown into 'intermediates' (the
-    blocks' outputs are there too when `apply` is asked to capture_intermediates)."""
-
-    spec: DenseNetSpec | str
-    dtype: Any = jnp.float32
-    memory_efficient: bool = False  # torchvision's name: recompute concatenations and BN-ReLUs in backward
-
-    @nn.compact
-    def __call__(self, X, train: bool):
-        spec = get_spec(self.spec)
-        validate_input(spec, X.shape, X.dtype.name, "NHWC", jnp.dtype(self.dtype).name)
-        X = stem(spec, X, train, self.dtype)
-        self.sow("intermediates", "stem", X)
-        for stage in channel_plan(spec)[1:]:
-            if stage.name.startswith("denseblock"):
-                block = DenseBlock(
-                    len(stage.layers),
-                    spec.growth_rate,
-                    spec.bn_size,
-                    spec.conv_bias,
-                    spec.drop_rate,
-                    self.dtype,
-                    self.memory_efficient,
-                    name=stage.name,
-                )
-            else:
-                block = TransitionBlock(stage.out_channels, spec.conv_bias, self.dtype, name=stage.name)
-            X = block(X, train)
-        X = nn.relu(batch_norm(train, self.dtype, "norm5")(X))
-        X = X.mean(axis=(1, 2))
-        return nn.Dense(spec.num_classes, dtype=self.dtype, param_dtype=self.dtype, name="classifier")(X)
 
 
 @cache  # modules with the same fields are equal: one trace per spec and dtype

@@ -23,6 +23,12 @@ def loss_fn(logits, labels):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
 
+def sgd(lr, momentum=0.0):
+    """Stochastic gradient descent (momentum 0: plain SGD, as the chapter trains). An optax
+    transformation holds no parameters: the train state applies it to them."""
+    return optax.sgd(lr, momentum or None)
+
+
 def model_device(model):
     return next(iter(jax.tree.leaves(model.variables)[0].devices()))
 
@@ -128,7 +134,7 @@ class Trainer(interface.Trainer):
         state = TrainState.create(
             apply_fn=module.apply,
             params=model.variables["params"],
-            tx=optax.sgd(lr, momentum or None),
+            tx=sgd(lr, momentum),
             batch_stats=model.variables["batch_stats"],
             dropout_key=jax.random.key(seed),
         )

@@ -34,6 +34,21 @@ def canonical_key(path):
     return prefix + ".".join((*modules, name))
 
 
+def load_canonical(module, state):
+    """Flax variables {'params', 'batch_stats'} for `module` from a canonical state, bit for bit."""
+    state = validate_state(state, get_spec(module.spec))
+    # Shapes come from tracing the module, so a variable the state does not name is a KeyError.
+    # They are the spec's: one trace serves every dtype and the memory-efficient model.
+    shapes = variable_shapes(DenseNet(module.spec))
+    return {collection: from_canonical(state, tree, collection, module.dtype) for collection, tree in shapes.items()}
+
+
+def export_canonical(variables):
+    return {
+        key: value for collection, tree in variables.items() for key, value in to_canonical(tree, collection).items()
+    }
+
+
 def to_canonical(tree, collection="params"):
     """A tree shaped like one collection (gradients, momentum buffers, batch_stats) -> NumPy dict."""
     return {
@@ -49,18 +64,3 @@ def from_canonical(arrays, like, collection="params", dtype=None):
         return np.asarray(oihw_to_hwio(arrays[canonical_key((collection, *path))]), dtype or old.dtype)
 
     return jax.device_put(unflatten_dict({path: leaf(path, old) for path, old in flatten_dict(like).items()}))
-
-
-def load_canonical(module, state):
-    """Flax variables {'params', 'batch_stats'} for `module` from a canonical state, bit for bit."""
-    state = validate_state(state, get_spec(module.spec))
-    # Shapes come from tracing the module, so a variable the state does not name is a KeyError.
-    # They are the spec's: one trace serves every dtype and the memory-efficient model.
-    shapes = variable_shapes(DenseNet(module.spec))
-    return {collection: from_canonical(state, tree, collection, module.dtype) for collection, tree in shapes.items()}
-
-
-def export_canonical(variables):
-    return {
-        key: value for collection, tree in variables.items() for key, value in to_canonical(tree, collection).items()
-    }

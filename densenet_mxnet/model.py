@@ -18,7 +18,7 @@ from mxnet import npx
 from mxnet.gluon import nn
 from mxnet.ndarray import NDArray
 
-from conformance.specs import channel_plan, get_spec, validate_input
+from conformance.specs import channel_plan, final_channels, get_spec, validate_input
 
 from . import compat  # noqa: F401  (before mxnet)
 
@@ -51,10 +51,9 @@ def batch_norm(num_channels):
     return nn.BatchNorm(epsilon=BN_EPS, momentum=BN_MOMENTUM, in_channels=num_channels)
 
 
-def conv(input_channels, num_channels, kernel_size, bias, strides=1, padding=0):
-    return nn.Conv2D(
-        num_channels, kernel_size, strides=strides, padding=padding, use_bias=bias, in_channels=input_channels
-    )
+def conv(input_channels, num_channels, kernel_size, bias=True, stride=1):
+    """A convolution padded by kernel_size // 2 on every side: the output keeps the input's size at stride 1."""
+    return nn.Conv2D(num_channels, kernel_size, stride, kernel_size // 2, use_bias=bias, in_channels=input_channels)
 
 
 def conv_block(input_channels, num_channels, bn_size=None, bias=True):
@@ -63,7 +62,7 @@ def conv_block(input_channels, num_channels, bn_size=None, bias=True):
         return sequential(
             norm1=batch_norm(input_channels),
             relu1=nn.Activation("relu"),
-            conv1=conv(input_channels, num_channels, 3, bias, padding=1),
+            conv1=conv(input_channels, num_channels, 3, bias),
         )
     width = bn_size * num_channels
     return sequential(
@@ -72,29 +71,25 @@ def conv_block(input_channels, num_channels, bn_size=None, bias=True):
         conv1=conv(input_channels, width, 1, bias),
         norm2=batch_norm(width),
         relu2=nn.Activation("relu"),
-        conv2=conv(width, num_channels, 3, bias, padding=1),
+        conv2=conv(width, num_channels, 3, bias),
     )
 
 
 class DenseBlock(nn.HybridBlock):
     """`num_convs` conv blocks; each one's output is concatenated to its input."""
 
-    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0, **kwargs):
-        super().__init__(**kwargs)
-        self.layers = []
+    def __init__(self, num_convs, input_channels, num_channels, bn_size=None, bias=True, drop_rate=0.0):
+        super().__init__()
+        self.blks = []
         for i in range(num_convs):
-            layer = conv_block(input_channels + i * num_channels, num_channels, bn_size, bias)
-            setattr(self, f"denselayer{i + 1}", layer)
-            self.layers.append(layer)
-        # Active only under autograd.record() or train_mode(); at rate 0 Gluon would still copy.
-        self.dropout = nn.Dropout(drop_rate) if drop_rate > 0 else None
+            self.blks.append(conv_block(input_channels + i * num_channels, num_channels, bn_size, bias))
+            setattr(self, f"denselayer{i + 1}", self.blks[-1])  # Gluon registers a Block attribute as a child
+        self.dropout = dropout(drop_rate)
 
     def hybrid_forward(self, F, X):
-        for layer in self.layers:
-            Y = layer(X)
-            if self.dropout is not None:
-                Y = self.dropout(Y)
-            X = F.np.concatenate((X, Y), axis=1)
+        for blk in self.blks:
+            Y = self.dropout(blk(X))  # dropout: active only under autograd.record() or train_mode()
+            X = F.np.concatenate((X, Y), axis=1)  # concatenate the input and output of each block on the channels
         return X
 
 
@@ -111,9 +106,9 @@ def transition_block(input_channels, num_channels, bias=True):
 def stem(spec):
     """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv."""
     if spec.stem == "cifar":
-        return {"conv0": conv(spec.in_channels, spec.num_init_features, 3, spec.conv_bias, padding=1)}
+        return {"conv0": conv(spec.in_channels, spec.num_init_features, 3, spec.conv_bias)}
     return {
-        "conv0": conv(spec.in_channels, spec.num_init_features, 7, spec.conv_bias, strides=2, padding=3),
+        "conv0": conv(spec.in_channels, spec.num_init_features, 7, spec.conv_bias, stride=2),
         "norm0": batch_norm(spec.num_init_features),
         "relu0": nn.Activation("relu"),
         "pool0": nn.MaxPool2D(pool_size=3, strides=2, padding=1),
@@ -121,37 +116,57 @@ def stem(spec):
 
 
 class DenseNet(nn.HybridBlock):
-    """`memory_efficient` (torchvision's option) is accepted and does nothing here, with a
-    warning; `memory_efficient_unsupported` says why (the benchmark reads it)."""
+    """Any spec (or its name): the stem, dense blocks with transition blocks between them,
+    then BN, ReLU, global average pooling and a dense classifier."""
 
-    def __init__(self, spec, memory_efficient=False, **kwargs):
-        super().__init__(**kwargs)
+    def __init__(self, spec, memory_efficient=False):
+        super().__init__()
         self.spec = spec = get_spec(spec)
-        self.memory_efficient = memory_efficient
-        self.memory_efficient_unsupported = NO_MEMORY_EFFICIENT if memory_efficient else ""
-        if memory_efficient:
-            warnings.warn(NO_MEMORY_EFFICIENT, stacklevel=2)
+        self.memory_efficient, self.memory_efficient_unsupported = (
+            memory_efficient,
+            no_memory_efficient(memory_efficient),
+        )
         features = stem(spec)
-        for stage in channel_plan(spec)[1:]:
+        for stage in channel_plan(spec)[1:]:  # the widths of every stage, from the spec
             if stage.name.startswith("denseblock"):
-                block = DenseBlock(
-                    len(stage.layers), stage.in_channels, spec.growth_rate, spec.bn_size, spec.conv_bias, spec.drop_rate
-                )
+                args = spec.growth_rate, spec.bn_size, spec.conv_bias, spec.drop_rate
+                features[stage.name] = DenseBlock(len(stage.layers), stage.in_channels, *args)
             else:
-                block = transition_block(stage.in_channels, stage.out_channels, spec.conv_bias)
-            features[stage.name] = block
-        num_features = channel_plan(spec)[-1].out_channels
+                features[stage.name] = transition_block(stage.in_channels, stage.out_channels, spec.conv_bias)
+        num_features = final_channels(spec)
         features["norm5"] = batch_norm(num_features)
         self.features = sequential(**features)
         self.pool = nn.GlobalAvgPool2D()
         self.classifier = nn.Dense(spec.num_classes, in_units=num_features)
 
     def forward(self, X):
-        # Checked here, not in hybrid_forward, which sees a shapeless Symbol once hybridized.
-        if isinstance(X, NDArray):
-            validate_input(self.spec, X.shape, dtype_name(X.dtype), "NCHW", dtype_name(self.classifier.weight.dtype))
+        if isinstance(X, NDArray):  # checked here: hybrid_forward sees a shapeless Symbol once hybridized
+            check_input(self.spec, X, self.classifier.weight.dtype)
         return super().forward(X)
 
     def hybrid_forward(self, F, X):
         X = F.npx.relu(self.features(X))
         return self.classifier(self.pool(X))
+
+
+# Extensions: what torchvision's DenseNet adds to the chapter's.
+
+
+def dropout(drop_rate):
+    """torchvision's drop_rate, on each conv block's output before it is concatenated; at rate 0
+    an identity (Gluon's Dropout(0) would still copy every output)."""
+    return nn.Dropout(drop_rate) if drop_rate > 0 else nn.HybridLambda(lambda F, X: X)
+
+
+def check_input(spec, X, dtype):
+    """A clear error for a batch the model cannot take (NHWC, wrong channels or size, wrong dtype)."""
+    validate_input(spec, X.shape, dtype_name(X.dtype), "NCHW", dtype_name(dtype))
+
+
+def no_memory_efficient(memory_efficient):
+    """torchvision's memory_efficient is accepted and does nothing here, with a warning; the
+    reason why (the benchmark reads it), or "" when it was not asked for."""
+    if not memory_efficient:
+        return ""
+    warnings.warn(NO_MEMORY_EFFICIENT, stacklevel=3)
+    return NO_MEMORY_EFFICIENT

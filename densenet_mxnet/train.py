@@ -20,6 +20,14 @@ loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # one loss per example
 loss_fn.hybridize()
 
 
+def sgd(model, lr, momentum=0.0):
+    """Stochastic gradient descent on every trainable parameter (momentum 0: plain SGD, as the
+    chapter trains). update_on_kvstore=False: the trainer updates in place and keeps SGD's
+    momentum in its own updater, where export/load_optimizer_state find it."""
+    params = list(trainable_params(model).values())
+    return gluon.Trainer(params, "sgd", {"learning_rate": lr, "momentum": momentum}, update_on_kvstore=False)
+
+
 def model_context(model):
     return model.classifier.weight.list_ctx()[0]
 
@@ -63,14 +71,7 @@ class Trainer(interface.Trainer):
         self.model, self.lr, self.precision = model, lr, precision
         self.arithmetic = arithmetic(precision, model_context(model))
         self.names = list(trainable_params(model))
-        # update_on_kvstore=False: the trainer updates in place and keeps SGD's momentum in
-        # its own updater, where export/load_optimizer_state find it.
-        self.trainer = gluon.Trainer(
-            list(trainable_params(model).values()),
-            "sgd",
-            {"learning_rate": lr, "momentum": momentum},
-            update_on_kvstore=False,
-        )
+        self.trainer = sgd(model, lr, momentum)
 
     def step(self, X, y):
         """One SGD step; the loss and the correct count stay on the device (MXNet runs ahead)."""

@@ -80,7 +80,7 @@ class DataParallelTrainer(Trainer):
         for replica, source in zip(self.model.variables, self.source.variables):
             source.assign(replica.value)
 
-    def sgd_step(self, X, y):
+    def step(self, X, y):
         """One replica's step on its shard."""
         logits, loss, grads = gradient_step(self.model, ops.cast(X, self.model.compute_dtype), y)
         # apply_gradients sums the replicas' gradients: scaled by 1/replicas, the sum is their mean.
@@ -98,7 +98,7 @@ class DataParallelTrainer(Trainer):
         )
 
     def distributed_step(self, X, y):
-        return self.run(self.sgd_step, X, y)
+        return self.run(self.step, X, y)
 
     def distributed_gather_step(self, images, labels, indices):
         return self.run(self.gather_step, images, labels, indices)

@@ -4,7 +4,10 @@ The d2l chapter's conv_block, DenseBlock, transition_block and DenseNet, grown t
 `DenseNetSpec` (bottleneck or not, compression, ImageNet or CIFAR stem). Layer names are
 torchvision's module names (features/denseblock1/denselayer1/norm1, ...), so weights.py maps
 them to the canonical keys, and `model.summary()` reads like the paper. Keras layers infer
-their input channels when they are built, so the blocks take only their output widths.
+their input channels when they are built, so the blocks take only their output widths. The
+chapter's four come first; the extensions after them (memory-efficient recomputation, the input
+check) are what torchvision's DenseNet adds, and the Keras engineering (shapes without a traced
+call, saving) sits in the two base classes beside them.
 """
 
 import keras
@@ -27,13 +30,10 @@ def batch_norm(name, dtype=None):
     return layers.BatchNormalization(axis=-1, epsilon=BN_EPS, momentum=BN_MOMENTUM, name=name, dtype=dtype)
 
 
-def conv3x3(num_channels, bias, name, dtype=None):
-    # Stride 1 and a 3x3 kernel: 'same' is exactly one pixel of zeros on every side.
-    return layers.Conv2D(num_channels, 3, padding="same", use_bias=bias, name=name, dtype=dtype)
-
-
-def conv1x1(num_channels, bias, name, dtype=None):
-    return layers.Conv2D(num_channels, 1, use_bias=bias, name=name, dtype=dtype)
+def conv(num_channels, kernel_size, bias=True, stride=1, name=None, dtype=None):
+    """At stride 1, 'same' pads kernel_size // 2 on every side; the stem pads its stride-2 conv itself."""
+    padding = "same" if stride == 1 else "valid"
+    return layers.Conv2D(num_channels, kernel_size, stride, padding, use_bias=bias, name=name, dtype=dtype)
 
 
 def conv_block(num_channels, bn_size=None, bias=True, name=None, dtype=None):
@@ -43,7 +43,7 @@ def conv_block(num_channels, bn_size=None, bias=True, name=None, dtype=None):
             [
                 batch_norm("norm1", dtype),
                 layers.ReLU(name="relu1", dtype=dtype),
-                conv3x3(num_channels, bias, "conv1", dtype),
+                conv(num_channels, 3, bias, name="conv1", dtype=dtype),
             ],
             name=name,
         )
@@ -51,13 +51,156 @@ def conv_block(num_channels, bn_size=None, bias=True, name=None, dtype=None):
         [
             batch_norm("norm1", dtype),
             layers.ReLU(name="relu1", dtype=dtype),
-            conv1x1(bn_size * num_channels, bias, "conv1", dtype),
+            conv(bn_size * num_channels, 1, bias, name="conv1", dtype=dtype),
             batch_norm("norm2", dtype),
             layers.ReLU(name="relu2", dtype=dtype),
-            conv3x3(num_channels, bias, "conv2", dtype),
+            conv(num_channels, 3, bias, name="conv2", dtype=dtype),
         ],
         name=name,
     )
+
+
+def concatenated_shape(shape, new_shape):
+    return (*shape[:-1], shape[-1] + new_shape[-1])
+
+
+class ConcatenatingLayer(layers.Layer):
+    """Keras engineering for DenseBlock: the shapes of its blocks (`self.blks`), each fed the
+    concatenation so far, computed without a traced run of call()."""
+
+    def build(self, input_shape):
+        for blk in self.blks:
+            blk.build(input_shape)
+            input_shape = concatenated_shape(input_shape, blk.compute_output_shape(input_shape))
+
+    def compute_output_shape(self, input_shape):
+        for blk in self.blks:
+            input_shape = concatenated_shape(input_shape, blk.compute_output_shape(input_shape))
+        return input_shape
+
+
+@keras.saving.register_keras_serializable(package="densenet_xf")
+class DenseBlock(ConcatenatingLayer):
+    """`num_convs` conv blocks; each one's output is concatenated to its input."""
+
+    def __init__(self, num_convs, num_channels, bn_size=None, bias=True, drop_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        names = [f"denselayer{i + 1}" for i in range(num_convs)]
+        self.blks = [conv_block(num_channels, bn_size, bias, name, self.dtype_policy) for name in names]
+        self.dropout = layers.Dropout(drop_rate, name="dropout", dtype=self.dtype_policy)
+
+    def call(self, X, training=None):
+        for blk in self.blks:
+            Y = self.dropout(blk(X, training=training), training=training)  # torchvision's drop_rate (0: none)
+            X = ops.concatenate([X, Y], axis=-1)  # concatenate the input and output of each block on the channels
+        return X
+
+
+def transition_block(num_channels, bias=True, name=None, dtype=None):
+    """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
+    return keras.Sequential(
+        [
+            batch_norm("norm", dtype),
+            layers.ReLU(name="relu", dtype=dtype),
+            conv(num_channels, 1, bias, name="conv", dtype=dtype),
+            layers.AveragePooling2D(2, strides=2, name="pool", dtype=dtype),
+        ],
+        name=name,
+    )
+
+
+def stem(spec, dtype=None):
+    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv.
+
+    The stride-2 layers get explicit symmetric zero padding: 'same' would pad only the
+    bottom and right of an even-sized input and shift every output pixel."""
+    if spec.stem == "cifar":
+        return [conv(spec.num_init_features, 3, spec.conv_bias, name="conv0", dtype=dtype)]
+    return [
+        layers.ZeroPadding2D(3, name="conv0_pad", dtype=dtype),
+        conv(spec.num_init_features, 7, spec.conv_bias, stride=2, name="conv0", dtype=dtype),
+        batch_norm("norm0", dtype),
+        layers.ReLU(name="relu0", dtype=dtype),
+        # Zeros pad exactly like -inf here: the inputs follow a ReLU, so they are all >= 0.
+        layers.ZeroPadding2D(1, name="pool0_pad", dtype=dtype),
+        layers.MaxPooling2D(3, strides=2, name="pool0", dtype=dtype),
+    ]
+
+
+class ModelFromSpec(keras.Model):
+    """Keras engineering for DenseNet: built for inputs (None, None, None, in_channels) at
+    construction (no dummy call needed), and saved by its spec, dtype and memory_efficient."""
+
+    def build(self, input_shape):
+        for layer in (self.features, self.relu, self.pool, self.classifier):
+            layer.build(input_shape)
+            input_shape = layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        return {
+            "spec": self.spec.to_json(),
+            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
+            "memory_efficient": self.memory_efficient,
+        }
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(
+            DenseNetSpec.from_json(config["spec"]),
+            dtype=keras.dtype_policies.deserialize(config["dtype"]),
+            memory_efficient=config.get("memory_efficient", False),
+        )
+
+
+@keras.saving.register_keras_serializable(package="densenet_xf")
+class DenseNet(ModelFromSpec):
+    """Any spec (or its name): the stem, dense blocks with transition blocks between them,
+    then BN, ReLU, global average pooling and a dense classifier."""
+
+    def __init__(self, spec, dtype=None, memory_efficient=False, **kwargs):
+        spec = get_spec(spec)
+        # autocast=False: Keras would cast a float64 batch to a float32 model's dtype, past check_input.
+        super().__init__(name=spec.name, dtype=dtype, autocast=False, **kwargs)
+        self.spec, self.memory_efficient, dtype = spec, memory_efficient, self.dtype_policy
+        dense_block = MemoryEfficientDenseBlock if memory_efficient else DenseBlock
+        features = stem(spec, dtype)
+        for stage in channel_plan(spec)[1:]:  # the widths of every stage, from the spec
+            if stage.name.startswith("denseblock"):
+                args = spec.growth_rate, spec.bn_size, spec.conv_bias, spec.drop_rate
+                features.append(dense_block(len(stage.layers), *args, name=stage.name, dtype=dtype))
+            else:
+                features.append(transition_block(stage.out_channels, spec.conv_bias, stage.name, dtype))
+        features.append(batch_norm("norm5", dtype))
+        self.features = keras.Sequential(features, name="features")
+        self.relu = layers.ReLU(name="relu", dtype=dtype)
+        self.pool = layers.GlobalAveragePooling2D(name="pool", dtype=dtype)
+        self.classifier = layers.Dense(spec.num_classes, name="classifier", dtype=dtype)
+        self.build((None, None, None, spec.in_channels))
+
+    def call(self, X, training=None):
+        check_input(self.spec, X, self.compute_dtype)
+        X = self.relu(self.features(X, training=training))
+        return self.classifier(self.pool(X))
+
+
+# Extensions: what torchvision's DenseNet adds to the chapter's.
+
+
+def check_input(spec, X, dtype):
+    """A clear error for a batch the model cannot take (NCHW, wrong channels or size, wrong dtype)."""
+    validate_input(spec, X.shape, dtype_name(X.dtype), "NHWC", dtype)
+
+
+@keras.saving.register_keras_serializable(package="densenet_xf")
+class MemoryEfficientDenseBlock(DenseBlock):
+    """torchvision's memory_efficient: the same block and variables, keeping the list of feature
+    maps instead of their concatenation, which each layer recomputes in the backward pass."""
+
+    def call(self, X, training=None):
+        features = [X]
+        for blk in self.blks:
+            features.append(self.dropout(checkpointed_layer(blk, features, training), training=training))
+        return ops.concatenate(features, axis=-1)
 
 
 def checkpointed_layer(layer, features, training=None):
@@ -82,151 +225,3 @@ def checkpointed_layer(layer, features, training=None):
     for sublayer in rest:
         Y = sublayer(Y, training=training)
     return Y
-
-
-def concatenated_shape(shape, new_shape):
-    return (*shape[:-1], shape[-1] + new_shape[-1])
-
-
-@keras.saving.register_keras_serializable(package="densenet_xf")
-class DenseBlock(layers.Layer):
-    """`num_convs` conv blocks; each one's output is concatenated to its input.
-    `memory_efficient` keeps a list of feature maps instead and recomputes each concatenation."""
-
-    def __init__(
-        self, num_convs, num_channels, bn_size=None, bias=True, drop_rate=0.0, memory_efficient=False, **kwargs
-    ):
-        super().__init__(**kwargs)
-        self.config = {
-            "num_convs": num_convs,
-            "num_channels": num_channels,
-            "bn_size": bn_size,
-            "bias": bias,
-            "drop_rate": drop_rate,
-            "memory_efficient": memory_efficient,
-        }
-        self.memory_efficient = memory_efficient
-        self.denselayers = [
-            conv_block(num_channels, bn_size, bias, f"denselayer{i + 1}", self.dtype_policy) for i in range(num_convs)
-        ]
-        self.dropout = layers.Dropout(drop_rate, name="dropout", dtype=self.dtype_policy)
-
-    # build and compute_output_shape spare Keras a traced run of call() to learn the shapes.
-
-    def build(self, input_shape):
-        for layer in self.denselayers:
-            layer.build(input_shape)
-            input_shape = concatenated_shape(input_shape, layer.compute_output_shape(input_shape))
-
-    def compute_output_shape(self, input_shape):
-        for layer in self.denselayers:
-            input_shape = concatenated_shape(input_shape, layer.compute_output_shape(input_shape))
-        return input_shape
-
-    def get_config(self):
-        return {**super().get_config(), **self.config}
-
-    def call(self, X, training=None):
-        if self.memory_efficient:
-            return self.call_on_list(X, training)
-        for layer in self.denselayers:
-            Y = self.dropout(layer(X, training=training), training=training)
-            X = ops.concatenate([X, Y], axis=-1)
-        return X
-
-    def call_on_list(self, X, training=None):
-        features = [X]
-        for layer in self.denselayers:
-            features.append(self.dropout(checkpointed_layer(layer, features, training), training=training))
-        return ops.concatenate(features, axis=-1)
-
-
-def transition_block(num_channels, bias=True, name=None, dtype=None):
-    """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
-    return keras.Sequential(
-        [
-            batch_norm("norm", dtype),
-            layers.ReLU(name="relu", dtype=dtype),
-            conv1x1(num_channels, bias, "conv", dtype),
-            layers.AveragePooling2D(2, strides=2, name="pool", dtype=dtype),
-        ],
-        name=name,
-    )
-
-
-def stem(spec, dtype=None):
-    """ImageNet: 7x7/2 conv, BN, ReLU, 3x3/2 max-pool. CIFAR: one 3x3 conv.
-
-    The stride-2 layers get explicit symmetric zero padding: 'same' would pad only the
-    bottom and right of an even-sized input and shift every output pixel."""
-    if spec.stem == "cifar":
-        return [conv3x3(spec.num_init_features, spec.conv_bias, "conv0", dtype)]
-    return [
-        layers.ZeroPadding2D(3, name="conv0_pad", dtype=dtype),
-        layers.Conv2D(spec.num_init_features, 7, strides=2, use_bias=spec.conv_bias, name="conv0", dtype=dtype),
-        batch_norm("norm0", dtype),
-        layers.ReLU(name="relu0", dtype=dtype),
-        # Zeros pad exactly like -inf here: the inputs follow a ReLU, so they are all >= 0.
-        layers.ZeroPadding2D(1, name="pool0_pad", dtype=dtype),
-        layers.MaxPooling2D(3, strides=2, name="pool0", dtype=dtype),
-    ]
-
-
-@keras.saving.register_keras_serializable(package="densenet_xf")
-class DenseNet(keras.Model):
-    """Built at construction for inputs (None, None, None, in_channels): no dummy call needed."""
-
-    def __init__(self, spec, dtype=None, memory_efficient=False, **kwargs):
-        spec = get_spec(spec)
-        # autocast=False: Keras would cast any float input to the model's dtype before call(),
-        # so a float64 batch would slip silently into a float32 model past validate_input.
-        super().__init__(name=spec.name, dtype=dtype, autocast=False, **kwargs)
-        self.spec, self.memory_efficient = spec, memory_efficient
-        dtype = self.dtype_policy
-        features = stem(spec, dtype)
-        for stage in channel_plan(spec)[1:]:
-            if stage.name.startswith("denseblock"):
-                block = DenseBlock(
-                    len(stage.layers),
-                    spec.growth_rate,
-                    spec.bn_size,
-                    spec.conv_bias,
-                    spec.drop_rate,
-                    memory_efficient,
-                    name=stage.name,
-                    dtype=dtype,
-                )
-            else:
-                block = transition_block(stage.out_channels, spec.conv_bias, stage.name, dtype)
-            features.append(block)
-        features.append(batch_norm("norm5", dtype))
-        self.features = keras.Sequential(features, name="features")
-        self.relu = layers.ReLU(name="relu", dtype=dtype)
-        self.pool = layers.GlobalAveragePooling2D(name="pool", dtype=dtype)
-        self.classifier = layers.Dense(spec.num_classes, name="classifier", dtype=dtype)
-        self.build((None, None, None, spec.in_channels))
-
-    def build(self, input_shape):
-        for layer in (self.features, self.relu, self.pool, self.classifier):
-            layer.build(input_shape)
-            input_shape = layer.compute_output_shape(input_shape)
-
-    def get_config(self):
-        return {
-            "spec": self.spec.to_json(),
-            "dtype": keras.dtype_policies.serialize(self.dtype_policy),
-            "memory_efficient": self.memory_efficient,
-        }
-
-    @classmethod
-    def from_config(cls, config):
-        return cls(
-            DenseNetSpec.from_json(config["spec"]),
-            dtype=keras.dtype_policies.deserialize(config["dtype"]),
-            memory_efficient=config.get("memory_efficient", False),
-        )
-
-    def call(self, X, training=None):
-        validate_input(self.spec, X.shape, dtype_name(X.dtype), "NHWC", self.compute_dtype)
-        X = self.relu(self.features(X, training=training))
-        return self.classifier(self.pool(X))

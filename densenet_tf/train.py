@@ -19,6 +19,15 @@ def loss_fn(labels, logits):
     return ops.mean(keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True))
 
 
+def sgd(model, lr, momentum=0.0):
+    """Stochastic gradient descent on every trainable variable (momentum 0: plain SGD, as the
+    chapter trains), built now: Keras would create the momentum variables at the first step,
+    and load_optimizer_state needs them before it."""
+    optimizer = keras.optimizers.SGD(learning_rate=learning_rate(lr, model.dtype), momentum=momentum)
+    optimizer.build(model.trainable_variables)
+    return optimizer
+
+
 def to_tensors(x, y=None):
     X = tf.convert_to_tensor(x)
     return X if y is None else (X, tf.cast(y, tf.int32))  # the dtype of ops.argmax
@@ -83,10 +92,8 @@ class Trainer(interface.Trainer):
         self.model, self.lr, self.precision = model, lr, precision
         if precision == "bf16":
             use_mixed_bfloat16(model)
-        self.optimizer = keras.optimizers.SGD(learning_rate=learning_rate(lr, model.dtype), momentum=momentum)
-        # Keras creates the momentum variables at the first step; load_optimizer_state needs them now.
-        self.optimizer.build(model.trainable_variables)
-        self.compiled_sgd_step = compiled(self.sgd_step, run_eagerly, compile)
+        self.optimizer = sgd(model, lr, momentum)
+        self.compiled_step = compiled(self.step, run_eagerly, compile)
         self.compiled_gather_step = compiled(self.gather_step, run_eagerly, compile)
         self.compiled_predict = compiled(self.logits, run_eagerly)
         on_gpu = bool(tf.config.get_visible_devices("GPU"))
@@ -97,20 +104,20 @@ class Trainer(interface.Trainer):
         logits = self.model(ops.cast(X, self.model.compute_dtype), training=False)
         return ops.cast(logits, self.model.variable_dtype)
 
-    def sgd_step(self, X, y):
+    def step(self, X, y):
         logits, loss, grads = gradient_step(self.model, ops.cast(X, self.model.compute_dtype), y)
         self.optimizer.apply_gradients(zip(grads, self.model.trainable_variables))
         return loss, ops.sum(ops.cast(ops.argmax(logits, axis=-1) == y, "int32"))
 
     def train_step(self, x, y):
         with float32_mode(self.precision):
-            loss, correct = self.compiled_sgd_step(*to_tensors(x, y))
+            loss, correct = self.compiled_step(*to_tensors(x, y))
         return float(loss), int(correct)
 
     def gather_step(self, images, labels, indices):
-        """sgd_step on the examples `indices` of the device-resident set, made float there."""
+        """step on the examples `indices` of the device-resident set, made float there."""
         X = ops.expand_dims(ops.cast(ops.take(images, indices, axis=0), "float32") / 255, axis=-1)
-        return self.sgd_step(X, ops.take(labels, indices, axis=0))
+        return self.step(X, ops.take(labels, indices, axis=0))
 
     def set_data(self, images, labels):
         self.images, self.labels = to_tensors(images, labels)  # uint8: a quarter of float32

@@ -19,6 +19,14 @@ def stage_modules(model):
     yield from ((name, m) for name, m in children if name.startswith(("denseblock", "transition")))
 
 
+def gpu_device():
+    """(this process's CUDA device, "") if PyTorch sees one, else (the CPU, why not). torchrun sets
+    LOCAL_RANK: each data-parallel process builds its model on its own GPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu"), "PyTorch sees no CUDA device; ran on the CPU"
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))), ""
+
+
 class Backend(interface.BackendBase):
     name = "torch"
     layout = "NCHW"
@@ -30,11 +38,9 @@ class Backend(interface.BackendBase):
         # A trainer with another precision switches TF32 on for its own steps only.
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
-        if device == "gpu" and not torch.cuda.is_available():
-            self.device_note = "PyTorch sees no CUDA device; ran on the CPU"
-        on_gpu = device == "gpu" and torch.cuda.is_available()
-        # torchrun sets LOCAL_RANK: each data-parallel process builds its model on its own GPU
-        self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if on_gpu else torch.device("cpu")
+        self.device = torch.device("cpu")
+        if device == "gpu":
+            self.device, self.device_note = gpu_device()
 
     @property
     def device_name(self):

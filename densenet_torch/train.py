@@ -12,6 +12,11 @@ from .weights import from_canonical, to_canonical
 loss_fn = nn.CrossEntropyLoss()
 
 
+def sgd(model, lr, momentum=0.0):
+    """Stochastic gradient descent on every parameter (momentum 0: plain SGD, as the chapter trains)."""
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+
+
 def model_device(model):
     return next(model.parameters()).device
 
@@ -55,7 +60,7 @@ def float32_mode(precision):
 class Trainer(interface.Trainer):
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         self.model, self.precision, self.device = model, precision, model_device(model)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+        self.optimizer = sgd(model, lr, momentum)
         self.bf16 = precision == "bf16"
         if self.bf16:
             model.to(memory_format=torch.channels_last)  # the layout bf16 convolutions are fastest in

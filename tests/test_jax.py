@@ -60,8 +60,8 @@ def test_conv_block_is_bn_relu_conv_with_explicit_padding():
     assert [name for name, _ in calls] == ["norm1", "conv1", "norm2", "conv2"]
     assert variables["params"]["conv1"]["kernel"].shape == (1, 1, 3, 40)
     assert variables["params"]["conv2"]["kernel"].shape == (3, 3, 40, 10)
-    assert conv(64, 7, False, jnp.float32, "conv0", stride=2).padding == ((3, 3), (3, 3))
-    assert conv(10, 3, True, jnp.float32, "conv1").padding == ((1, 1), (1, 1))
+    assert conv(64, 7, False, stride=2, name="conv0").padding == ((3, 3), (3, 3))
+    assert conv(10, 3, True, name="conv1").padding == ((1, 1), (1, 1))
 
 
 def test_variables_are_where_a_flax_user_expects_them():

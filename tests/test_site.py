@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conformance import cli
-from conformance.site import pages, snippets, source
+from conformance.site import listing, pages, snippets, source
 from conformance.site.source import BACKENDS, ROOT, TABS
 
 DOCS = ROOT / "docs"
@@ -45,6 +45,17 @@ def test_every_listing_is_cut_from_every_backend(name):
             definition = source.first_found(f"{BACKENDS[backend]}/{file}", names)
             lines = (ROOT / definition.path).read_text().splitlines()
             assert lines[definition.first_line - 1].strip() == definition.code.splitlines()[0].strip()
+
+
+# Lecture length: the chapter's listings, as the site shows them, in lines (decorators and docstrings included).
+LECTURE_LINES = {"conv_block": 25, "DenseBlock": 20, "transition_block": 20, "stem": 20, "DenseNet": 35}
+
+
+@pytest.mark.parametrize("names", listing.BLOCKS, ids=lambda names: names[0])
+def test_the_chapter_s_listings_are_lecture_length(names):
+    for package in BACKENDS.values():
+        lines = len(source.first_found(f"{package}/model.py", names).code.splitlines())
+        assert lines <= LECTURE_LINES[names[0]], f"{package}: {names[0]} is {lines} lines"
 
 
 def test_every_code_link_names_a_definition():
@@ -136,6 +147,7 @@ def test_outputs_on_the_pages_were_computed(site):
     exercises = (site / "exercises" / "index.html").read_text()
     if snippets.Snippet("exercises", "torch").installed:
         assert "758,226" in exercises  # the d2l net's parameter count, measured at build time
+        assert "<td>dense MLP (growth 16, 4 layers)</td>" in exercises  # exercise 5, trained at build time
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +223,77 @@ def listing_blocks():
     from conformance.site import listing
 
     return listing.BLOCKS
+
+
+# --- every page reachable, every tab set the four frameworks, no code wider than the page ----
+
+
+def nav_pages() -> list[str]:
+    """The Markdown files mkdocs.yml's nav lists, in order."""
+    import yaml
+
+    def walk(items):
+        for item in items:
+            for value in item.values() if isinstance(item, dict) else [item]:
+                yield from walk(value) if isinstance(value, list) else [value]
+
+    return list(walk(yaml.safe_load((ROOT / "mkdocs.yml").read_text())["nav"]))
+
+
+def test_every_page_in_docs_is_in_the_nav():
+    listed = set(nav_pages())
+    pages_in_docs = {path.relative_to(DOCS).as_posix() for path in DOCS.rglob("*.md")}
+    assert pages_in_docs - listed == set(), "pages no reader can reach from the navigation"
+    assert listed - pages_in_docs <= {"code/index.md"}, "the nav names a page that does not exist"
+
+
+def page_url(served: str, page: str) -> str:
+    path = page.removesuffix(".md")
+    path = path.removesuffix("README").removesuffix("index")
+    return f"{served}/{path}/" if path and not path.endswith("/") else f"{served}/{path}"
+
+
+TAB_SETS = """return [...document.querySelectorAll('.tabbed-set')].map(s => ({
+    labels: [...s.querySelectorAll(':scope > .tabbed-labels > label')].map(l => l.textContent.trim()),
+    checked: [...s.querySelectorAll(':scope > input')].findIndex(i => i.checked)}))"""
+OVERFLOWING = """return [...document.querySelectorAll('pre > code')]
+    .filter(c => c.offsetParent !== null && c.scrollWidth > c.clientWidth + 1)
+    .map(c => c.textContent.split('\\n').reduce((a, b) => (a.length >= b.length ? a : b)))"""
+
+
+def click_framework(browser, title):
+    labels = [label for label in browser.find_elements("css selector", ".tabbed-labels > label") if label.text == title]
+    if labels:
+        browser.execute_script("arguments[0].click();", labels[0])
+    return bool(labels)
+
+
+def test_every_tab_set_holds_the_four_frameworks_and_they_switch_together(served, browser):
+    titles = list(TABS.values())
+    seen = 0
+    for page in nav_pages():
+        browser.get(page_url(served, page))
+        tab_sets = browser.execute_script(TAB_SETS)
+        for tab_set in tab_sets:
+            assert tab_set["labels"] == titles, f"{page}: a tab set with tabs {tab_set['labels']}"
+        seen += len(tab_sets)
+        for index, title in enumerate(titles):
+            if not click_framework(browser, title):
+                break
+            checked = [tab_set["checked"] for tab_set in browser.execute_script(TAB_SETS)]
+            assert checked == [index] * len(tab_sets), f"{page}: clicking {title} left tabs {checked}"
+    assert seen >= 10
+
+
+def test_no_code_block_is_wider_than_the_page_at_1280_pixels(served, browser):
+    size = browser.get_window_size()
+    browser.set_window_size(1280, 1000)
+    try:
+        for page in nav_pages():
+            browser.get(page_url(served, page))
+            for title in TABS.values():
+                click_framework(browser, title)  # the code of every tab, shown in turn
+                too_wide = browser.execute_script(OVERFLOWING)
+                assert not too_wide, f"{page} ({title} tab): lines wider than the page: {too_wide[:3]}"
+    finally:
+        browser.set_window_size(size["width"], size["height"])

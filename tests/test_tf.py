@@ -20,6 +20,7 @@ from conformance.specs import ARCHS, InputError  # noqa: E402
 from conformance.suite import checks  # noqa: E402
 from densenet_tf import DenseBlock, DenseNet, conv_block, export_canonical, load_canonical, transition_block  # noqa: E402
 from densenet_tf.backend import Backend  # noqa: E402
+from densenet_tf.model import MemoryEfficientDenseBlock  # noqa: E402
 from densenet_tf.train import Trainer, gradient_step, train_pass  # noqa: E402
 from densenet_tf.weights import canonical_variables  # noqa: E402
 from densenet_tf.zoo import DenseNet121  # noqa: E402
@@ -85,7 +86,7 @@ def test_batch_norm_settings_are_explicit():
     norms = [
         model.features.get_layer("norm0"),
         model.features.get_layer("norm5"),
-        model.features.get_layer("denseblock1").denselayers[0].get_layer("norm2"),
+        model.features.get_layer("denseblock1").blks[0].get_layer("norm2"),
         model.features.get_layer("transition1").get_layer("norm"),
     ]
     for bn in norms:
@@ -307,5 +308,5 @@ def test_memory_efficient_model_holds_less_activation_memory():
 def test_zoo_constructor_builds_a_memory_efficient_model():
     model = DenseNet121(memory_efficient=True)
     blocks = [layer for layer in model.features.layers if isinstance(layer, DenseBlock)]
-    assert len(blocks) == 4 and all(block.memory_efficient for block in blocks)
+    assert len(blocks) == 4 and all(isinstance(block, MemoryEfficientDenseBlock) for block in blocks)
     assert Backend().count_params(model)[0] == 7_978_856  # torchvision's densenet121

@@ -7,6 +7,7 @@ torch = pytest.importorskip("torch", reason="PyTorch is not installed")
 from conformance import specs, weights  # noqa: E402
 from conformance.specs import ARCHS, InputError  # noqa: E402
 from densenet_torch import DenseBlock, DenseNet, conv_block, export_canonical, load_canonical, transition_block  # noqa: E402
+from densenet_torch.model import MemoryEfficientDenseBlock  # noqa: E402
 
 
 def test_d2l_dense_block_and_transition_shapes():
@@ -166,4 +167,10 @@ def test_zoo_constructor_builds_the_memory_efficient_model():
 
     model = densenet121(memory_efficient=True)
     blocks = [m for m in model.modules() if isinstance(m, DenseBlock)]
-    assert len(blocks) == 4 and all(block.memory_efficient for block in blocks)
+    assert len(blocks) == 4 and all(isinstance(block, MemoryEfficientDenseBlock) for block in blocks)
+
+
+def test_memory_efficient_model_scripts_without_its_recomputation():
+    model = DenseNet("tiny", memory_efficient=True).eval()
+    X = torch.randn(2, 3, 19, 19)
+    assert torch.equal(torch.jit.script(model)(X), model(X))

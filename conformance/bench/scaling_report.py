@@ -1,6 +1,6 @@
 """scaling_<device>.json, .md and .png: each backend's trainer on 1 device and data-parallel on 2.
 
-Issue 16: examples/s at 1 and 2 devices, each in a process of its own, the 2-device run on
+Examples/s at 1 and 2 devices, each in a process of its own, the 2-device run on
 the framework's own engine (conformance.engines). Simulated CPU devices share the same
 cores, so on a CPU the ratio is what the engine costs (all-reduces, a second replica), not a
 speed-up; on a machine with several GPUs it is the real scaling.

@@ -8,6 +8,14 @@ each replaced here by content tabs (PyTorch | MXNet | TensorFlow | JAX):
     <!-- xf:run TOPIC markdown -->     the same, the output shown as Markdown (a table)
     [text](xf:PATH:NAME)               a link to the line where PATH defines NAME
 
+and three forms without tabs, for what is the same in every framework:
+
+    <!-- xf:code PATH:NAME -->         one definition cut from any source file (a recipe, the data loader)
+    <!-- xf:figure NAME -->            a figure drawn at build time (figures.FIGURES)
+    <!-- xf:stages ARCH SIZE -->       every stage's output shape and parameters, computed from the spec
+    <!-- xf:results -->                accuracy and speed read from the committed docs/results/*.json
+    <!-- xf:results gpu -->            one line: measured on a GPU, or "not yet run"
+
 and every backend module gets a generated page, code/PATH.md, with numbered, linkable lines.
 """
 
@@ -17,7 +25,7 @@ import posixpath
 import re
 import textwrap
 
-from . import listing, snippets, source
+from . import figures, listing, notebooks, results, snippets, source
 from .source import BACKENDS, TABS
 
 # name -> the definitions each backend shows for it: (file in the package, names, first found wins).
@@ -28,15 +36,11 @@ LISTINGS["batch_norm"] = {
     backend: [("model.py", ("BN_MOMENTUM",)), ("model.py", ("batch_norm",))] for backend in BACKENDS
 }
 LISTINGS["loss"] = {backend: [("train.py", ("loss_fn",))] for backend in BACKENDS}
-LISTINGS["optimizer"] = {backend: [("train.py", ("Trainer.__init__",))] for backend in BACKENDS}
+LISTINGS["optimizer"] = {backend: [("train.py", ("sgd",))] for backend in BACKENDS}
 LISTINGS["train_step"] = {
-    "torch": [("train.py", ("Trainer.train_step",))],
-    "mxnet": [("train.py", ("Trainer.train_step",))],
-    "tf": [
-        ("train.py", ("gradient_step",)),
-        ("train.py", ("Trainer.sgd_step",)),
-        ("train.py", ("Trainer.train_step",)),
-    ],
+    "torch": [("train.py", ("Trainer.step",))],
+    "mxnet": [("train.py", ("Trainer.step",))],
+    "tf": [("train.py", ("gradient_step",)), ("train.py", ("Trainer.step",))],
     "jax": [
         ("train.py", ("train_logits",)),
         ("train.py", ("loss_and_logits",)),
@@ -44,8 +48,22 @@ LISTINGS["train_step"] = {
         ("train.py", ("train_step",)),
     ],
 }
+LISTINGS["MemoryEfficientDenseBlock"] = {
+    backend: [("model.py", ("no_memory_efficient" if backend == "mxnet" else "MemoryEfficientDenseBlock",))]
+    for backend in BACKENDS
+}
+# The data pipeline: the training set on the device once, then each step gathers its batch there.
+LISTINGS["data_pipeline"] = {
+    backend: [("train.py", ("Trainer.set_data",)), ("train.py", ("Trainer.step_on",))] for backend in BACKENDS
+}
+LISTINGS["data_pipeline"]["tf"].append(("train.py", ("Trainer.gather_step",)))
+LISTINGS["data_pipeline"]["jax"].insert(0, ("train.py", ("gather_step",)))
 
 DIRECTIVE = re.compile(r"^<!-- xf:(listing|run) ([\w]+)( markdown)? -->$", re.MULTILINE)
+CODE = re.compile(r"^<!-- xf:code ([\w/.]+\.py):([\w.]+) -->$", re.MULTILINE)
+FIGURE = re.compile(r"^<!-- xf:figure (\w+) -->$", re.MULTILINE)
+STAGES = re.compile(r"^<!-- xf:stages (\w+) (\d+) -->$", re.MULTILINE)
+RESULTS = re.compile(r"^<!-- xf:results( gpu)? -->$", re.MULTILINE)
 LINK = re.compile(r"\]\(xf:([\w/.]+\.py):([\w.]+)\)")
 
 
@@ -109,6 +127,8 @@ def render_run(topic: str, page: str, as_markdown: bool) -> str:
     found = snippets.snippets(topic)
     if not found:
         raise LookupError(f"{page}: no snippets docs/snippets/{topic}_<backend>.py")
+    if len(found) == 1:  # one framework: no tab set (a page's tab sets all have the four)
+        return f"**{TABS[found[0].backend]}**\n\n" + render_snippet(found[0], as_markdown)
     return "\n".join(tab(TABS[s.backend], render_snippet(s, as_markdown)) for s in found)
 
 
@@ -123,6 +143,10 @@ def expand(markdown: str, page: str) -> str:
         path, name = match.groups()
         return f"]({link_to(source.find(path, name), page)})"
 
+    markdown = CODE.sub(lambda m: render_definition(source.find(*m.groups()), page), markdown)
+    markdown = FIGURE.sub(lambda m: figures.render_figure(m[1], page), markdown)
+    markdown = STAGES.sub(lambda m: figures.render_stages(m[1], int(m[2])), markdown)
+    markdown = RESULTS.sub(lambda m: results.render_gpu_status() if m[1] else results.render_results(), markdown)
     return LINK.sub(link, DIRECTIVE.sub(directive, markdown))
 
 
@@ -150,6 +174,11 @@ def render_code_index() -> str:
         + " |"
         for backend, package in BACKENDS.items()
     ]
+    rows.append(
+        "| framework-free | "
+        + " ".join(f"[`{path}`]({relative(code_page(path), 'code/index.md')})" for path in source.CORE_FILES)
+        + " |"
+    )
     return (
         "# Source code\n\nEvery backend module, as this site was built from it, with numbered lines "
         "that the other pages link to.\n\n| backend | files |\n| --- | --- |\n" + "\n".join(rows) + "\n"
@@ -157,7 +186,8 @@ def render_code_index() -> str:
 
 
 def generated_pages() -> dict[str, str]:
-    """Source path on the site -> Markdown, for the pages that exist only at build time."""
+    """Source path on the site -> text, for the files that exist only at build time: the code
+    pages (Markdown), the figures (SVG) and the notebooks (.ipynb)."""
     pages = {code_page(path): render_code_page(path) for path in source.source_files()}
     pages["code/index.md"] = render_code_index()
-    return pages
+    return pages | figures.generated_figures() | notebooks.generated_notebooks()

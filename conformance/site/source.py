@@ -69,8 +69,13 @@ def first_found(path: str, names: tuple[str, ...]) -> Definition:
     raise LookupError(f"{path} defines none of {', '.join(names)}")
 
 
+# The framework-free modules the pages cut code from (the recipes, the data pipeline, the specs).
+CORE_FILES = ("conformance/data.py", "conformance/specs.py", "conformance/training.py")
+
+
 def source_files() -> list[str]:
-    """The files that get a page of their own on the site: every backend module."""
-    return sorted(
+    """The files that get a page of their own on the site: every backend module and CORE_FILES."""
+    backends = sorted(
         str(path.relative_to(ROOT)) for package in BACKENDS.values() for path in (ROOT / package).glob("*.py")
     )
+    return backends + list(CORE_FILES)

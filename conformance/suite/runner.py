@@ -39,7 +39,7 @@ MATRICES = {
     ],
     "tiny": [Config("tiny", 19, 4), Config("tiny_d2l", 13, 4)],
 }
-# Checked again as memory-efficient models (issue 13), in every matrix: the cheapest nets with
+# Checked again as memory-efficient models, in every matrix: the cheapest nets with
 # both dense-layer kinds (a bottleneck and a plain 3x3 layer) behind the ImageNet stem. What
 # recomputing changes is the gradients' pass, and how often it moves the running statistics;
 # the trainer's step on top of it is the plain model's.

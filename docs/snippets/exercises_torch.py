@@ -2,7 +2,6 @@
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from conformance.specs import count_params, get_spec
 from densenet_torch import DenseBlock, DenseNet
@@ -36,31 +35,17 @@ class NoTransitions(nn.Module):
         for num_convs in spec.block_config:
             layers.append(DenseBlock(num_convs, channels, spec.growth_rate))
             channels += num_convs * spec.growth_rate
-        layers += [nn.BatchNorm2d(channels), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
-                   nn.Linear(channels, spec.num_classes)]
+        layers += [
+            nn.BatchNorm2d(channels),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
+            nn.Linear(channels, spec.num_classes),
+        ]
         self.net = nn.Sequential(*layers)
 
     def forward(self, X):
         return self.net(X)
-
-
-class Checkpointed(nn.Module):
-    """A conv block whose activations are recomputed in the backward pass instead of kept."""
-
-    def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, X):
-        return checkpoint(self.layer, X, use_reentrant=False)
-
-
-def memory_efficient(net):
-    for block in net.features.children():
-        if isinstance(block, DenseBlock):
-            for name, layer in list(block.named_children()):
-                setattr(block, name, Checkpointed(layer))
-    return net
 
 
 d2l = get_spec("d2l")
@@ -68,9 +53,12 @@ variants = {
     "d2l (growth 32, transitions halve channels)": (DenseNet(d2l), d2l),
     "growth 16": (DenseNet(d2l.replace(growth_rate=16)), d2l.replace(growth_rate=16)),
     "growth 64": (DenseNet(d2l.replace(growth_rate=64)), d2l.replace(growth_rate=64)),
-    "transitions keep every channel (compression 1)": (DenseNet(d2l.replace(compression=1.0)), d2l.replace(compression=1.0)),
+    "transitions keep every channel (compression 1)": (
+        DenseNet(d2l.replace(compression=1.0)),
+        d2l.replace(compression=1.0),
+    ),
     "no transition layers": (NoTransitions(d2l), None),
-    "d2l, memory-efficient (checkpointed conv blocks)": (memory_efficient(DenseNet(d2l)), d2l),
+    "d2l, memory-efficient (torchvision's memory_efficient=True)": (DenseNet(d2l, memory_efficient=True), d2l),
 }
 print("| variant | trainable parameters | activations kept for backward, one 96x96 image | one 224x224 image |")
 print("| --- | ---: | ---: | ---: |")

@@ -1,0 +1,107 @@
+"""The results page a lecture can show (`<!-- xf:results -->`), read from the committed result files.
+
+Every number comes from docs/results/*.json, which `make results` and `make bench --publish`
+write; nothing is typed in. Where a file or a device has no run, the page says "not yet run".
+"""
+
+from __future__ import annotations
+
+import json
+
+from ..training import RECIPES
+from .source import ROOT, TABS
+
+RESULTS = ROOT / "docs" / "results"
+NOT_YET_RUN = "not yet run"
+
+
+def read(name: str) -> dict | None:
+    path = RESULTS / name
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def describe_recipe(name: str) -> str:
+    recipe = RECIPES[name]
+    images = f"{recipe.train_examples:,}" if recipe.train_examples else "all 60,000"
+    tests = f"{recipe.test_examples:,}" if recipe.test_examples else "all 10,000"
+    return (
+        f"recipe `{name}`: {images} training images at {recipe.size}x{recipe.size}, {tests} test images, "
+        f"batch {recipe.batch_size}, SGD lr {recipe.lr}, momentum {recipe.momentum}, {recipe.epochs} epochs"
+    )
+
+
+def training_section(report: dict | None) -> list[str]:
+    if report is None or not report.get("training"):
+        return ["No training run is recorded: " + NOT_YET_RUN + ".", ""]
+    training = report["training"]
+    machine = report["machine"]
+    out = [
+        f"From `docs/results/report.json` ({report['date']}, {report['device']}: {machine['cpu']}, "
+        f"{machine['cores']} cores), {describe_recipe(training['recipe'])}, the same initial weights and "
+        "batch order in every framework:",
+        "",
+        "| framework | test accuracy | train accuracy | last-epoch loss | examples/s | seconds |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for backend, final in training["final"].items():
+        out.append(
+            f"| {TABS[backend]} | {final['test_acc']:.3f} | {final['train_acc']:.3f} | {final['loss']:.3f} "
+            f"| {final['examples_per_s']:,.0f} | {final['seconds']:.1f} |"
+        )
+    out += ["", "![Training curves of the four frameworks](results/learning_curves.png)", ""]
+    return out
+
+
+def speed_section(bench: dict | None) -> list[str]:
+    if bench is None:
+        return ["Speed against the book's loops: " + NOT_YET_RUN + ".", ""]
+    out = [
+        f"From `docs/results/bench.json` ({bench['date']}, {bench['device_words']}): each framework's trainer "
+        "in float32 against the d2l book's own code for that framework (`bench/anchors/`), on the same "
+        "shape. Above 1 is faster than the book's loop.",
+        "",
+        "| framework | shape | book's loop, examples/s | ours, examples/s | ours / book's |",
+        "| --- | --- | ---: | ---: | ---: |",
+    ]
+    rows = {(row["backend"], row["run"], row["shape"]): row for row in bench["rows"] if row["status"] == "ok"}
+    for (backend, run, shape), row in rows.items():
+        anchor = rows.get((backend, "anchor", shape))
+        if run == "fp32" and anchor:
+            out.append(
+                f"| {TABS[backend]} | {shape} | {anchor['examples_per_s']:,.0f} | {row['examples_per_s']:,.0f} "
+                f"| {row['vs_own_anchor']:.2f} |"
+            )
+    return out + [""]
+
+
+def gpu_status(report: dict | None, bench: dict | None) -> str:
+    """'measured ...' where a committed file records a GPU run, else 'not yet run'."""
+    on_gpu = [
+        name
+        for name, data in (("conformance report", report), ("benchmark", bench))
+        if data and data["device"] == "gpu"
+    ]
+    return f"measured ({', '.join(on_gpu)})" if on_gpu else NOT_YET_RUN
+
+
+def render_gpu_status() -> str:
+    return f"**GPU: {gpu_status(read('report.json'), read('bench.json'))}.**\n"
+
+
+def render_results() -> str:
+    report, bench = read("report.json"), read("bench.json")
+    status = gpu_status(report, bench)
+    book = describe_recipe("d2l").removeprefix("recipe `d2l`: ")
+    if status == NOT_YET_RUN:
+        status += f". No run of the book's recipe (`d2l`: {book}) is recorded yet: the numbers below are on a CPU"
+    lines = [
+        f"**GPU: {status}.**",
+        "",
+        "## Accuracy",
+        "",
+        *training_section(report),
+        "## Speed",
+        "",
+        *speed_section(bench),
+    ]
+    return "\n".join(lines)
