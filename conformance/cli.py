@@ -244,7 +244,7 @@ def cmd_seed_spread(args):
 def cmd_convert(args):
     from . import zoo
 
-    spec = zoo.convert(args.src, args.dst, args.arch, args.src_format, args.dst_format)
+    spec, notes = zoo.convert(args.src, args.dst, args.arch, args.src_format, args.dst_format)
     print(
         to_json(
             {
@@ -253,6 +253,7 @@ def cmd_convert(args):
                 "dst": args.dst,
                 "to": zoo.detect_format(args.dst, args.dst_format),
                 "arch": spec.name,
+                "notes": notes,
                 "spec": json.loads(spec.to_json()),
             }
         )

@@ -26,10 +26,14 @@ import numpy as np
 from .specs import ARCHS, DenseNetSpec, get_spec, parameter_table
 from .weights import (
     IGNORED_SUFFIXES,
+    MAX_BLOCKS,
+    MAX_LAYERS,
     CheckpointError,
     hwio_to_oihw,
     load_state,
+    load_tensors,
     oihw_to_hwio,
+    read_metadata,
     save_state,
     spec_of_checkpoint,
     validate_state,
@@ -65,6 +69,18 @@ class ZooError(CheckpointError):
     """A model-zoo file that cannot be read or written as asked; the message names the file."""
 
 
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def reason(error: BaseException) -> str:
+    """A framework's error as one line of plain text: its type and first non-empty line, without
+    terminal escape codes (MXNet colours its messages)."""
+    lines = [line.strip() for line in _ESCAPES.sub("", str(error)).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Traceback", "Stack trace", "File ", "[bt]"))] or lines
+    line = lines[0].removeprefix(f"{type(error).__name__}: ") if lines else "no message"
+    return f"{type(error).__name__}: {line}"
+
+
 def detect_format(path, override: str | None = None) -> str:
     """The format of `path` from its suffix (`override`, a FORMATS name, wins)."""
     if override is not None:
@@ -76,6 +92,8 @@ def detect_format(path, override: str | None = None) -> str:
         (".safetensors", "canonical"),
         (".pth", "torchvision"),
         (".pt", "torchvision"),
+        (".pth.tar", "torchvision"),  # timm's and the ImageNet example's training checkpoints
+        (".bin", "torchvision"),  # Hugging Face's pytorch_model.bin
         (".weights.h5", "keras"),
         (".h5", "keras-h5"),
         (".hdf5", "keras-h5"),
@@ -84,7 +102,7 @@ def detect_format(path, override: str | None = None) -> str:
         if name.endswith(suffix):
             return fmt
     raise ZooError(
-        f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt, "
+        f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt/.pth.tar/.bin, "
         f".h5 (Keras applications), .weights.h5 (Keras 3) or .params (Gluon), or pass --from/--to"
     )
 
@@ -93,20 +111,59 @@ def detect_format(path, override: str | None = None) -> str:
 # Architecture inference
 
 
-def _layer_counts(keys) -> list[int]:
-    counts = Counter(
-        int(m.group(1))
-        for key in keys
-        if (m := re.match(r"features\.denseblock(\d+)\.denselayer\d+\.norm1\.weight$", key))
-    )
-    return [counts[b] for b in range(1, len(counts) + 1)]
+def _layer_counts(keys, source) -> list[int]:
+    """Dense layers per block, from the highest layer number any key of each block names."""
+    layers: dict[int, int] = {}
+    for key in keys:
+        if m := re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key):
+            block, layer = int(m.group(1)), int(m.group(2))
+            layers[block] = max(layers.get(block, 0), layer)
+    if max(layers, default=0) > MAX_BLOCKS or sum(layers.values()) > MAX_LAYERS:
+        raise ZooError(
+            f"{source} names dense block {max(layers)} and {sum(layers.values())} dense layers; "
+            f"at most {MAX_BLOCKS} blocks and {MAX_LAYERS} layers are read"
+        )
+    return [layers.get(b, 0) for b in range(1, max(layers, default=0) + 1)]
+
+
+# The stems other DenseNet code builds, recognised by their keys, so that a file with one is
+# refused in words instead of as a list of mis-shaped tensors.
+OUR_STEMS = (
+    "densenet-xf builds the DenseNet-BC stems only: one 7x7/2 convolution, BatchNorm and a 3x3/2 "
+    "max-pool (imagenet), or one 3x3 convolution (cifar)"
+)
+
+
+def check_stem(state: dict, source) -> None:
+    """Refuse, in words, a stem that is neither of ours (timm's deep stem, for one)."""
+    convs = [key for key in ("features.conv0.weight", "features.conv1.weight", "features.conv2.weight") if key in state]
+    if len(convs) > 1:
+        kernels = ", ".join("x".join(map(str, np.shape(state[key])[2:])) for key in convs)
+        raise ZooError(
+            f"{source} has a deep stem: {len(convs)} convolutions ({kernels}) before the first dense block, "
+            f"as timm's deep-stem DenseNets (densenet264d and the like) build; {OUR_STEMS}"
+        )
+    kernel = np.shape(state["features.conv0.weight"])[2:] if convs else ()
+    expected = (7, 7) if "features.norm0.weight" in state else (3, 3)
+    if convs and tuple(kernel) != expected:
+        raise ZooError(
+            f"{source}'s stem is a {'x'.join(map(str, kernel))} convolution"
+            f"{' with BatchNorm' if expected == (7, 7) else ''}; {OUR_STEMS}"
+        )
 
 
 def infer_spec(state: dict, source: str = "state") -> DenseNetSpec:
     """The architecture of a canonical state, from its keys and shapes; a known name when one fits."""
+    if "features.conv0.weight" not in state:
+        first = ", ".join(list(state)[:3])
+        raise ZooError(
+            f"{source} is not a DenseNet state: it has no features.conv0.weight "
+            f"(its {len(state)} keys begin {first or 'with nothing'})"
+        )
+    check_stem(state, source)
     try:
         conv0 = np.shape(state["features.conv0.weight"])
-        blocks = _layer_counts(state)
+        blocks = _layer_counts(state, source)
         layer = "features.denseblock1.denselayer1"
         bottleneck = f"{layer}.conv2.weight" in state
         growth = np.shape(state[f"{layer}.conv2.weight" if bottleneck else f"{layer}.conv1.weight"])[0]
@@ -117,20 +174,22 @@ def infer_spec(state: dict, source: str = "state") -> DenseNetSpec:
         else:
             compression = 0.5
         classes = np.shape(state["classifier.weight"])[0]
-    except (KeyError, IndexError, ValueError) as error:
+        spec = DenseNetSpec(
+            "custom",
+            "imagenet" if "features.norm0.weight" in state else "cifar",
+            conv0[0],
+            growth,
+            tuple(blocks),
+            bn_size,
+            compression,
+            "features.conv0.bias" in state,
+            conv0[1],
+            classes,
+        )
+    except KeyError as error:
         raise ZooError(f"{source} is not a DenseNet state: no {error} to infer the architecture from") from None
-    spec = DenseNetSpec(
-        "custom",
-        "imagenet" if "features.norm0.weight" in state else "cifar",
-        conv0[0],
-        growth,
-        tuple(blocks),
-        bn_size,
-        compression,
-        "features.conv0.bias" in state,
-        conv0[1],
-        classes,
-    )
+    except (IndexError, ValueError, ZeroDivisionError) as error:  # shapes that no DenseNet has
+        raise ZooError(f"{source} does not describe a DenseNet: {error}") from None
     validate_state(state, spec, source=source)  # the rest of the tensors must fit what was inferred
     return _named(spec)
 
@@ -142,14 +201,84 @@ def _named(spec: DenseNetSpec) -> DenseNetSpec:
     return spec.replace(name=f"densenet-k{spec.growth_rate}-{'-'.join(map(str, spec.block_config))}")
 
 
+def spec_differences(spec: DenseNetSpec, expected: DenseNetSpec) -> list[str]:
+    """The fields (the name aside) in which `spec` differs from `expected`, in the spec's order."""
+    return [
+        field
+        for field in DenseNetSpec.__dataclass_fields__
+        if field != "name" and getattr(spec, field) != getattr(expected, field)
+    ]
+
+
 def check_arch(spec: DenseNetSpec, arch, source) -> DenseNetSpec:
-    """`arch` (a name or spec) must describe the inferred `spec`; num_classes may differ only by name."""
+    """`arch` (a name or spec) must describe the inferred `spec`; only the names may differ.
+    The error names the first field that differs."""
     if arch is None:
         return spec
     expected = get_spec(arch)
-    if expected.replace(name=spec.name) != spec:
-        raise ZooError(f"{source} holds {spec.to_json()}, not {expected.name} ({expected.to_json()})")
+    differences = spec_differences(spec, expected)
+    if differences:
+        field = differences[0]
+        more = f" (and {len(differences) - 1} more field(s): {', '.join(differences[1:])})" if differences[1:] else ""
+        raise ZooError(
+            f"{source} is not {expected.name}: its {field} is {getattr(spec, field)!r}, "
+            f"{expected.name}'s is {getattr(expected, field)!r}{more}; without --arch it converts as "
+            f"{spec.name}"
+        )
     return expected
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints as training scripts save them: a state dict under an entry, keys with a prefix
+
+# Entries of a training checkpoint that hold the model's state dict, in the order looked at:
+# torchvision's and timm's training scripts save "state_dict" (timm also "state_dict_ema",
+# its EMA of the weights), others "model".
+STATE_ENTRIES = ("state_dict", "model", "state_dict_ema")
+# Prefixes wrappers put before every key: DistributedDataParallel and DataParallel, torch.compile.
+WRAPPER_PREFIXES = {"module.": "DistributedDataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _is_state(obj) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(key, str) and isinstance(value, np.ndarray) for key, value in obj.items())
+    )
+
+
+def strip_prefixes(state: dict) -> tuple[dict, list[str]]:
+    """The state with the wrappers' prefixes that every key carries removed; the prefixes removed."""
+    stripped = []
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
+        if prefix is None:
+            break
+        state = {key[len(prefix) :]: value for key, value in state.items()}
+        stripped.append(prefix)
+    return state, stripped
+
+
+def from_checkpoint(obj, source) -> tuple[dict, list[str]]:
+    """A state dict, or a training checkpoint holding one, as canonical keys; and what was done
+    to find it, in words."""
+    notes = []
+    if not isinstance(obj, dict):
+        raise ZooError(f"{source} holds a {type(obj).__name__}, not a state dict of tensors")
+    if not _is_state(obj):
+        found = [entry for entry in STATE_ENTRIES if _is_state(obj.get(entry))]
+        if not found:
+            entries = ", ".join(map(str, list(obj)[:8])) or "nothing"
+            raise ZooError(
+                f"{source} holds a dict ({entries}) that is neither a state dict of tensors nor a "
+                f"training checkpoint with one under {', '.join(STATE_ENTRIES)}"
+            )
+        obj = obj[found[0]]
+        also = f" (also there: {', '.join(found[1:])})" if found[1:] else ""
+        notes.append(f"the state dict is the checkpoint's {found[0]!r} entry{also}")
+    state, stripped = strip_prefixes(obj)
+    notes += [f"every key's {prefix!r} prefix ({WRAPPER_PREFIXES[prefix]}) removed" for prefix in stripped]
+    return from_torchvision(state), notes
 
 
 # ---------------------------------------------------------------------------------------
@@ -385,21 +514,36 @@ def _owner(fmt):
         raise ZooError(f"reading or writing {FORMATS[fmt]} needs {OWNERS[fmt]}'s framework: {error}") from error
 
 
-def read_weights(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray]]:
-    """(spec, canonical state) from a file in any format; only the owning framework is imported."""
+def read_file(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray], list[str]]:
+    """(spec, canonical state, notes) from a file in any format; only the owning framework is
+    imported. The notes say in words what was done beyond renaming (an entry read, a prefix removed)."""
     fmt = detect_format(path, fmt)
     if not Path(path).is_file():
         raise ZooError(f"no weights file at {path}")
     if fmt == "canonical":
-        spec = check_arch(spec_of_checkpoint(path), arch, path)
-        return spec, load_state(path, spec)
-    state = _owner(fmt).read_zoo(path, fmt)
+        metadata = read_metadata(path)
+        if "spec" in metadata or "arch" in metadata:
+            spec = check_arch(spec_of_checkpoint(path, metadata), arch, path)
+            return spec, load_state(path, spec), []
+        # A safetensors file without our metadata (as model hubs store weights): its tensors tell
+        state, notes = from_checkpoint(load_tensors(path), str(path))
+        notes.insert(0, "no densenet-xf metadata: the architecture is inferred from the tensors")
+    else:
+        state, notes = _owner(fmt).read_zoo(path, fmt)
     spec = check_arch(infer_spec(state, str(path)), arch, path)
-    return spec, validate_state(state, spec, source=str(path))
+    state = validate_state(state, spec, source=str(path))
+    return spec, {key: value.astype(np.float32, copy=False) for key, value in state.items()}, notes
+
+
+def read_weights(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray]]:
+    """(spec, canonical state) from a file in any format (read_file without the notes)."""
+    spec, state, _ = read_file(path, fmt, arch)
+    return spec, state
 
 
 def write_weights(path, state: dict, spec: DenseNetSpec, fmt: str | None = None) -> None:
-    """Write a canonical state in `fmt` (default: from the suffix), atomically."""
+    """Write a canonical state in `fmt` (default: from the suffix), atomically; a missing
+    directory is created, as for every file the project writes."""
     fmt = detect_format(path, fmt)
     if fmt == "canonical":
         save_state(path, state, spec)
@@ -407,10 +551,11 @@ def write_weights(path, state: dict, spec: DenseNetSpec, fmt: str | None = None)
         _owner(fmt).write_zoo(path, validate_state(state, spec), spec, fmt)
 
 
-def convert(src, dst, arch=None, src_format=None, dst_format=None) -> DenseNetSpec:
-    spec, state = read_weights(src, src_format, arch)
+def convert(src, dst, arch=None, src_format=None, dst_format=None) -> tuple[DenseNetSpec, list[str]]:
+    """Read `src`, write `dst`; the spec and the notes of read_file."""
+    spec, state, notes = read_file(src, src_format, arch)
     write_weights(dst, state, spec, dst_format)
-    return spec
+    return spec, notes
 
 
 def zoo_spec(name: str, num_classes: int = 1000) -> DenseNetSpec:

@@ -19,7 +19,7 @@ from conformance.weights import atomic_write_bytes
 
 from . import compat  # noqa: F401  (before mxnet)
 from .model import DenseNet
-from .weights import load_canonical
+from .weights import canonical_key, load_canonical
 
 
 @contextlib.contextmanager
@@ -47,19 +47,29 @@ def gluon_application(spec):
 
 
 def read_zoo(path, fmt="gluon"):
-    """A Gluon model-zoo `.params` file as a canonical state."""
+    """A Gluon model-zoo `.params` file as (canonical state, notes). A file saved in NumPy mode
+    (as this package's DenseNet saves) is read in NumPy mode; its names are ours already."""
     try:
-        with legacy_mode():
-            loaded = mx.nd.load(str(path))
-    except mx.base.MXNetError as error:
+        try:
+            with legacy_mode():
+                loaded = mx.nd.load(str(path))
+            numpy_mode = False
+        except mx.base.MXNetError as error:
+            if "np shape semantics" not in str(error):
+                raise
+            loaded, numpy_mode = npx.load(str(path)), True
+    except Exception as error:  # any parser failure of a file that is not MXNet's
         raise zoo.ZooError(
-            f"{path} is not a readable MXNet .params file (truncated or corrupt?): {str(error).splitlines()[0]}"
+            f"{path} is not a readable MXNet .params file (truncated or corrupt?): {zoo.reason(error)}"
         ) from None
     if not isinstance(loaded, dict):
         raise zoo.ZooError(f"{path} holds an unnamed list of {len(loaded)} arrays, not Gluon parameters")
     params = {name.split(":", 1)[-1]: value.asnumpy() for name, value in loaded.items()}  # "arg:" in old files
+    if numpy_mode and "output.weight" not in params:  # our DenseNet's structural names: gamma/beta for weight/bias
+        state, notes = zoo.from_checkpoint({canonical_key(name): value for name, value in params.items()}, str(path))
+        return state, ["saved in MXNet's NumPy mode with densenet_mxnet's parameter names", *notes]
     spec = zoo.gluon_spec({name: value.shape for name, value in params.items()}, str(path))
-    return zoo.from_gluon(params, spec, str(path))
+    return zoo.from_gluon(params, spec, str(path)), []
 
 
 def write_zoo(path, state, spec, fmt="gluon"):

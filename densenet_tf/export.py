@@ -1,19 +1,25 @@
 """The Keras DenseNet in deployment formats: the `.keras` file (native) and ONNX.
 
 Keras 3 writes ONNX itself (`model.export(format="onnx")`), through tf2onnx on the
-TensorFlow backend. Both formats take any batch size and input size.
+TensorFlow backend. Both formats take any batch size and input size. Keras exports only a
+model that has been called, even a built one, so a model never called is called once first.
 """
 
 import os
 import tempfile
 
 import keras
+import numpy as np
 import tf2onnx
 
 from conformance.weights import atomic_write_bytes
 
 EXPORTER = f"keras.Model.export(format='onnx') via tf2onnx {tf2onnx.__version__}, Keras {keras.__version__}"
 NATIVE_SUFFIX = ".keras"
+
+
+def example_input(model, size):
+    return np.zeros((2, size, size, model.spec.in_channels), dtype=model.dtype)
 
 
 def written_by(write, suffix):
@@ -36,4 +42,5 @@ def load_native(path):
 
 
 def export_onnx(model, path, size):
+    model(example_input(model, size), training=False)  # "The model provided has never called" otherwise
     atomic_write_bytes(path, written_by(lambda name: model.export(name, format="onnx", verbose=False), ".onnx"))

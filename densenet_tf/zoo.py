@@ -77,7 +77,7 @@ def read_zoo(path, fmt="keras-h5"):
     except (ValueError, KeyError, OSError) as error:
         raise zoo.ZooError(f"{path} does not load into Keras applications' {spec.name}: {error}") from None
     weights = {layer.name: [w.numpy() for w in layer.weights] for layer in model.layers if layer.weights}
-    return zoo.from_keras(weights, spec, str(path))
+    return zoo.from_keras(weights, spec, str(path)), []
 
 
 def _predictions_classes(f, path):

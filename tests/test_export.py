@@ -120,14 +120,34 @@ def test_mxnet_symbol_block_keeps_hybridized_logits(tmp_path):
     assert_same_logits(backend.forward(model, x, train=False), expected, 0.0)
 
 
-def test_cli_export_writes_onnx_that_onnxruntime_runs(tmp_path, capsys):
-    backend, model, x = loaded("mxnet")  # MXNet's exporter is the fastest of the four
-    pytest.importorskip("onnxruntime")
+# Through the command line, as a user runs it: every backend, both formats. The slowest
+# (JAX's ONNX conversion, torch.export) take 5-10 s each on 2 CPU cores.
+CLI_CASES = [
+    pytest.param(name, fmt, marks=pytest.mark.slow) if (name, fmt) in {("jax", "onnx")} else (name, fmt)
+    for name in ("torch", "tf", "jax", "mxnet")
+    for fmt in export.FORMATS
+]
+
+
+@pytest.mark.parametrize("name,fmt", CLI_CASES)
+def test_cli_export_every_backend_and_format(name, fmt, tmp_path, capsys):
+    backend, model, x = loaded(name)
+    exporter = export.backend_exporter(backend)
+    if fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        pytest.importorskip("onnxruntime")
     checkpoint = tmp_path / "model.safetensors"
-    weights.save_state(checkpoint, backend.export_state(model), model.spec)
-    assert main(["export", "--backend", "mxnet", "--size", str(SIZE), str(checkpoint), str(tmp_path / "m.onnx")]) == 0
-    assert '"format": "onnx"' in capsys.readouterr().out
-    assert_same_logits(export.run_onnx(tmp_path / "m.onnx", x), backend.forward(model, x, train=False))
+    weights.save_state(checkpoint, backend.export_state(model), specs.get_spec(ARCH))
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else f"m{exporter.NATIVE_SUFFIX}")
+    argv = ["export", "--backend", name, "--format", fmt, "--size", str(SIZE), str(checkpoint), str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f'"format": "{fmt}"' in capsys.readouterr().out
+    expected = backend.forward(model, x, train=False)
+    if fmt == "onnx":
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+        assert_same_logits(export.run_onnx(out, x), expected)
+    else:
+        assert_same_logits(exporter.load_native(out)(x), expected)
 
 
 def test_cli_export_needs_a_size(tmp_path, capsys):

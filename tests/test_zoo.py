@@ -68,9 +68,10 @@ def test_formats_by_suffix_and_override():
         "keras",
         "gluon",
     ]
-    assert zoo.detect_format("weights.bin", "gluon") == "gluon"
-    with pytest.raises(zoo.ZooError, match="weights.bin"):
-        zoo.detect_format("weights.bin")
+    assert zoo.detect_format("weights.dat", "gluon") == "gluon"
+    assert zoo.detect_format("model_best.pth.tar") == zoo.detect_format("pytorch_model.bin") == "torchvision"
+    with pytest.raises(zoo.ZooError, match="weights.dat"):
+        zoo.detect_format("weights.dat")
     with pytest.raises(zoo.ZooError, match="unknown format"):
         zoo.detect_format("a.pth", "onnx")
 
