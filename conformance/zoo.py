@@ -366,6 +366,69 @@ def _modules(spec: DenseNetSpec) -> dict[str, list[str]]:
     return modules
 
 
+def keras_layer_shapes(spec: DenseNetSpec) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """Keras applications' layers with weights, in its model's order: (Keras 3 name, weight shapes)."""
+    table = parameter_table(spec)
+    return [
+        (keras_layer_name(module), [_hwio_shape(table[f"{module}.{leaf}"]) for leaf in leaves])
+        for module, leaves in _modules(spec).items()
+    ]
+
+
+def _hwio_shape(shape):
+    return (*shape[2:], shape[1], shape[0]) if len(shape) == 4 else tuple(reversed(shape))
+
+
+def keras_spec_from_layers(layers, source) -> DenseNetSpec:
+    """The spec of Keras applications' DenseNet from its layers' weight shapes in order, whatever
+    the layers are called: a 7x7 stem conv and BN, then per dense layer BN, 1x1 conv, BN, 3x3 conv,
+    per transition BN and 1x1 conv, then BN and the dense classifier."""
+    shapes = [[tuple(shape) for shape in weights] for _, weights in layers]
+
+    def kernel(i, size):
+        return i < len(shapes) and len(shapes[i]) == 1 and len(shapes[i][0]) == 4 and shapes[i][0][:2] == (size, size)
+
+    if not (kernel(0, 7) and len(shapes) > 2):
+        first = f"{layers[0][0]} holds {shapes[0]}" if layers else "it has no layers with weights"
+        raise ZooError(
+            f"{source} is not a Keras applications DenseNet: its first layer should be the 7x7 stem conv; {first}"
+        )
+    blocks, layer, i = [], 0, 2
+    while i + 1 < len(shapes) and len(shapes[i]) == 4 and len(blocks) <= MAX_BLOCKS:  # a BatchNorm, then a conv
+        if kernel(i + 1, 1) and kernel(i + 3, 3):
+            layer, i = layer + 1, i + 4
+        elif kernel(i + 1, 1):
+            blocks, layer, i = blocks + [layer], 0, i + 2
+        else:
+            break
+    if layer:
+        blocks.append(layer)
+    classes = shapes[-1][0][-1] if shapes[-1] and len(shapes[-1][0]) == 2 else None
+    if classes is None or not blocks or min(blocks) < 1 or len(blocks) > MAX_BLOCKS:
+        raise ZooError(
+            f"{source} is not a Keras applications DenseNet with its classifier: its {len(layers)} layers with "
+            f"weights (the last, {layers[-1][0]}, holding {shapes[-1]}) do not follow the builder's order of "
+            f"stem, dense layers, transitions, BN and classifier"
+        )
+    return keras_spec(blocks, classes)
+
+
+def check_keras_layers(layers, spec: DenseNetSpec, source) -> None:
+    """The file's layers, in order, must hold the shapes of Keras applications' `spec`; the error
+    names the first that does not."""
+    expected = keras_layer_shapes(spec)
+    for index, ((name, shapes), (keras_name, keras_shapes)) in enumerate(zip(layers, expected), start=1):
+        if [tuple(shape) for shape in shapes] != keras_shapes:
+            raise ZooError(
+                f"{source}: layer {index} with weights, {name}, holds {[tuple(s) for s in shapes]}, where Keras "
+                f"applications' {spec.name} has {keras_name} with {keras_shapes}"
+            )
+    if len(layers) != len(expected):
+        raise ZooError(
+            f"{source} has {len(layers)} layers with weights; Keras applications' {spec.name} has {len(expected)}"
+        )
+
+
 def to_keras(state: dict, spec: DenseNetSpec) -> dict[str, list[np.ndarray]]:
     """Canonical state -> {Keras layer name: its weights in Keras order and layout}, eps folded."""
     state = validate_state(state, spec)

@@ -7,7 +7,6 @@ NumPy mode (`npx.set_np()`): `legacy_mode()` switches for the duration and back.
 """
 
 import contextlib
-import os
 
 import mxnet as mx
 import numpy as onp
@@ -15,7 +14,7 @@ from mxnet import npx, util
 from mxnet.gluon.model_zoo.vision import densenet as gluon_densenet
 
 from conformance import zoo
-from conformance.weights import atomic_write_bytes
+from conformance.weights import atomic_write_bytes, bytes_written_by
 
 from . import compat  # noqa: F401  (before mxnet)
 from .model import DenseNet
@@ -58,13 +57,15 @@ def read_zoo(path, fmt="gluon"):
             if "np shape semantics" not in str(error):
                 raise
             loaded, numpy_mode = npx.load(str(path)), True
+        if not isinstance(loaded, dict):
+            raise zoo.ZooError(f"{path} holds an unnamed list of {len(loaded)} arrays, not Gluon parameters")
+        params = {name.split(":", 1)[-1]: value.asnumpy() for name, value in loaded.items()}  # "arg:" in old files
+    except zoo.ZooError:
+        raise
     except Exception as error:  # any parser failure of a file that is not MXNet's
         raise zoo.ZooError(
             f"{path} is not a readable MXNet .params file (truncated or corrupt?): {zoo.reason(error)}"
         ) from None
-    if not isinstance(loaded, dict):
-        raise zoo.ZooError(f"{path} holds an unnamed list of {len(loaded)} arrays, not Gluon parameters")
-    params = {name.split(":", 1)[-1]: value.asnumpy() for name, value in loaded.items()}  # "arg:" in old files
     if numpy_mode and "output.weight" not in params:  # our DenseNet's structural names: gamma/beta for weight/bias
         state, notes = zoo.from_checkpoint({canonical_key(name): value for name, value in params.items()}, str(path))
         return state, ["saved in MXNet's NumPy mode with densenet_mxnet's parameter names", *notes]
@@ -79,11 +80,7 @@ def write_zoo(path, state, spec, fmt="gluon"):
     with legacy_mode():
         for name, value in zoo.to_gluon(state, spec).items():
             params[name]._load_init(mx.nd.array(value), mx.cpu())  # what load_parameters does per parameter
-        tmp = f"{path}.tmp.params"
-        net.save_parameters(tmp)
-    with open(tmp, "rb") as f:
-        data = f.read()
-    os.unlink(tmp)
+        data = bytes_written_by(net.save_parameters, ".params")
     atomic_write_bytes(path, data)
 
 

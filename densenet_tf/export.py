@@ -5,14 +5,11 @@ TensorFlow backend. Both formats take any batch size and input size. Keras expor
 model that has been called, even a built one, so a model never called is called once first.
 """
 
-import os
-import tempfile
-
 import keras
 import numpy as np
 import tf2onnx
 
-from conformance.weights import atomic_write_bytes
+from conformance.weights import atomic_write_bytes, bytes_written_by
 
 EXPORTER = f"keras.Model.export(format='onnx') via tf2onnx {tf2onnx.__version__}, Keras {keras.__version__}"
 NATIVE_SUFFIX = ".keras"
@@ -22,17 +19,8 @@ def example_input(model, size):
     return np.zeros((2, size, size, model.spec.in_channels), dtype=model.dtype)
 
 
-def written_by(write, suffix):
-    """The bytes a writer that takes only a file name writes, so that they land atomically."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model" + suffix)
-        write(path)
-        with open(path, "rb") as stream:
-            return stream.read()
-
-
 def save_native(model, path, size):
-    atomic_write_bytes(path, written_by(model.save, NATIVE_SUFFIX))
+    atomic_write_bytes(path, bytes_written_by(model.save, NATIVE_SUFFIX))
 
 
 def load_native(path):
@@ -43,4 +31,4 @@ def load_native(path):
 
 def export_onnx(model, path, size):
     model(example_input(model, size), training=False)  # "The model provided has never called" otherwise
-    atomic_write_bytes(path, written_by(lambda name: model.export(name, format="onnx", verbose=False), ".onnx"))
+    atomic_write_bytes(path, bytes_written_by(lambda name: model.export(name, format="onnx", verbose=False), ".onnx"))

@@ -28,23 +28,25 @@ def read_zoo(path, fmt="torchvision"):
         # argparse.Namespace: the training arguments timm saves beside the weights; plain data
         with torch.serialization.safe_globals([argparse.Namespace]):
             loaded = torch.load(path, map_location="cpu", weights_only=True)
+        arrays = to_numpy(loaded)
     except pickle.UnpicklingError as error:
-        reason = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
+        reason = (found.group(1) if found else str(error)).strip()
         raise zoo.ZooError(
-            f"{path} was refused by torch.load(weights_only=True): it is not a plain state dict "
-            f"and loading it would run code from the file ({(reason.group(1) if reason else str(error)).strip()})"
+            f"{path} was refused by torch.load(weights_only=True): it is not a plain state dict of tensors "
+            f"(a damaged file, or a pickle that would run code when loaded) ({reason})"
         ) from None
     except Exception as error:  # any parser failure of a file that is not torch.save's
         raise zoo.ZooError(
             f"{path} is not a readable torch.save file (truncated or corrupt?): {zoo.reason(error)}"
         ) from None
-    return zoo.from_checkpoint(to_numpy(loaded), str(path))
+    return zoo.from_checkpoint(arrays, str(path))
 
 
 def to_numpy(obj):
     """Tensors as NumPy arrays (floating ones as float32), inside dicts as deep as they go."""
     if isinstance(obj, torch.Tensor):
-        return (obj.float() if obj.is_floating_point() else obj).numpy()
+        return (obj.float() if obj.is_floating_point() else obj).detach().numpy()
     if isinstance(obj, dict):
         return {key: to_numpy(value) for key, value in obj.items()}
     return obj
