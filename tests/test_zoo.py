@@ -6,6 +6,7 @@ state dicts in both key layouts written from our PyTorch backend, whose keys are
 """
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -589,3 +590,47 @@ def test_a_small_file_claiming_millions_of_layers_fails_fast(tmp_path):
     with pytest.raises(CheckpointError, match="claims 4 blocks of 4000000 layers in all; at most"):
         zoo.read_weights(path)
     assert time.perf_counter() - start < 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# writers: every format alike
+
+
+WRITE_CASES = {  # suffix -> (framework, spec)
+    "safetensors": (None, specs.get_spec("tiny")),
+    "pth": ("torch", specs.get_spec("tiny")),
+    "h5": ("tf", KERAS_SPEC),
+    "weights.h5": ("tf", KERAS_SPEC),
+    "params": ("mxnet", GLUON_SPEC),
+}
+
+
+def unwritable_folder(tmp_path):
+    """A folder no file can be written in: read-only for a user; for root (whom modes do not stop), /sys."""
+    import os
+
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+@pytest.mark.parametrize("suffix", list(WRITE_CASES))
+def test_writers_create_missing_folders_and_refuse_unwritable_ones(tmp_path, capsys, suffix):
+    framework, spec = WRITE_CASES[suffix]
+    if framework:
+        backend_or_skip(framework)
+    src = tmp_path / "src.safetensors"
+    save_state(src, init_state(spec, seed=2), spec)
+    dst = tmp_path / "new" / "folder" / f"model.{suffix}"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert sorted(p.name for p in dst.parent.iterdir()) == [dst.name]  # nothing beside it, no temporary file
+    assert zoo.read_weights(dst)[0].replace(name=spec.name) == spec
+    capsys.readouterr()
+    target = unwritable_folder(tmp_path) / f"model.{suffix}"
+    assert main(["convert", str(src), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"densenet-xf convert: error: cannot write {target}") and err.count("\n") == 1, err
+    assert not target.exists()
