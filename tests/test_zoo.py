@@ -634,3 +634,37 @@ def test_writers_create_missing_folders_and_refuse_unwritable_ones(tmp_path, cap
     err = capsys.readouterr().err
     assert err.startswith(f"densenet-xf convert: error: cannot write {target}") and err.count("\n") == 1, err
     assert not target.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# quiet messages, as a user sees them in a terminal
+
+
+def run_cli(*argv):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return subprocess.run([sys.executable, "-m", "conformance", *argv], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow  # two fresh processes that import TensorFlow: about 40 s on 2 busy cores
+def test_keras_conversion_prints_no_framework_logs(tmp_path):
+    backend_or_skip("tf")
+    src = tmp_path / "k.safetensors"
+    save_state(src, init_state(KERAS_SPEC), KERAS_SPEC)
+    done = run_cli("convert", str(src), str(tmp_path / "k.h5"))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    back = run_cli("convert", str(tmp_path / "k.h5"), str(tmp_path / "back.safetensors"), "--verbose")
+    assert back.returncode == 0 and "tensorflow" in back.stderr.lower()  # --verbose shows them
+
+
+def test_a_damaged_params_file_is_one_plain_line(tmp_path):
+    backend_or_skip("mxnet")
+    path = tmp_path / "random.params"
+    path.write_bytes(np.random.default_rng(0).bytes(300))
+    done = run_cli("convert", str(path), str(tmp_path / "x.safetensors"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "\x1b" not in done.stderr, done.stderr
+    assert "is not a readable MXNet .params file (truncated or corrupt?): MXNetError: Check failed" in done.stderr
