@@ -668,3 +668,61 @@ def test_a_damaged_params_file_is_one_plain_line(tmp_path):
     done = run_cli("convert", str(path), str(tmp_path / "x.safetensors"))
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "\x1b" not in done.stderr, done.stderr
     assert "is not a readable MXNet .params file (truncated or corrupt?): MXNetError: Check failed" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Keras files by layer order: the Keras 2 builder's names
+
+
+KERAS2_NAMES = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn", "predictions": "fc1000"}
+
+
+def text(name):
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def keras2_file(path, model, renames=KERAS2_NAMES, reshape=None):
+    """A legacy .h5 as the Keras 2 builder named its layers (`conv1/conv`, `fc1000`): Keras 3's own
+    legacy writer, then the layers renamed in the file with h5py (the published files cannot be
+    downloaded here). `reshape` replaces one layer's first weight with a wrongly shaped one."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+        for old, new in renames.items():
+            group = f[old]
+            weight_names = [text(name) for name in group.attrs["weight_names"]]
+            for name in weight_names:  # weights live at LAYER/LAYER/kernel in Keras 2's files
+                f.move(f"{old}/{name}", f"{new}/{new}/{name.split('/', 1)[1]}")
+            f[new].attrs["weight_names"] = [f"{new}/{name.split('/', 1)[1]}".encode() for name in weight_names]
+            del f[old]
+        f.attrs["layer_names"] = [renames.get(text(name), text(name)).encode() for name in f.attrs["layer_names"]]
+        if reshape:
+            group = f[reshape]
+            name = text(group.attrs["weight_names"][0])
+            shape = group[name].shape
+            del group[name]
+            group[name] = np.zeros(shape[:-1] + (shape[-1] + 1,), np.float32)
+
+
+def test_keras2_named_file_reads_by_layer_order(tmp_path, capsys):
+    model = keras_zoo_model()
+    x = images(32)
+    expected = keras_logits(model, x)
+    src = tmp_path / "densenet_keras2.h5"
+    keras2_file(src, model)
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors")]) == 0
+    assert "layers matched by order, as Keras loads a legacy .h5: 3 of them" in capsys.readouterr().out
+    spec, state = zoo.read_weights(tmp_path / "c.safetensors")
+    assert spec == KERAS_SPEC
+    assert_every_backend_reproduces(spec, state, x, expected, ("torch",))
+
+
+def test_keras2_named_file_names_the_first_layer_that_does_not_fit(tmp_path):
+    model = keras_zoo_model()
+    path = tmp_path / "bad.h5"
+    keras2_file(path, model, reshape="conv2_block1_1_conv")
+    with pytest.raises(CheckpointError, match=r"bad\.h5: layer 4 with weights, conv2_block1_1_conv, holds") as info:
+        zoo.read_weights(path)
+    assert "where Keras applications' " in str(info.value)
