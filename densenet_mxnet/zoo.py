@@ -2,7 +2,7 @@
 
 Files are read with `mx.nd.load` and written by the model zoo's own DenseNet through
 `save_parameters`. Both belong to MXNet's legacy NDArray mode, while this package runs in
-NumPy mode (`npx.set_np()`): `legacy_mode()` switches for the duration and back.
+NumPy mode (`use_np`, scoped to its own calls): `legacy_mode()` switches for the duration and back.
 `conformance.zoo` maps the zoo's structural names (`features.4.0.1.2.weight`) to ours.
 """
 
@@ -12,6 +12,7 @@ import mxnet as mx
 import numpy as onp
 from mxnet import npx, util
 from mxnet.gluon.model_zoo.vision import densenet as gluon_densenet
+from mxnet.util import use_np
 
 from conformance import zoo
 from conformance.weights import atomic_write_bytes, bytes_written_by
@@ -45,6 +46,7 @@ def gluon_application(spec):
         )
 
 
+@use_np
 def read_zoo(path, fmt="gluon"):
     """A Gluon model-zoo `.params` file as (canonical state, notes). A file saved in NumPy mode
     (as this package's DenseNet saves) is read in NumPy mode; its names are ours already."""
@@ -84,6 +86,7 @@ def write_zoo(path, state, spec, fmt="gluon"):
     atomic_write_bytes(path, data)
 
 
+@use_np
 def preprocess_input(images):
     """uint8 or [0, 255] float NCHW RGB images (mx.np), normalised like torchvision."""
     mean = mx.np.array(zoo.IMAGENET_MEAN).reshape(1, 3, 1, 1)
@@ -91,6 +94,7 @@ def preprocess_input(images):
     return (images.astype("float32") / 255.0 - mean) / std
 
 
+@use_np
 def get_model(name, pretrained=False, classes=1000, ctx=None, memory_efficient=False):
     """`gluon.model_zoo.vision.get_model`: `pretrained` is False or a path in any format `convert` reads.
     `memory_efficient` is accepted and has no effect in MXNet 1.9 (see `DenseNet`)."""

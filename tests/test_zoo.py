@@ -726,3 +726,22 @@ def test_keras2_named_file_names_the_first_layer_that_does_not_fit(tmp_path):
     with pytest.raises(CheckpointError, match=r"bad\.h5: layer 4 with weights, conv2_block1_1_conv, holds") as info:
         zoo.read_weights(path)
     assert "where Keras applications' " in str(info.value)
+
+
+def test_gluon_model_zoo_works_in_the_same_process_after_densenet_mxnet():
+    """densenet_mxnet keeps MXNet's NumPy mode to its own calls: Gluon's own model zoo, in legacy
+    NDArray mode, still works after it, and densenet_mxnet still works after that."""
+    backend = backend_or_skip("mxnet")
+    import mxnet as mx
+    from mxnet.gluon.model_zoo import vision
+
+    spec, state = tiny_torch_state()
+    model = backend.build(spec)
+    backend.load_state(model, state)
+    before = backend.forward(model, images(32), train=False)
+    assert not mx.util.is_np_array() and not mx.util.is_np_shape()
+    net = vision.densenet121(pretrained=False)
+    net.initialize()
+    out = net(mx.nd.zeros((1, 3, 224, 224)))  # its AvgPool2D(7) needs a 7x7 map
+    assert isinstance(out, mx.nd.NDArray) and out.shape == (1, 1000)
+    assert np.array_equal(backend.forward(model, images(32), train=False), before)
