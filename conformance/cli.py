@@ -549,7 +549,8 @@ def main(argv=None):
         TrainingError,
         OSError,
     ) as error:
-        print(f"densenet-xf {args.command}: error: {error}", file=sys.stderr)
+        message = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(error))  # no terminal escape codes
+        print(f"densenet-xf {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)

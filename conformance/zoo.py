@@ -56,10 +56,17 @@ FORMATS = {
     "torchvision": "torchvision state dict (torch.save)",
     "keras-h5": "Keras applications legacy HDF5 weights",
     "keras": "Keras 3 .weights.h5",
+    "keras-model": "Keras 3 .keras model file (its weights are read; its config is not run)",
     "gluon": "MXNet Gluon model-zoo .params",
 }
 # Which backend package reads and writes each zoo format.
-OWNERS = {"torchvision": "densenet_torch", "keras-h5": "densenet_tf", "keras": "densenet_tf", "gluon": "densenet_mxnet"}
+OWNERS = {
+    "torchvision": "densenet_torch",
+    "keras-h5": "densenet_tf",
+    "keras": "densenet_tf",
+    "keras-model": "densenet_tf",
+    "gluon": "densenet_mxnet",
+}
 
 # The constructors every backend offers, by zoo name.
 ZOO_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
@@ -95,6 +102,7 @@ def detect_format(path, override: str | None = None) -> str:
         (".pth.tar", "torchvision"),  # timm's and the ImageNet example's training checkpoints
         (".bin", "torchvision"),  # Hugging Face's pytorch_model.bin
         (".weights.h5", "keras"),
+        (".keras", "keras-model"),
         (".h5", "keras-h5"),
         (".hdf5", "keras-h5"),
         (".params", "gluon"),
@@ -103,7 +111,7 @@ def detect_format(path, override: str | None = None) -> str:
             return fmt
     raise ZooError(
         f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt/.pth.tar/.bin, "
-        f".h5 (Keras applications), .weights.h5 (Keras 3) or .params (Gluon), or pass --from/--to"
+        f".h5 (Keras applications), .weights.h5 or .keras (Keras 3) or .params (Gluon), or pass --from/--to"
     )
 
 

@@ -7,7 +7,9 @@ parsing HDF5: h5py only lists the file's layer names, to learn the block config 
 running variance.
 """
 
+import contextlib
 import warnings
+import zipfile
 
 import h5py
 import keras
@@ -40,10 +42,15 @@ def keras_layers(path):
         return layers
 
 
-def keras3_layers(path):
-    """The layers with weights of a Keras 3 `.weights.h5` file, by name: {name: weight shapes}."""
+def keras3_layers(path, fmt="keras"):
+    """The layers with weights of a Keras 3 `.weights.h5` file, or of the one inside a `.keras`
+    archive, by name: {name: weight shapes}."""
     layers = {}
-    with h5py.File(path, "r") as f:
+    with contextlib.ExitStack() as stack:
+        if fmt == "keras-model":
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            path = stack.enter_context(archive.open("model.weights.h5"))
+        f = stack.enter_context(h5py.File(path, "r"))
         f.visititems(
             lambda key, item: (
                 layers.__setitem__(str(item.attrs["name"]), [item[k].shape for k in sorted(item, key=int)])
@@ -72,8 +79,8 @@ def read_zoo(path, fmt="keras-h5"):
     renamed layers are read; a Keras 3 `.weights.h5` by its layer names, as Keras loads it."""
     notes = []
     try:
-        if fmt == "keras":
-            found = keras3_layers(path)
+        if fmt in ("keras", "keras-model"):
+            found = keras3_layers(path, fmt)
             if "conv1_conv" not in found or "predictions" not in found:
                 raise zoo.ZooError(
                     f"{path} is not a Keras applications DenseNet with its classifier: no "
@@ -112,6 +119,8 @@ def write_zoo(path, state, spec, fmt="keras-h5"):
         model.get_layer(name).set_weights(arrays)
     if fmt == "keras":
         data = bytes_written_by(model.save_weights, ".weights.h5")
+    elif fmt == "keras-model":
+        data = bytes_written_by(model.save, ".keras")
     else:
         data = bytes_written_by(lambda name: save_legacy_h5(model, name), ".h5")
     atomic_write_bytes(path, data)

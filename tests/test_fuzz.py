@@ -33,6 +33,7 @@ FILES = {
     "params": ("mxnet", GLUON_SPEC),
     "h5": ("tf", KERAS_SPEC),
     "weights.h5": ("tf", KERAS_SPEC),
+    "keras": ("tf", KERAS_SPEC),  # a zip archive holding model.weights.h5 and the model's config
 }
 
 
@@ -128,7 +129,7 @@ def test_fuzzed_files_end_in_our_error(suffix, tmp_path, real_files):
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("suffix", list(FILES))
 def test_fuzzed_files_end_in_our_error_many(suffix, tmp_path, real_files):
-    fuzz(suffix, SLOW_KERAS_CASES if suffix.endswith("h5") else SLOW_CASES, tmp_path, real_files)
+    fuzz(suffix, SLOW_KERAS_CASES if suffix.endswith(("h5", "keras")) else SLOW_CASES, tmp_path, real_files)
 
 
 @pytest.mark.parametrize("suffix", list(FILES))

@@ -193,7 +193,7 @@ def keras_logits(model, x_nchw):
     return np.asarray(model(x_nchw.transpose(0, 2, 3, 1), training=False))
 
 
-@pytest.mark.parametrize("suffix,backends", [(".h5", BACKENDS), (".weights.h5", ("torch",))])
+@pytest.mark.parametrize("suffix,backends", [(".h5", BACKENDS), (".weights.h5", ("torch",)), (".keras", ("torch",))])
 def test_keras_applications_file_converts_and_reproduces(tmp_path, suffix, backends):
     """Every backend for the legacy file; the Keras 3 file reads to the same state, so one suffices."""
     from densenet_tf import zoo as tf_zoo
@@ -601,6 +601,7 @@ WRITE_CASES = {  # suffix -> (framework, spec)
     "pth": ("torch", specs.get_spec("tiny")),
     "h5": ("tf", KERAS_SPEC),
     "weights.h5": ("tf", KERAS_SPEC),
+    "keras": ("tf", KERAS_SPEC),
     "params": ("mxnet", GLUON_SPEC),
 }
 
