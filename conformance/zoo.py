@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import importlib
 import re
+import struct
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from .specs import ARCHS, DenseNetSpec, get_spec, parameter_table
+from .specs import ARCHS, DenseNetSpec, SpecError, get_spec, parameter_table
 from .weights import (
     IGNORED_SUFFIXES,
     MAX_BLOCKS,
@@ -534,6 +535,71 @@ def gluon_names(spec: DenseNetSpec) -> dict[str, str]:
     return names
 
 
+# MXNet's `.params` layout (`mx.nd.save`: NDArray::Save in src/ndarray/ndarray.cc), read here only
+# far enough to check the sizes it claims before MXNet allocates them: MXNet allocates each array
+# as its header says before reading its bytes, so a damaged header can make it take gigabytes.
+PARAMS_LIST_MAGIC = 0x112
+PARAMS_ARRAY_MAGICS = (0xF993FAC9, 0xF993FACA)  # with a storage type; NumPy-mode files use the second
+PARAMS_V1_MAGIC = 0xF993FAC8  # 1.0's layout, without a storage type
+PARAMS_DTYPE_BYTES = {0: 4, 1: 8, 2: 2, 3: 1, 4: 4, 5: 1, 6: 8, 7: 1, 8: 2, 9: 2, 10: 4, 11: 8, 12: 2}
+
+
+def check_params_sizes(data: bytes, source) -> None:
+    """Refuse a `.params` file whose arrays or names claim more bytes than the file holds, or
+    whose arrays are not the dense ones Gluon writes."""
+
+    def refuse(problem):
+        return ZooError(f"{source} is not a readable MXNet .params file (truncated or corrupt?): {problem}")
+
+    offset = 0
+
+    def take(fmt):
+        nonlocal offset
+        size = struct.calcsize(fmt)
+        if offset + size > len(data):
+            raise refuse(f"it ends inside a header, at byte {offset}")
+        values = struct.unpack_from(fmt, data, offset)
+        offset += size
+        return values
+
+    magic, _, count = take("<QQQ")
+    if magic != PARAMS_LIST_MAGIC:
+        raise refuse(f"it does not start with MXNet's array-list mark (0x{PARAMS_LIST_MAGIC:x})")
+    if count > len(data) // 8:
+        raise refuse(f"it claims {count} arrays in {len(data)} bytes")
+    for index in range(count):
+        (array_magic,) = take("<I")
+        if array_magic in PARAMS_ARRAY_MAGICS:
+            (stype,) = take("<i")
+            if stype != 0:
+                raise refuse(f"array {index} is sparse (storage type {stype}); model parameters are dense")
+        if array_magic in (PARAMS_V1_MAGIC, *PARAMS_ARRAY_MAGICS):
+            (ndim,) = take("<i")
+            dims = "q"
+        else:  # the pre-1.0 layout: the mark is the number of dimensions, each a 32-bit count
+            ndim, dims = array_magic, "I"
+        if ndim <= 0:
+            continue  # an empty array: nothing follows its shape
+        if ndim > 32:
+            raise refuse(f"array {index} claims {ndim} dimensions")
+        shape = take(f"<{ndim}{dims}")
+        _, _, dtype = take("<iii")  # device type and id, then the dtype
+        if dtype not in PARAMS_DTYPE_BYTES or min(shape) < 0:
+            raise refuse(f"array {index} has dtype code {dtype} and shape {shape}")
+        size = PARAMS_DTYPE_BYTES[dtype] * int(np.prod(shape, dtype=object))
+        if size > len(data) - offset:
+            raise refuse(f"array {index} claims {size} bytes of data where {len(data) - offset} remain")
+        offset += size
+    (names,) = take("<Q")
+    if names not in (0, count):
+        raise refuse(f"it names {names} of its {count} arrays")
+    for index in range(names):
+        (length,) = take("<Q")
+        if length > len(data) - offset:
+            raise refuse(f"name {index} claims {length} bytes where {len(data) - offset} remain")
+        offset += length
+
+
 def from_gluon(params: dict, spec: DenseNetSpec, source: str = "Gluon parameters") -> dict[str, np.ndarray]:
     names = gluon_names(spec)
     missing = [name for name in names.values() if name not in params]
@@ -600,7 +666,10 @@ def read_file(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, di
         state, notes = from_checkpoint(load_tensors(path), str(path))
         notes.insert(0, "no densenet-xf metadata: the architecture is inferred from the tensors")
     else:
-        state, notes = _owner(fmt).read_zoo(path, fmt)
+        try:
+            state, notes = _owner(fmt).read_zoo(path, fmt)
+        except SpecError as error:  # shapes from which no DenseNet can be built
+            raise ZooError(f"{path} does not describe a DenseNet: {error}") from None
     spec = check_arch(infer_spec(state, str(path)), arch, path)
     state = validate_state(state, spec, source=str(path))
     return spec, {key: value.astype(np.float32, copy=False) for key, value in state.items()}, notes

@@ -50,6 +50,8 @@ def gluon_application(spec):
 def read_zoo(path, fmt="gluon"):
     """A Gluon model-zoo `.params` file as (canonical state, notes). A file saved in NumPy mode
     (as this package's DenseNet saves) is read in NumPy mode; its names are ours already."""
+    with open(path, "rb") as stream:
+        zoo.check_params_sizes(stream.read(), path)  # before MXNet allocates what a damaged header claims
     try:
         try:
             with legacy_mode():

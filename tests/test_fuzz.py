@@ -140,3 +140,18 @@ def test_cli_on_a_damaged_file_exits_2_with_one_line(suffix, tmp_path, real_file
     assert main(["convert", str(path), str(tmp_path / "out.safetensors")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("densenet-xf convert: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_params_header_claiming_gigabytes_is_refused_before_mxnet_allocates(tmp_path, real_files):
+    """MXNet allocates what an array's header claims before reading it: a flipped bit in a shape
+    once cost 12 GB and 20 s. The sizes are checked first."""
+    data = bytearray(real_bytes(real_files, "params"))
+    data[24 + 12 : 24 + 20] = (2**40).to_bytes(8, "little")  # array 0's first dimension
+    path = tmp_path / "huge.params"
+    path.write_bytes(bytes(data))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match=r"array 0 claims \d+ bytes of data where \d+ remain"):
+        zoo.read_weights(path)
+    assert time.perf_counter() - start < 1.0
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024 < 100
