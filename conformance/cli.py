@@ -7,10 +7,15 @@ oracle where that makes sense) and imports only that backend's framework.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
+import os
 import re
 import signal
 import sys
+import tempfile
+import warnings
 
 import numpy as np
 
@@ -257,8 +262,33 @@ def cmd_seed_spread(args):
     return 0
 
 
+@contextlib.contextmanager
+def framework_logs_silenced(verbose: bool):
+    """The frameworks' own chatter while a command runs (TensorFlow's C++ log lines, which it writes
+    to the process's stderr whatever Python does, torch's exporter warnings, Python warnings) goes to
+    a discarded file, unless `verbose`; our own messages come after, on the real stderr."""
+    if verbose:
+        yield
+        return
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # read when TensorFlow loads
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            logging.disable(logging.NOTSET)
+
+
 def cmd_convert(args):
-    spec = zoo.convert(args.src, args.dst, args.arch, args.src_format, args.dst_format)
+    with framework_logs_silenced(args.verbose):
+        spec, notes = zoo.convert(args.src, args.dst, args.arch, args.src_format, args.dst_format)
     print(
         to_json(
             {
@@ -267,6 +297,7 @@ def cmd_convert(args):
                 "dst": args.dst,
                 "to": zoo.detect_format(args.dst, args.dst_format),
                 "arch": spec.name,
+                "notes": notes,
                 "spec": json.loads(spec.to_json()),
             }
         )
@@ -275,8 +306,10 @@ def cmd_convert(args):
 
 
 def cmd_export(args):
-    backend = backends.load_backend(args.backend)
-    print(to_json(export.export_checkpoint(backend, args.checkpoint, args.format, args.out, args.size)))
+    with framework_logs_silenced(args.verbose):
+        backend = backends.load_backend(args.backend)
+        result = export.export_checkpoint(backend, args.checkpoint, args.format, args.out, args.size)
+    print(to_json(result))
     return 0
 
 
@@ -421,6 +454,7 @@ def build_parser():
         help="SRC's format, overriding its suffix: canonical, torchvision, keras-h5, keras, gluon",
     )
     p.add_argument("--to", dest="dst_format", help="DST's format, overriding its suffix")
+    p.add_argument("--verbose", action="store_true", help="show the frameworks' own log lines and warnings")
     p.set_defaults(run=cmd_convert)
 
     p = sub.add_parser("export", help="write a checkpoint as ONNX or in the framework's own format")
@@ -434,6 +468,7 @@ def build_parser():
     p.add_argument("--size", type=positive_int, help="input size traced (default: the one recorded in the checkpoint)")
     p.add_argument("checkpoint", help="a canonical .safetensors checkpoint")
     p.add_argument("out", help="output file (for MXNet native: a prefix for PREFIX-symbol.json, PREFIX-0000.params)")
+    p.add_argument("--verbose", action="store_true", help="show the frameworks' own log lines and warnings")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("conformance", help="every backend in its own process against the reference; writes a report")
@@ -536,7 +571,8 @@ def main(argv=None):
         TrainingError,
         OSError,
     ) as error:
-        print(f"densenet-xf {args.command}: error: {error}", file=sys.stderr)
+        message = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(error))  # no terminal escape codes
+        print(f"densenet-xf {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:
         signum = getattr(stop, "signum", signal.SIGINT)

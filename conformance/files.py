@@ -61,6 +61,16 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def bytes_written_by(write, suffix: str) -> bytes:
+    """The bytes that `write(filename)` (a framework's writer that takes only a file name) writes,
+    written in a temporary directory, so that they can land atomically where they belong."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "file" + suffix)
+        write(path)
+        with open(path, "rb") as stream:
+            return stream.read()
+
+
 def write_json(path: str | os.PathLike, payload) -> None:
     atomic_write_text(path, json.dumps(payload, indent=2, default=float))
 

@@ -8,13 +8,14 @@ from the same point.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import numpy as np
 
 from .files import atomic_write_bytes
-from .specs import DenseNetSpec, get_spec, is_running_stat, parameter_table
+from .specs import DenseNetSpec, SpecError, get_spec, is_running_stat, parameter_table
 
 
 def oihw_to_hwio(array: np.ndarray) -> np.ndarray:
@@ -124,6 +125,8 @@ def save_state(
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
     from safetensors import safe_open
 
+    if not Path(path).is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
     try:
         with safe_open(str(path), framework="numpy") as f:
             return f.metadata() or {}
@@ -131,29 +134,109 @@ def read_metadata(path: str | os.PathLike) -> dict[str, str]:
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
 
 
-def spec_of_checkpoint(path: str | os.PathLike) -> DenseNetSpec:
-    metadata = read_metadata(path)
+# A spec read from a file is checked before anything is built from it: the fields and their
+# types, and bounds far above any published DenseNet (densenet264 has 134 dense layers and
+# 2,688 channels at its widest, BC-250 123 layers), so that a small file claiming millions of
+# layers is refused at once instead of building a table of millions of keys.
+MAX_BLOCKS = 16
+MAX_LAYERS = 2048  # dense layers in all blocks together
+MAX_WIDTH = 1 << 17  # channels of any layer, classes, input channels
+SPEC_FIELDS = {  # field -> (the types it may have, in words)
+    "name": ((str,), "a string"),
+    "stem": ((str,), "a string"),
+    "num_init_features": ((int,), "an integer"),
+    "growth_rate": ((int,), "an integer"),
+    "block_config": ((list, tuple), "a list of integers"),
+    "bn_size": ((int, type(None)), "an integer or null"),
+    "compression": ((int, float), "a number"),
+    "conv_bias": ((bool,), "true or false"),
+    "in_channels": ((int,), "an integer"),
+    "num_classes": ((int,), "an integer"),
+    "drop_rate": ((int, float), "a number"),
+}
+OPTIONAL_SPEC_FIELDS = ("drop_rate",)
+
+
+def spec_from_metadata(text, source="checkpoint") -> DenseNetSpec:
+    """A spec from a file's JSON metadata, validated: every field present with its type, and the
+    sizes within bounds, before anything is built from it."""
+
+    def refuse(problem):
+        return CheckpointError(f"{source}: its metadata's spec {problem}")
+
+    try:
+        fields = json.loads(text)
+    except (ValueError, RecursionError) as error:
+        raise refuse(f"is not JSON ({error})") from None
+    if not isinstance(fields, dict):
+        raise refuse(f"is a JSON {type(fields).__name__}, not an object of fields")
+    missing = [name for name in SPEC_FIELDS if name not in fields and name not in OPTIONAL_SPEC_FIELDS]
+    unknown = [str(name) for name in fields if name not in SPEC_FIELDS]
+    if missing or unknown:
+        raise refuse(
+            "; ".join(
+                f"{title} field(s): {', '.join(names)}"
+                for title, names in (("lacks the", missing), ("has unknown", unknown))
+                if names
+            )
+        )
+    for name, value in fields.items():
+        kinds, words = SPEC_FIELDS[name]
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise refuse(f"field {name} is {value!r:.40}, not {words}")
+    blocks = fields["block_config"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) for n in blocks):
+        raise refuse(f"field block_config is {blocks!r:.40}, not a list of integers")
+    if len(blocks) > MAX_BLOCKS or sum(blocks) > MAX_LAYERS:
+        raise refuse(
+            f"claims {len(blocks)} blocks of {sum(blocks)} layers in all; "
+            f"at most {MAX_BLOCKS} blocks and {MAX_LAYERS} layers are read"
+        )
+    widths = {
+        name: fields[name] for name in ("num_init_features", "growth_rate", "in_channels", "num_classes", "bn_size")
+    }
+    for name, width in widths.items():
+        if width is not None and width > MAX_WIDTH:
+            raise refuse(f"field {name} is {width}; at most {MAX_WIDTH} is read")
+    widest = fields["num_init_features"] + sum(blocks) * fields["growth_rate"]
+    if widest > MAX_WIDTH:
+        raise refuse(f"describes a net {widest} channels wide; at most {MAX_WIDTH} is read")
+    try:
+        return DenseNetSpec(**{**fields, "block_config": tuple(blocks)})
+    except SpecError as error:
+        raise refuse(f"is not a valid DenseNet: {error}") from None
+
+
+def spec_of_checkpoint(path: str | os.PathLike, metadata: dict | None = None) -> DenseNetSpec:
+    metadata = read_metadata(path) if metadata is None else metadata
     if "spec" in metadata:
-        return DenseNetSpec.from_json(metadata["spec"])
+        return spec_from_metadata(metadata["spec"], str(path))
     if "arch" in metadata:
-        return get_spec(metadata["arch"])
+        try:
+            return get_spec(metadata["arch"])
+        except SpecError as error:
+            raise CheckpointError(f"{path}: its metadata names {error}") from None
     raise CheckpointError(f"{path} names no architecture in its metadata; pass --arch")
 
 
-def load_state(path: str | os.PathLike, spec: DenseNetSpec | None = None) -> dict[str, np.ndarray]:
-    """Read and validate a canonical checkpoint (float32 arrays). `spec` defaults to the
-    architecture recorded in the file."""
+def load_tensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file, as NumPy arrays (no validation)."""
     from safetensors.numpy import load_file
 
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
     try:
-        tensors = load_file(str(path))
-    except Exception as error:
+        return load_file(str(path))
+    except Exception as error:  # safetensors raises its own error types for corrupt files
         raise CheckpointError(f"{path} is not a readable safetensors file: {error}") from error
-    spec = spec or spec_of_checkpoint(path)
-    state = validate_state(tensors, spec, source=str(path))
+
+
+def load_state(path: str | os.PathLike, spec: DenseNetSpec | None = None) -> dict[str, np.ndarray]:
+    """Read and validate a canonical checkpoint (float32 arrays). `spec` defaults to the
+    architecture recorded in the file."""
+    spec = spec or spec_of_checkpoint(path)  # first: a file that claims an absurd net is refused unread
+    state = validate_state(load_tensors(path), spec, source=str(path))
     return {key: value.astype(np.float32, copy=False) for key, value in state.items()}
 
 

@@ -17,6 +17,7 @@ and ours, and how each is handled.
 from __future__ import annotations
 
 import re
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -24,13 +25,17 @@ import numpy as np
 
 from .backends import backend_module
 from .interface import BackendUnavailable
-from .specs import ARCHS, DenseNetSpec, get_spec, parameter_table
+from .specs import ARCHS, DenseNetSpec, SpecError, get_spec, parameter_table
 from .weights import (
     IGNORED_SUFFIXES,
+    MAX_BLOCKS,
+    MAX_LAYERS,
     CheckpointError,
     hwio_to_oihw,
     load_state,
+    load_tensors,
     oihw_to_hwio,
+    read_metadata,
     save_state,
     spec_of_checkpoint,
     validate_state,
@@ -53,10 +58,17 @@ FORMATS = {
     "torchvision": "torchvision state dict (torch.save)",
     "keras-h5": "Keras applications legacy HDF5 weights",
     "keras": "Keras 3 .weights.h5",
+    "keras-model": "Keras 3 .keras model file (its weights are read; its config is not run)",
     "gluon": "MXNet Gluon model-zoo .params",
 }
-# Which backend package reads and writes each zoo format.
-OWNERS = {"torchvision": "torch", "keras-h5": "tf", "keras": "tf", "gluon": "mxnet"}  # format -> backend
+
+OWNERS = {  # format -> the backend whose framework reads and writes it
+    "torchvision": "torch",
+    "keras-h5": "tf",
+    "keras": "tf",
+    "keras-model": "tf",
+    "gluon": "mxnet",
+}
 
 # The constructors every backend offers, by zoo name.
 ZOO_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "densenet264")
@@ -64,6 +76,18 @@ ZOO_ARCHS = ("densenet121", "densenet161", "densenet169", "densenet201", "densen
 
 class ZooError(CheckpointError):
     """A model-zoo file that cannot be read or written as asked; the message names the file."""
+
+
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
+
+
+def reason(error: BaseException) -> str:
+    """A framework's error as one line of plain text: its type and first non-empty line, without
+    terminal escape codes (MXNet colours its messages)."""
+    lines = [line.strip() for line in _ESCAPES.sub("", str(error)).splitlines() if line.strip()]
+    lines = [line for line in lines if not line.startswith(("Traceback", "Stack trace", "File ", "[bt]"))] or lines
+    line = lines[0].removeprefix(f"{type(error).__name__}: ") if lines else "no message"
+    return f"{type(error).__name__}: {line}"
 
 
 def detect_format(path, override: str | None = None) -> str:
@@ -77,7 +101,10 @@ def detect_format(path, override: str | None = None) -> str:
         (".safetensors", "canonical"),
         (".pth", "torchvision"),
         (".pt", "torchvision"),
+        (".pth.tar", "torchvision"),  # timm's and the ImageNet example's training checkpoints
+        (".bin", "torchvision"),  # Hugging Face's pytorch_model.bin
         (".weights.h5", "keras"),
+        (".keras", "keras-model"),
         (".h5", "keras-h5"),
         (".hdf5", "keras-h5"),
         (".params", "gluon"),
@@ -85,8 +112,8 @@ def detect_format(path, override: str | None = None) -> str:
         if name.endswith(suffix):
             return fmt
     raise ZooError(
-        f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt, "
-        f".h5 (Keras applications), .weights.h5 (Keras 3) or .params (Gluon), or pass --from/--to"
+        f"cannot tell the format of {path} from its name; expected .safetensors, .pth/.pt/.pth.tar/.bin, "
+        f".h5 (Keras applications), .weights.h5 or .keras (Keras 3) or .params (Gluon), or pass --from/--to"
     )
 
 
@@ -94,20 +121,59 @@ def detect_format(path, override: str | None = None) -> str:
 # Architecture inference
 
 
-def _layer_counts(keys) -> list[int]:
-    counts = Counter(
-        int(m.group(1))
-        for key in keys
-        if (m := re.match(r"features\.denseblock(\d+)\.denselayer\d+\.norm1\.weight$", key))
-    )
-    return [counts[b] for b in range(1, len(counts) + 1)]
+def _layer_counts(keys, source) -> list[int]:
+    """Dense layers per block, from the highest layer number any key of each block names."""
+    layers: dict[int, int] = {}
+    for key in keys:
+        if m := re.match(r"features\.denseblock(\d+)\.denselayer(\d+)\.", key):
+            block, layer = int(m.group(1)), int(m.group(2))
+            layers[block] = max(layers.get(block, 0), layer)
+    if max(layers, default=0) > MAX_BLOCKS or sum(layers.values()) > MAX_LAYERS:
+        raise ZooError(
+            f"{source} names dense block {max(layers)} and {sum(layers.values())} dense layers; "
+            f"at most {MAX_BLOCKS} blocks and {MAX_LAYERS} layers are read"
+        )
+    return [layers.get(b, 0) for b in range(1, max(layers, default=0) + 1)]
+
+
+# The stems other DenseNet code builds, recognised by their keys, so that a file with one is
+# refused in words instead of as a list of mis-shaped tensors.
+OUR_STEMS = (
+    "densenet-xf builds the DenseNet-BC stems only: one 7x7/2 convolution, BatchNorm and a 3x3/2 "
+    "max-pool (imagenet), or one 3x3 convolution (cifar)"
+)
+
+
+def check_stem(state: dict, source) -> None:
+    """Refuse, in words, a stem that is neither of ours (timm's deep stem, for one)."""
+    convs = [key for key in ("features.conv0.weight", "features.conv1.weight", "features.conv2.weight") if key in state]
+    if len(convs) > 1:
+        kernels = ", ".join("x".join(map(str, np.shape(state[key])[2:])) for key in convs)
+        raise ZooError(
+            f"{source} has a deep stem: {len(convs)} convolutions ({kernels}) before the first dense block, "
+            f"as timm's deep-stem DenseNets (densenet264d and the like) build; {OUR_STEMS}"
+        )
+    kernel = np.shape(state["features.conv0.weight"])[2:] if convs else ()
+    expected = (7, 7) if "features.norm0.weight" in state else (3, 3)
+    if convs and tuple(kernel) != expected:
+        raise ZooError(
+            f"{source}'s stem is a {'x'.join(map(str, kernel))} convolution"
+            f"{' with BatchNorm' if expected == (7, 7) else ''}; {OUR_STEMS}"
+        )
 
 
 def infer_spec(state: dict, source: str = "state") -> DenseNetSpec:
     """The architecture of a canonical state, from its keys and shapes; a known name when one fits."""
+    if "features.conv0.weight" not in state:
+        first = ", ".join(list(state)[:3])
+        raise ZooError(
+            f"{source} is not a DenseNet state: it has no features.conv0.weight "
+            f"(its {len(state)} keys begin {first or 'with nothing'})"
+        )
+    check_stem(state, source)
     try:
         conv0 = np.shape(state["features.conv0.weight"])
-        blocks = _layer_counts(state)
+        blocks = _layer_counts(state, source)
         layer = "features.denseblock1.denselayer1"
         bottleneck = f"{layer}.conv2.weight" in state
         growth = np.shape(state[f"{layer}.conv2.weight" if bottleneck else f"{layer}.conv1.weight"])[0]
@@ -118,20 +184,22 @@ def infer_spec(state: dict, source: str = "state") -> DenseNetSpec:
         else:
             compression = 0.5
         classes = np.shape(state["classifier.weight"])[0]
-    except (KeyError, IndexError, ValueError) as error:
+        spec = DenseNetSpec(
+            "custom",
+            "imagenet" if "features.norm0.weight" in state else "cifar",
+            conv0[0],
+            growth,
+            tuple(blocks),
+            bn_size,
+            compression,
+            "features.conv0.bias" in state,
+            conv0[1],
+            classes,
+        )
+    except KeyError as error:
         raise ZooError(f"{source} is not a DenseNet state: no {error} to infer the architecture from") from None
-    spec = DenseNetSpec(
-        "custom",
-        "imagenet" if "features.norm0.weight" in state else "cifar",
-        conv0[0],
-        growth,
-        tuple(blocks),
-        bn_size,
-        compression,
-        "features.conv0.bias" in state,
-        conv0[1],
-        classes,
-    )
+    except (IndexError, ValueError, ZeroDivisionError) as error:  # shapes that no DenseNet has
+        raise ZooError(f"{source} does not describe a DenseNet: {error}") from None
     validate_state(state, spec, source=source)  # the rest of the tensors must fit what was inferred
     return _named(spec)
 
@@ -143,14 +211,84 @@ def _named(spec: DenseNetSpec) -> DenseNetSpec:
     return spec.replace(name=f"densenet-k{spec.growth_rate}-{'-'.join(map(str, spec.block_config))}")
 
 
+def spec_differences(spec: DenseNetSpec, expected: DenseNetSpec) -> list[str]:
+    """The fields (the name aside) in which `spec` differs from `expected`, in the spec's order."""
+    return [
+        field
+        for field in DenseNetSpec.__dataclass_fields__
+        if field != "name" and getattr(spec, field) != getattr(expected, field)
+    ]
+
+
 def check_arch(spec: DenseNetSpec, arch, source) -> DenseNetSpec:
-    """`arch` (a name or spec) must describe the inferred `spec`; num_classes may differ only by name."""
+    """`arch` (a name or spec) must describe the inferred `spec`; only the names may differ.
+    The error names the first field that differs."""
     if arch is None:
         return spec
     expected = get_spec(arch)
-    if expected.replace(name=spec.name) != spec:
-        raise ZooError(f"{source} holds {spec.to_json()}, not {expected.name} ({expected.to_json()})")
+    differences = spec_differences(spec, expected)
+    if differences:
+        field = differences[0]
+        more = f" (and {len(differences) - 1} more field(s): {', '.join(differences[1:])})" if differences[1:] else ""
+        raise ZooError(
+            f"{source} is not {expected.name}: its {field} is {getattr(spec, field)!r}, "
+            f"{expected.name}'s is {getattr(expected, field)!r}{more}; without --arch it converts as "
+            f"{spec.name}"
+        )
     return expected
+
+
+# ---------------------------------------------------------------------------------------
+# Checkpoints as training scripts save them: a state dict under an entry, keys with a prefix
+
+# Entries of a training checkpoint that hold the model's state dict, in the order looked at:
+# torchvision's and timm's training scripts save "state_dict" (timm also "state_dict_ema",
+# its EMA of the weights), others "model".
+STATE_ENTRIES = ("state_dict", "model", "state_dict_ema")
+# Prefixes wrappers put before every key: DistributedDataParallel and DataParallel, torch.compile.
+WRAPPER_PREFIXES = {"module.": "DistributedDataParallel", "_orig_mod.": "torch.compile"}
+
+
+def _is_state(obj) -> bool:
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(key, str) and isinstance(value, np.ndarray) for key, value in obj.items())
+    )
+
+
+def strip_prefixes(state: dict) -> tuple[dict, list[str]]:
+    """The state with the wrappers' prefixes that every key carries removed; the prefixes removed."""
+    stripped = []
+    while state:
+        prefix = next((p for p in WRAPPER_PREFIXES if all(key.startswith(p) for key in state)), None)
+        if prefix is None:
+            break
+        state = {key[len(prefix) :]: value for key, value in state.items()}
+        stripped.append(prefix)
+    return state, stripped
+
+
+def from_checkpoint(obj, source) -> tuple[dict, list[str]]:
+    """A state dict, or a training checkpoint holding one, as canonical keys; and what was done
+    to find it, in words."""
+    notes = []
+    if not isinstance(obj, dict):
+        raise ZooError(f"{source} holds a {type(obj).__name__}, not a state dict of tensors")
+    if not _is_state(obj):
+        found = [entry for entry in STATE_ENTRIES if _is_state(obj.get(entry))]
+        if not found:
+            entries = ", ".join(map(str, list(obj)[:8])) or "nothing"
+            raise ZooError(
+                f"{source} holds a dict ({entries}) that is neither a state dict of tensors nor a "
+                f"training checkpoint with one under {', '.join(STATE_ENTRIES)}"
+            )
+        obj = obj[found[0]]
+        also = f" (also there: {', '.join(found[1:])})" if found[1:] else ""
+        notes.append(f"the state dict is the checkpoint's {found[0]!r} entry{also}")
+    state, stripped = strip_prefixes(obj)
+    notes += [f"every key's {prefix!r} prefix ({WRAPPER_PREFIXES[prefix]}) removed" for prefix in stripped]
+    return from_torchvision(state), notes
 
 
 # ---------------------------------------------------------------------------------------
@@ -236,6 +374,69 @@ def _modules(spec: DenseNetSpec) -> dict[str, list[str]]:
         module, leaf = key.rsplit(".", 1)
         modules.setdefault(module, []).append(leaf)
     return modules
+
+
+def keras_layer_shapes(spec: DenseNetSpec) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """Keras applications' layers with weights, in its model's order: (Keras 3 name, weight shapes)."""
+    table = parameter_table(spec)
+    return [
+        (keras_layer_name(module), [_hwio_shape(table[f"{module}.{leaf}"]) for leaf in leaves])
+        for module, leaves in _modules(spec).items()
+    ]
+
+
+def _hwio_shape(shape):
+    return (*shape[2:], shape[1], shape[0]) if len(shape) == 4 else tuple(reversed(shape))
+
+
+def keras_spec_from_layers(layers, source) -> DenseNetSpec:
+    """The spec of Keras applications' DenseNet from its layers' weight shapes in order, whatever
+    the layers are called: a 7x7 stem conv and BN, then per dense layer BN, 1x1 conv, BN, 3x3 conv,
+    per transition BN and 1x1 conv, then BN and the dense classifier."""
+    shapes = [[tuple(shape) for shape in weights] for _, weights in layers]
+
+    def kernel(i, size):
+        return i < len(shapes) and len(shapes[i]) == 1 and len(shapes[i][0]) == 4 and shapes[i][0][:2] == (size, size)
+
+    if not (kernel(0, 7) and len(shapes) > 2):
+        first = f"{layers[0][0]} holds {shapes[0]}" if layers else "it has no layers with weights"
+        raise ZooError(
+            f"{source} is not a Keras applications DenseNet: its first layer should be the 7x7 stem conv; {first}"
+        )
+    blocks, layer, i = [], 0, 2
+    while i + 1 < len(shapes) and len(shapes[i]) == 4 and len(blocks) <= MAX_BLOCKS:  # a BatchNorm, then a conv
+        if kernel(i + 1, 1) and kernel(i + 3, 3):
+            layer, i = layer + 1, i + 4
+        elif kernel(i + 1, 1):
+            blocks, layer, i = blocks + [layer], 0, i + 2
+        else:
+            break
+    if layer:
+        blocks.append(layer)
+    classes = shapes[-1][0][-1] if shapes[-1] and len(shapes[-1][0]) == 2 else None
+    if classes is None or not blocks or min(blocks) < 1 or len(blocks) > MAX_BLOCKS:
+        raise ZooError(
+            f"{source} is not a Keras applications DenseNet with its classifier: its {len(layers)} layers with "
+            f"weights (the last, {layers[-1][0]}, holding {shapes[-1]}) do not follow the builder's order of "
+            f"stem, dense layers, transitions, BN and classifier"
+        )
+    return keras_spec(blocks, classes)
+
+
+def check_keras_layers(layers, spec: DenseNetSpec, source) -> None:
+    """The file's layers, in order, must hold the shapes of Keras applications' `spec`; the error
+    names the first that does not."""
+    expected = keras_layer_shapes(spec)
+    for index, ((name, shapes), (keras_name, keras_shapes)) in enumerate(zip(layers, expected), start=1):
+        if [tuple(shape) for shape in shapes] != keras_shapes:
+            raise ZooError(
+                f"{source}: layer {index} with weights, {name}, holds {[tuple(s) for s in shapes]}, where Keras "
+                f"applications' {spec.name} has {keras_name} with {keras_shapes}"
+            )
+    if len(layers) != len(expected):
+        raise ZooError(
+            f"{source} has {len(layers)} layers with weights; Keras applications' {spec.name} has {len(expected)}"
+        )
 
 
 def to_keras(state: dict, spec: DenseNetSpec) -> dict[str, list[np.ndarray]]:
@@ -335,6 +536,71 @@ def gluon_names(spec: DenseNetSpec) -> dict[str, str]:
     return names
 
 
+# MXNet's `.params` layout (`mx.nd.save`: NDArray::Save in src/ndarray/ndarray.cc), read here only
+# far enough to check the sizes it claims before MXNet allocates them: MXNet allocates each array
+# as its header says before reading its bytes, so a damaged header can make it take gigabytes.
+PARAMS_LIST_MAGIC = 0x112
+PARAMS_ARRAY_MAGICS = (0xF993FAC9, 0xF993FACA)  # with a storage type; NumPy-mode files use the second
+PARAMS_V1_MAGIC = 0xF993FAC8  # 1.0's layout, without a storage type
+PARAMS_DTYPE_BYTES = {0: 4, 1: 8, 2: 2, 3: 1, 4: 4, 5: 1, 6: 8, 7: 1, 8: 2, 9: 2, 10: 4, 11: 8, 12: 2}
+
+
+def check_params_sizes(data: bytes, source) -> None:
+    """Refuse a `.params` file whose arrays or names claim more bytes than the file holds, or
+    whose arrays are not the dense ones Gluon writes."""
+
+    def refuse(problem):
+        return ZooError(f"{source} is not a readable MXNet .params file (truncated or corrupt?): {problem}")
+
+    offset = 0
+
+    def take(fmt):
+        nonlocal offset
+        size = struct.calcsize(fmt)
+        if offset + size > len(data):
+            raise refuse(f"it ends inside a header, at byte {offset}")
+        values = struct.unpack_from(fmt, data, offset)
+        offset += size
+        return values
+
+    magic, _, count = take("<QQQ")
+    if magic != PARAMS_LIST_MAGIC:
+        raise refuse(f"it does not start with MXNet's array-list mark (0x{PARAMS_LIST_MAGIC:x})")
+    if count > len(data) // 8:
+        raise refuse(f"it claims {count} arrays in {len(data)} bytes")
+    for index in range(count):
+        (array_magic,) = take("<I")
+        if array_magic in PARAMS_ARRAY_MAGICS:
+            (stype,) = take("<i")
+            if stype != 0:
+                raise refuse(f"array {index} is sparse (storage type {stype}); model parameters are dense")
+        if array_magic in (PARAMS_V1_MAGIC, *PARAMS_ARRAY_MAGICS):
+            (ndim,) = take("<i")
+            dims = "q"
+        else:  # the pre-1.0 layout: the mark is the number of dimensions, each a 32-bit count
+            ndim, dims = array_magic, "I"
+        if ndim <= 0:
+            continue  # an empty array: nothing follows its shape
+        if ndim > 32:
+            raise refuse(f"array {index} claims {ndim} dimensions")
+        shape = take(f"<{ndim}{dims}")
+        _, _, dtype = take("<iii")  # device type and id, then the dtype
+        if dtype not in PARAMS_DTYPE_BYTES or min(shape) < 0:
+            raise refuse(f"array {index} has dtype code {dtype} and shape {shape}")
+        size = PARAMS_DTYPE_BYTES[dtype] * int(np.prod(shape, dtype=object))
+        if size > len(data) - offset:
+            raise refuse(f"array {index} claims {size} bytes of data where {len(data) - offset} remain")
+        offset += size
+    (names,) = take("<Q")
+    if names not in (0, count):
+        raise refuse(f"it names {names} of its {count} arrays")
+    for index in range(names):
+        (length,) = take("<Q")
+        if length > len(data) - offset:
+            raise refuse(f"name {index} claims {length} bytes where {len(data) - offset} remain")
+        offset += length
+
+
 def from_gluon(params: dict, spec: DenseNetSpec, source: str = "Gluon parameters") -> dict[str, np.ndarray]:
     names = gluon_names(spec)
     missing = [name for name in names.values() if name not in params]
@@ -387,21 +653,39 @@ def owner(fmt):
         raise ZooError(f"reading or writing {FORMATS[fmt]} needs {needs}: {error}") from error
 
 
-def read_weights(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray]]:
-    """(spec, canonical state) from a file in any format; only the owning framework is imported."""
+def read_file(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray], list[str]]:
+    """(spec, canonical state, notes) from a file in any format; only the owning framework is
+    imported. The notes say in words what was done beyond renaming (an entry read, a prefix removed)."""
     fmt = detect_format(path, fmt)
     if not Path(path).is_file():
         raise ZooError(f"no weights file at {path}")
     if fmt == "canonical":
-        spec = check_arch(spec_of_checkpoint(path), arch, path)
-        return spec, load_state(path, spec)
-    state = owner(fmt).read_zoo(path, fmt)
+        metadata = read_metadata(path)
+        if "spec" in metadata or "arch" in metadata:
+            spec = check_arch(spec_of_checkpoint(path, metadata), arch, path)
+            return spec, load_state(path, spec), []
+        # A safetensors file without our metadata (as model hubs store weights): its tensors tell
+        state, notes = from_checkpoint(load_tensors(path), str(path))
+        notes.insert(0, "no densenet-xf metadata: the architecture is inferred from the tensors")
+    else:
+        try:
+            state, notes = owner(fmt).read_zoo(path, fmt)
+        except SpecError as error:  # shapes from which no DenseNet can be built
+            raise ZooError(f"{path} does not describe a DenseNet: {error}") from None
     spec = check_arch(infer_spec(state, str(path)), arch, path)
-    return spec, validate_state(state, spec, source=str(path))
+    state = validate_state(state, spec, source=str(path))
+    return spec, {key: value.astype(np.float32, copy=False) for key, value in state.items()}, notes
+
+
+def read_weights(path, fmt: str | None = None, arch=None) -> tuple[DenseNetSpec, dict[str, np.ndarray]]:
+    """(spec, canonical state) from a file in any format (read_file without the notes)."""
+    spec, state, _ = read_file(path, fmt, arch)
+    return spec, state
 
 
 def write_weights(path, state: dict, spec: DenseNetSpec, fmt: str | None = None) -> None:
-    """Write a canonical state in `fmt` (default: from the suffix), atomically."""
+    """Write a canonical state in `fmt` (default: from the suffix), atomically; a missing
+    directory is created, as for every file the project writes."""
     fmt = detect_format(path, fmt)
     if fmt == "canonical":
         save_state(path, state, spec)
@@ -409,10 +693,11 @@ def write_weights(path, state: dict, spec: DenseNetSpec, fmt: str | None = None)
         owner(fmt).write_zoo(path, validate_state(state, spec), spec, fmt)
 
 
-def convert(src, dst, arch=None, src_format=None, dst_format=None) -> DenseNetSpec:
-    spec, state = read_weights(src, src_format, arch)
+def convert(src, dst, arch=None, src_format=None, dst_format=None) -> tuple[DenseNetSpec, list[str]]:
+    """Read `src`, write `dst`; the spec and the notes of read_file."""
+    spec, state, notes = read_file(src, src_format, arch)
     write_weights(dst, state, spec, dst_format)
-    return spec
+    return spec, notes
 
 
 def zoo_spec(name: str, num_classes: int = 1000) -> DenseNetSpec:

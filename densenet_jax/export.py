@@ -2,6 +2,12 @@
 
 Both trace the eval-mode apply with the variables baked in, at one input size with a
 symbolic batch axis. ONNX goes through jax2onnx, which converts the traced jaxpr.
+
+jax2onnx 0.17 annotates the graph's intermediate tensors (`value_info`) with the NHWC shapes of
+the jaxpr, while the graph itself computes in NCHW around each convolution: onnxruntime ignores
+the annotations and runs the graph correctly, but `onnx.checker.check_model(full_check=True)`
+refuses it ("Inferred shape and existing shape differ"). The annotations are optional, so they
+are dropped and ONNX's own shape inference writes them again from the graph.
 """
 
 from functools import partial
@@ -10,6 +16,7 @@ from importlib.metadata import version
 import jax
 import jax2onnx
 import numpy as np
+import onnx
 
 from conformance.files import atomic_write_bytes
 from conformance.specs import get_spec
@@ -48,4 +55,10 @@ def export_onnx(model, path, size):
         input_names=["input"],
         output_names=["logits"],
     )
-    atomic_write_bytes(path, graph.SerializeToString())
+    atomic_write_bytes(path, reinferred_shapes(graph).SerializeToString())
+
+
+def reinferred_shapes(graph):
+    """The graph with jax2onnx's intermediate shape annotations replaced by ONNX's inferred ones."""
+    del graph.graph.value_info[:]
+    return onnx.shape_inference.infer_shapes(graph, check_type=True, strict_mode=True)

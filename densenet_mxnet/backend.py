@@ -4,6 +4,7 @@ import os
 
 import mxnet as mx
 from mxnet import autograd, init
+from mxnet.util import use_np
 
 from conformance import interface
 
@@ -39,6 +40,7 @@ def stage_blocks(model):
     yield from ((name, block) for name, block in children if name.startswith(("denseblock", "transition")))
 
 
+@use_np
 class Backend(interface.BackendBase):
     name = "mxnet"
     layout = "NCHW"

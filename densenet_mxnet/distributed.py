@@ -6,13 +6,14 @@ all-reduces the gradients before the same SGD update on every copy. So BatchNorm
 each shard with the shard's own statistics, and each context keeps its own running
 statistics: a checkpoint holds context 0's. CPU devices are simply `mx.cpu(0)`, `mx.cpu(1)`, ...
 `gluon.contrib.nn.SyncBatchNorm` (the global batch's statistics) runs only in MXNet's legacy
-NDArray mode, and this DenseNet is written in its NumPy mode (`npx.set_np`), so "sync" is not
+NDArray mode, and this DenseNet is written in its NumPy mode (`use_np`), so "sync" is not
 offered. Across machines MXNet's kvstore is `dist_sync`, which this trainer does not wire
 yet (docs/distributed.md).
 """
 
 import mxnet as mx
 from mxnet import autograd
+from mxnet.util import use_np
 
 from conformance.engines import ENGINES, check_semantics, even_part
 
@@ -36,6 +37,7 @@ def replica_contexts(devices, device_type):
     return [mx.Context(device_type, i) for i in range(devices)]
 
 
+@use_np
 def shards(array, contexts):
     """A global batch's contiguous, equal shards, one on each context (`split_and_load`
     fails in NumPy mode under NumPy 2, so the slicing is by hand)."""
@@ -43,6 +45,7 @@ def shards(array, contexts):
     return [array[r * size : (r + 1) * size].as_in_context(ctx) for r, ctx in enumerate(contexts)]
 
 
+@use_np
 class DataParallelTrainer(Trainer):
     """The single-device Trainer with its parameters on `devices` contexts; each step's global
     batch is split evenly over them and the kvstore sums the gradients."""
@@ -84,5 +87,6 @@ class DataParallelTrainer(Trainer):
             updater.set_states(self.updater.get_states(dump_optimizer=False))
 
 
+@use_np
 def make_trainer(backend, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
     return DataParallelTrainer(model, lr, momentum, precision, devices, sync_bn)

@@ -16,6 +16,7 @@ import onnx
 from mxnet import gluon, np
 from mxnet.onnx.mx2onnx._export_onnx import MXNetGraph
 from mxnet.onnx.mx2onnx._op_translations import _op_translations_opset12 as opset12
+from mxnet.util import use_np
 
 from conformance.files import atomic_write_bytes
 
@@ -29,6 +30,7 @@ def native_files(prefix):
     return Path(f"{prefix}-symbol.json"), Path(f"{prefix}-0000.params")
 
 
+@use_np
 def save_native(model, prefix, size):
     """Hybridize, trace one batch of `size` (Gluon builds its graph on the first call), export."""
     model.hybridize()
@@ -39,11 +41,12 @@ def save_native(model, prefix, size):
             atomic_write_bytes(path, written.read_bytes())
 
 
+@use_np
 def load_native(prefix):
     """The saved model as a function from a NumPy batch to NumPy logits."""
     symbol, params = native_files(prefix)
     block = gluon.SymbolBlock.imports(str(symbol), ["data"], str(params))
-    return lambda x: block(np.array(x, dtype=x.dtype)).asnumpy()
+    return use_np(lambda x: block(np.array(x, dtype=x.dtype)).asnumpy())
 
 
 def restore_onnx_mapping():
@@ -71,6 +74,7 @@ def convert_np_concatenate(node, **kwargs):
 MXNetGraph.register("_npx_relu")(opset12.convert_relu)
 
 
+@use_np
 def export_onnx(model, path, size):
     restore_onnx_mapping()
     in_channels = model.spec.in_channels

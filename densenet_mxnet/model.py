@@ -14,15 +14,18 @@ without a dummy forward pass.
 import warnings
 
 import numpy as onp
-from mxnet import npx
 from mxnet.gluon import nn
 from mxnet.ndarray import NDArray
+from mxnet.util import use_np
 
 from conformance.specs import channel_plan, final_channels, get_spec, validate_input
 
 from . import compat  # noqa: F401  (before mxnet)
 
-npx.set_np()  # mx.np arrays in and out; Gluon layers pick their operators when built, so switch first
+# The package works in MXNet's NumPy mode (mx.np arrays in and out) only while its own code runs:
+# `use_np` scopes it to a class's methods or a function, so the rest of the process (Gluon's own
+# model zoo, legacy NDArray code) keeps MXNet's default mode. Gluon layers pick their operators
+# when built, so blocks are built inside the scope too.
 
 BN_EPS = 1e-5
 BN_MOMENTUM = 0.9  # MXNet's convention: weight of the old running statistic (PyTorch's 0.1)
@@ -56,6 +59,7 @@ def conv(input_channels, num_channels, kernel_size, bias=True, stride=1):
     return nn.Conv2D(num_channels, kernel_size, stride, kernel_size // 2, use_bias=bias, in_channels=input_channels)
 
 
+@use_np
 def conv_block(input_channels, num_channels, bn_size=None, bias=True):
     """BN-ReLU-Conv(3x3); with `bn_size`, the bottleneck BN-ReLU-Conv(1x1)-BN-ReLU-Conv(3x3)."""
     if bn_size is None:
@@ -75,6 +79,7 @@ def conv_block(input_channels, num_channels, bn_size=None, bias=True):
     )
 
 
+@use_np
 class DenseBlock(nn.HybridBlock):
     """`num_convs` conv blocks; each one's output is concatenated to its input."""
 
@@ -93,6 +98,7 @@ class DenseBlock(nn.HybridBlock):
         return X
 
 
+@use_np
 def transition_block(input_channels, num_channels, bias=True):
     """BN-ReLU-Conv(1x1) to `num_channels`, then halve height and width."""
     return sequential(
@@ -115,6 +121,7 @@ def stem(spec):
     }
 
 
+@use_np
 class DenseNet(nn.HybridBlock):
     """Any spec (or its name): the stem, dense blocks with transition blocks between them,
     then BN, ReLU, global average pooling and a dense classifier."""

@@ -10,14 +10,16 @@ import pickle
 
 import numpy as onp
 from mxnet import autograd, gluon, np
+from mxnet.util import np_array, np_shape, use_np
 
 from conformance import interface
 
 from . import compat  # noqa: F401  (before mxnet)
 from .weights import from_canonical, to_canonical, trainable_params
 
-loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # one loss per example
-loss_fn.hybridize()
+with np_shape(True), np_array(True):  # built in NumPy mode, as the model is (model.py)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()  # one loss per example
+    loss_fn.hybridize()
 
 
 def sgd(model, lr, momentum=0.0):
@@ -32,12 +34,14 @@ def model_context(model):
     return model.classifier.weight.list_ctx()[0]
 
 
+@use_np
 def to_context(model, x, y=None):
     ctx = model_context(model)
     X = np.array(x, dtype=x.dtype, ctx=ctx)  # keep the dtype: validation rejects what the model cannot take
     return X if y is None else (X, np.array(y, dtype="int64", ctx=ctx))
 
 
+@use_np
 def train_pass(model, x, y):
     """Train-mode logits, mean loss and every trainable parameter's gradient (running statistics update too)."""
     X, y = to_context(model, x, y)
@@ -66,6 +70,7 @@ def arithmetic(precision, ctx):
     return interface.arithmetic_words(precision, on_gpu=False, mixed="")
 
 
+@use_np
 class Trainer(interface.Trainer):
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         self.model, self.lr, self.precision = model, lr, precision

@@ -6,6 +6,7 @@ weights are OIHW and Dense weights (out, in) in Gluon too: no transposes.
 """
 
 from mxnet import np
+from mxnet.util import use_np
 
 from conformance.weights import validate_state
 
@@ -32,6 +33,7 @@ def trainable_params(model):
     return {name: p for name, p in structural_params(model).items() if p.grad_req != "null"}
 
 
+@use_np
 def load_canonical(model, state, ctx=None):
     """Copy a canonical state (dict of NumPy arrays) into `model`, bit for bit, cast to the
     model's dtype. Parameters not yet initialised are initialised on `ctx` (default CPU)."""
@@ -44,16 +46,19 @@ def load_canonical(model, state, ctx=None):
         )
 
 
+@use_np
 def export_canonical(model):
     # The first context's copy: with several (data parallelism) data() would pick the current context
     return to_canonical({name: param.data(param.list_ctx()[0]) for name, param in structural_params(model).items()})
 
 
+@use_np
 def to_canonical(named_arrays):
     """Per-parameter arrays (gradients, momentum buffers) keyed by structural name -> NumPy."""
     return {canonical_key(name): value.asnumpy() for name, value in named_arrays.items()}
 
 
+@use_np
 def from_canonical(model, arrays):
     """The inverse of to_canonical, in each parameter's dtype, on the model's context."""
     return {

@@ -2,24 +2,24 @@
 
 Files are read with `mx.nd.load` and written by the model zoo's own DenseNet through
 `save_parameters`. Both belong to MXNet's legacy NDArray mode, while this package runs in
-NumPy mode (`npx.set_np()`): `legacy_mode()` switches for the duration and back.
+NumPy mode (`use_np`, scoped to its own calls): `legacy_mode()` switches for the duration and back.
 `conformance.zoo` maps the zoo's structural names (`features.4.0.1.2.weight`) to ours.
 """
 
 import contextlib
-import os
 
 import mxnet as mx
 import numpy as onp
 from mxnet import npx, util
 from mxnet.gluon.model_zoo.vision import densenet as gluon_densenet
+from mxnet.util import use_np
 
 from conformance import zoo
-from conformance.files import atomic_write_bytes
+from conformance.files import atomic_write_bytes, bytes_written_by
 
 from . import compat  # noqa: F401  (before mxnet)
 from .model import DenseNet
-from .weights import load_canonical
+from .weights import canonical_key, load_canonical
 
 
 @contextlib.contextmanager
@@ -46,20 +46,35 @@ def gluon_application(spec):
         )
 
 
+@use_np
 def read_zoo(path, fmt="gluon"):
-    """A Gluon model-zoo `.params` file as a canonical state."""
+    """A Gluon model-zoo `.params` file as (canonical state, notes). A file saved in NumPy mode
+    (as this package's DenseNet saves) is read in NumPy mode; its names are ours already."""
+    with open(path, "rb") as stream:
+        zoo.check_params_sizes(stream.read(), path)  # before MXNet allocates what a damaged header claims
     try:
-        with legacy_mode():
-            loaded = mx.nd.load(str(path))
-    except mx.base.MXNetError as error:
+        try:
+            with legacy_mode():
+                loaded = mx.nd.load(str(path))
+            numpy_mode = False
+        except mx.base.MXNetError as error:
+            if "np shape semantics" not in str(error):
+                raise
+            loaded, numpy_mode = npx.load(str(path)), True
+        if not isinstance(loaded, dict):
+            raise zoo.ZooError(f"{path} holds an unnamed list of {len(loaded)} arrays, not Gluon parameters")
+        params = {name.split(":", 1)[-1]: value.asnumpy() for name, value in loaded.items()}  # "arg:" in old files
+    except zoo.ZooError:
+        raise
+    except Exception as error:  # any parser failure of a file that is not MXNet's
         raise zoo.ZooError(
-            f"{path} is not a readable MXNet .params file (truncated or corrupt?): {str(error).splitlines()[0]}"
+            f"{path} is not a readable MXNet .params file (truncated or corrupt?): {zoo.reason(error)}"
         ) from None
-    if not isinstance(loaded, dict):
-        raise zoo.ZooError(f"{path} holds an unnamed list of {len(loaded)} arrays, not Gluon parameters")
-    params = {name.split(":", 1)[-1]: value.asnumpy() for name, value in loaded.items()}  # "arg:" in old files
+    if numpy_mode and "output.weight" not in params:  # our DenseNet's structural names: gamma/beta for weight/bias
+        state, notes = zoo.from_checkpoint({canonical_key(name): value for name, value in params.items()}, str(path))
+        return state, ["saved in MXNet's NumPy mode with densenet_mxnet's parameter names", *notes]
     spec = zoo.gluon_spec({name: value.shape for name, value in params.items()}, str(path))
-    return zoo.from_gluon(params, spec, str(path))
+    return zoo.from_gluon(params, spec, str(path)), []
 
 
 def write_zoo(path, state, spec, fmt="gluon"):
@@ -69,14 +84,11 @@ def write_zoo(path, state, spec, fmt="gluon"):
     with legacy_mode():
         for name, value in zoo.to_gluon(state, spec).items():
             params[name]._load_init(mx.nd.array(value), mx.cpu())  # what load_parameters does per parameter
-        tmp = f"{path}.tmp.params"
-        net.save_parameters(tmp)
-    with open(tmp, "rb") as f:
-        data = f.read()
-    os.unlink(tmp)
+        data = bytes_written_by(net.save_parameters, ".params")
     atomic_write_bytes(path, data)
 
 
+@use_np
 def preprocess_input(images):
     """uint8 or [0, 255] float NCHW RGB images (mx.np), normalised like torchvision."""
     mean = mx.np.array(zoo.IMAGENET_MEAN).reshape(1, 3, 1, 1)
@@ -84,6 +96,7 @@ def preprocess_input(images):
     return (images.astype("float32") / 255.0 - mean) / std
 
 
+@use_np
 def get_model(name, pretrained=False, classes=1000, ctx=None, memory_efficient=False):
     """`gluon.model_zoo.vision.get_model`: `pretrained` is False or a path in any format `convert` reads.
     `memory_efficient` is accepted and has no effect in MXNet 1.9 (see `DenseNet`)."""

@@ -1,32 +1,26 @@
 """The Keras DenseNet in deployment formats: the `.keras` file (native) and ONNX.
 
 Keras 3 writes ONNX itself (`model.export(format="onnx")`), through tf2onnx on the
-TensorFlow backend. Both formats take any batch size and input size.
+TensorFlow backend. Both formats take any batch size and input size. Keras exports only a
+model that has been called, even a built one, so a model never called is called once first.
 """
 
-import os
-import tempfile
-
 import keras
+import numpy as np
 import tf2onnx
 
-from conformance.files import atomic_write_bytes
+from conformance.files import atomic_write_bytes, bytes_written_by
 
 EXPORTER = f"keras.Model.export(format='onnx') via tf2onnx {tf2onnx.__version__}, Keras {keras.__version__}"
 NATIVE_SUFFIX = ".keras"
 
 
-def written_by(write, suffix):
-    """The bytes a writer that takes only a file name writes, so that they land atomically."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "model" + suffix)
-        write(path)
-        with open(path, "rb") as stream:
-            return stream.read()
+def example_input(model, size):
+    return np.zeros((2, size, size, model.spec.in_channels), dtype=model.dtype)
 
 
 def save_native(model, path, size):
-    atomic_write_bytes(path, written_by(model.save, NATIVE_SUFFIX))
+    atomic_write_bytes(path, bytes_written_by(model.save, NATIVE_SUFFIX))
 
 
 def load_native(path):
@@ -36,4 +30,5 @@ def load_native(path):
 
 
 def export_onnx(model, path, size):
-    atomic_write_bytes(path, written_by(lambda name: model.export(name, format="onnx", verbose=False), ".onnx"))
+    model(example_input(model, size), training=False)  # "The model provided has never called" otherwise
+    atomic_write_bytes(path, bytes_written_by(lambda name: model.export(name, format="onnx", verbose=False), ".onnx"))

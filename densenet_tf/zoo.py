@@ -7,8 +7,9 @@ parsing HDF5: h5py only lists the file's layer names, to learn the block config 
 running variance.
 """
 
-import os
+import contextlib
 import warnings
+import zipfile
 
 import h5py
 import keras
@@ -18,28 +19,46 @@ from keras.src.applications.densenet import DenseNet as KerasDenseNet
 from keras.src.legacy.saving import legacy_h5_format
 
 from conformance import zoo
-from conformance.files import atomic_write_bytes
+from conformance.files import atomic_write_bytes, bytes_written_by
 
 from .model import DenseNet
 from .weights import load_canonical
 
 
-def keras_layer_names(path):
-    """Layer names in a legacy `.h5` (its `layer_names` attribute) or a Keras 3 `.weights.h5` file."""
-    try:
-        with h5py.File(path, "r") as f:
-            group = f["model_weights"] if "model_weights" in f else f
-            if "layer_names" in group.attrs:
-                return [name.decode() if isinstance(name, bytes) else name for name in group.attrs["layer_names"]]
-            names = []
-            group.visititems(
-                lambda key, item: (
-                    names.append(item.attrs["name"]) if key.endswith("/vars") and "name" in item.attrs else None
-                )
+def keras_layers(path):
+    """The layers with weights of a legacy `.h5` file, in its order: (name, weight shapes). h5py
+    lists them (names and shapes only); the weights are read by Keras' own loader."""
+    with h5py.File(path, "r") as f:
+        group = f["model_weights"] if "model_weights" in f else f
+        if "layer_names" not in group.attrs:
+            raise zoo.ZooError(f"{path} is not a Keras legacy HDF5 weights file: it has no layer_names attribute")
+        layers = []
+        for name in group.attrs["layer_names"]:
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            weight_names = group[name].attrs.get("weight_names", [])
+            shapes = [group[name][w.decode() if isinstance(w, bytes) else str(w)].shape for w in weight_names]
+            if shapes:
+                layers.append((name, shapes))
+        return layers
+
+
+def keras3_layers(path, fmt="keras"):
+    """The layers with weights of a Keras 3 `.weights.h5` file, or of the one inside a `.keras`
+    archive, by name: {name: weight shapes}."""
+    layers = {}
+    with contextlib.ExitStack() as stack:
+        if fmt == "keras-model":
+            archive = stack.enter_context(zipfile.ZipFile(path))
+            path = stack.enter_context(archive.open("model.weights.h5"))
+        f = stack.enter_context(h5py.File(path, "r"))
+        f.visititems(
+            lambda key, item: (
+                layers.__setitem__(str(item.attrs["name"]), [item[k].shape for k in sorted(item, key=int)])
+                if key.endswith("/vars") and "name" in item.attrs and len(item)
+                else None
             )
-            return names
-    except OSError as error:
-        raise zoo.ZooError(f"{path} is not a readable HDF5 file (truncated or corrupt?): {error}") from None
+        )
+    return layers
 
 
 def keras_application(spec, include_top=True, classifier_activation=None, input_shape=None):
@@ -55,51 +74,41 @@ def keras_application(spec, include_top=True, classifier_activation=None, input_
 
 
 def read_zoo(path, fmt="keras-h5"):
-    """A Keras applications DenseNet file (legacy `.h5` or `.weights.h5`) as a canonical state."""
-    names = keras_layer_names(path)
-    if "conv1_conv" not in names or "predictions" not in names:
-        raise zoo.ZooError(
-            f"{path} is not a Keras applications DenseNet with its classifier: no "
-            f"{'conv1_conv' if 'conv1_conv' not in names else 'predictions'} layer among "
-            f"{len(names)} layers ({', '.join(names[:6])}, ...)"
-        )
-    blocks = zoo.keras_block_config(names)
-    if len(blocks) != 4:
-        raise zoo.ZooError(f"{path}: Keras applications' DenseNet has 4 dense blocks, this file {len(blocks)}")
-    with h5py.File(path, "r") as f:
-        classes = _predictions_classes(f, path)
-    spec = zoo.keras_spec(blocks, classes)
-    model = keras_application(spec)
+    """A Keras applications DenseNet file as (canonical state, notes). A legacy `.h5` is read by
+    layer order, as Keras loads it, so the Keras 2 builder's names (`conv1/conv`, `fc1000`) and any
+    renamed layers are read; a Keras 3 `.weights.h5` by its layer names, as Keras loads it."""
+    notes = []
     try:
+        if fmt in ("keras", "keras-model"):
+            found = keras3_layers(path, fmt)
+            if "conv1_conv" not in found or "predictions" not in found:
+                raise zoo.ZooError(
+                    f"{path} is not a Keras applications DenseNet with its classifier: no "
+                    f"{'conv1_conv' if 'conv1_conv' not in found else 'predictions'} layer among "
+                    f"{len(found)} layers ({', '.join(list(found)[:6])}, ...)"
+                )
+            spec = zoo.keras_spec(zoo.keras_block_config(found), found["predictions"][0][-1])
+            layers = [(name, found.get(name, [])) for name, _ in zoo.keras_layer_shapes(spec)]
+        else:
+            layers = keras_layers(path)
+            spec = zoo.keras_spec_from_layers(layers, path)
+            renamed = [name for (name, _), (ours, _) in zip(layers, zoo.keras_layer_shapes(spec)) if name != ours]
+            if renamed:
+                notes.append(
+                    f"layers matched by order, as Keras loads a legacy .h5: {len(renamed)} of them are not named "
+                    f"as Keras 3 names them ({', '.join(renamed[:3])}, ...)"
+                )
+        zoo.check_keras_layers(layers, spec, path)
+        model = keras_application(spec)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Skipping nested container")
             model.load_weights(str(path))
-    except (ValueError, KeyError, OSError) as error:
-        raise zoo.ZooError(f"{path} does not load into Keras applications' {spec.name}: {error}") from None
+    except zoo.ZooError:
+        raise
+    except Exception as error:  # h5py's and Keras' errors for a file that is not what it says
+        raise zoo.ZooError(f"{path} is not a readable Keras DenseNet weights file: {zoo.reason(error)}") from None
     weights = {layer.name: [w.numpy() for w in layer.weights] for layer in model.layers if layer.weights}
-    return zoo.from_keras(weights, spec, str(path))
-
-
-def _predictions_classes(f, path):
-    found = []
-    f.visititems(
-        lambda key, item: (
-            found.append(item.shape[-1])
-            if isinstance(item, h5py.Dataset) and item.ndim == 2 and _is_predictions(f, key)
-            else None
-        )
-    )
-    if not found:
-        raise zoo.ZooError(f"{path}: no 2-D kernel in its predictions layer")
-    return int(found[0])
-
-
-def _is_predictions(f, key):
-    parts = key.split("/")
-    if "predictions" in parts:
-        return True
-    vars_group = "/".join(parts[:-1])
-    return f[vars_group].attrs.get("name") == "predictions" if vars_group else False
+    return zoo.from_keras(weights, spec, str(path)), notes
 
 
 def write_zoo(path, state, spec, fmt="keras-h5"):
@@ -108,16 +117,18 @@ def write_zoo(path, state, spec, fmt="keras-h5"):
     model = keras_application(spec)
     for name, arrays in zoo.to_keras(state, spec).items():
         model.get_layer(name).set_weights(arrays)
-    tmp = f"{path}.tmp.weights.h5"
     if fmt == "keras":
-        model.save_weights(tmp)
+        data = bytes_written_by(model.save_weights, ".weights.h5")
+    elif fmt == "keras-model":
+        data = bytes_written_by(model.save, ".keras")
     else:
-        with h5py.File(tmp, "w") as f:
-            legacy_h5_format.save_weights_to_hdf5_group(f, model)
-    with open(tmp, "rb") as f:
-        data = f.read()
-    os.unlink(tmp)
+        data = bytes_written_by(lambda name: save_legacy_h5(model, name), ".h5")
     atomic_write_bytes(path, data)
+
+
+def save_legacy_h5(model, path):
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
 
 
 def preprocess_input(images):
@@ -177,6 +188,5 @@ def zoo_sample(path, spec, x_nchw, seed=0):
             layer.set_weights(
                 [zoo.random_bn(rng, leaf, w.shape) for leaf, w in zip(zoo.KERAS_NORM_ORDER, layer.weights)]
             )
-    with h5py.File(path, "w") as f:
-        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+    save_legacy_h5(model, path)
     return np.asarray(model(x_nchw.transpose(0, 2, 3, 1), training=False))

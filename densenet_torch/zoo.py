@@ -6,8 +6,10 @@ renames. Files are read with `torch.load(weights_only=True)`: a pickle that woul
 is refused. `memory_efficient=True` is torchvision's option: the same weights, less memory.
 """
 
+import argparse
 import io
 import pickle
+import re
 
 import numpy as np
 import torch
@@ -20,21 +22,34 @@ from .weights import load_canonical
 
 
 def read_zoo(path, fmt="torchvision"):
-    """A torchvision state dict (either key layout) as a canonical state of NumPy arrays."""
+    """A torchvision state dict (either key layout), or a training checkpoint holding one, as
+    (canonical state of NumPy arrays, notes); `conformance.zoo.from_checkpoint` finds the state."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        # argparse.Namespace: the training arguments timm saves beside the weights; plain data
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            loaded = torch.load(path, map_location="cpu", weights_only=True)
+        arrays = to_numpy(loaded)
     except pickle.UnpicklingError as error:
+        found = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\n|$)", str(error), re.S)
+        reason = (found.group(1) if found else str(error)).strip()
         raise zoo.ZooError(
-            f"{path} was refused by torch.load(weights_only=True): it is not a plain state dict "
-            f"and loading it would run code from the file ({str(error).splitlines()[0]})"
+            f"{path} was refused by torch.load(weights_only=True): it is not a plain state dict of tensors "
+            f"(a damaged file, or a pickle that would run code when loaded) ({reason})"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise zoo.ZooError(f"{path} is not a readable torch.save file (truncated or corrupt?): {error}") from None
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise zoo.ZooError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
-    return zoo.from_torchvision({key: value.float().numpy() for key, value in state.items()})
+    except Exception as error:  # any parser failure of a file that is not torch.save's
+        raise zoo.ZooError(
+            f"{path} is not a readable torch.save file (truncated or corrupt?): {zoo.reason(error)}"
+        ) from None
+    return zoo.from_checkpoint(arrays, str(path))
+
+
+def to_numpy(obj):
+    """Tensors as NumPy arrays (floating ones as float32), inside dicts as deep as they go."""
+    if isinstance(obj, torch.Tensor):
+        return (obj.float() if obj.is_floating_point() else obj).detach().numpy()
+    if isinstance(obj, dict):
+        return {key: to_numpy(value) for key, value in obj.items()}
+    return obj
 
 
 def write_zoo(path, state, spec, fmt="torchvision", legacy=False):

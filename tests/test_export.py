@@ -11,7 +11,8 @@ from conftest import backend_or_skip
 from conformance import export, specs, weights
 from conformance.cli import main
 from conformance.specs import InputError
-from conformance.suite import checks, onnx
+from conformance.suite import checks
+from conformance.suite import onnx as onnx_matrix
 
 ARCH, SIZE = "tiny", 32
 
@@ -121,14 +122,34 @@ def test_mxnet_symbol_block_keeps_hybridized_logits(tmp_path):
     assert_same_logits(backend.forward(model, x, train=False), expected, 0.0)
 
 
-def test_cli_export_writes_onnx_that_onnxruntime_runs(tmp_path, capsys):
-    backend, model, x = loaded("mxnet")  # MXNet's exporter is the fastest of the four
-    pytest.importorskip("onnxruntime")
+# Through the command line, as a user runs it: every backend, both formats. The slowest
+# (JAX's ONNX conversion, torch.export) take 5-10 s each on 2 CPU cores.
+CLI_CASES = [
+    pytest.param(name, fmt, marks=pytest.mark.slow) if (name, fmt) in {("jax", "onnx")} else (name, fmt)
+    for name in ("torch", "tf", "jax", "mxnet")
+    for fmt in export.FORMATS
+]
+
+
+@pytest.mark.parametrize("name,fmt", CLI_CASES)
+def test_cli_export_every_backend_and_format(name, fmt, tmp_path, capsys):
+    backend, model, x = loaded(name)
+    exporter = export.backend_exporter(backend)
+    if fmt == "onnx":
+        onnx = pytest.importorskip("onnx")
+        pytest.importorskip("onnxruntime")
     checkpoint = tmp_path / "model.safetensors"
-    weights.save_state(checkpoint, backend.export_state(model), model.spec)
-    assert main(["export", "--backend", "mxnet", "--size", str(SIZE), str(checkpoint), str(tmp_path / "m.onnx")]) == 0
-    assert '"format": "onnx"' in capsys.readouterr().out
-    assert_same_logits(onnx.run_onnx(tmp_path / "m.onnx", x), backend.forward(model, x, train=False))
+    weights.save_state(checkpoint, backend.export_state(model), specs.get_spec(ARCH))
+    out = tmp_path / ("m.onnx" if fmt == "onnx" else f"m{exporter.NATIVE_SUFFIX}")
+    argv = ["export", "--backend", name, "--format", fmt, "--size", str(SIZE), str(checkpoint), str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    assert f'"format": "{fmt}"' in capsys.readouterr().out
+    expected = backend.forward(model, x, train=False)
+    if fmt == "onnx":
+        onnx.checker.check_model(onnx.load(str(out)), full_check=True)
+        assert_same_logits(onnx_matrix.run_onnx(out, x), expected)
+    else:
+        assert_same_logits(exporter.load_native(out)(x), expected)
 
 
 def test_cli_export_needs_a_size(tmp_path, capsys):
@@ -144,10 +165,10 @@ def test_onnx_graphs_of_all_backends_agree(tmp_path):
     pytest.importorskip("onnxruntime")
     results = {}
     for name in ("torch", "tf", "jax", "mxnet"):
-        results[name] = {"onnx": onnx.measure(backend_or_skip(name), tmp_path)}
-    section = onnx.section(results)
+        results[name] = {"onnx": onnx_matrix.measure(backend_or_skip(name), tmp_path)}
+    section = onnx_matrix.section(results)
     assert section["failures"] == []
-    assert all(len(row) == 4 and max(row.values()) <= onnx.ONNX_TOLERANCE for row in section["errors"].values())
+    assert all(len(row) == 4 and max(row.values()) <= onnx_matrix.ONNX_TOLERANCE for row in section["errors"].values())
 
 
 def test_an_exporter_whose_package_is_missing_is_skipped_not_failed(tmp_path, monkeypatch):
@@ -157,11 +178,11 @@ def test_an_exporter_whose_package_is_missing_is_skipped_not_failed(tmp_path, mo
     def missing(backend):
         raise ModuleNotFoundError("No module named 'jax2onnx'", name="jax2onnx")
 
-    monkeypatch.setattr(onnx, "backend_exporter", missing)
+    monkeypatch.setattr(onnx_matrix, "backend_exporter", missing)
     from conformance.backends import load_backend
 
-    measured = onnx.measure(load_backend("reference"), tmp_path)
+    measured = onnx_matrix.measure(load_backend("reference"), tmp_path)
     assert "error" not in measured and "jax2onnx" in measured["skipped"]
-    section = onnx.section({"reference": {"onnx": measured}})
+    section = onnx_matrix.section({"reference": {"onnx": measured}})
     assert section["failures"] == [] and "jax2onnx" in section["export_skipped"]["reference"]
-    assert any("skipped: No module named 'jax2onnx'" in line for line in onnx.markdown(section))
+    assert any("skipped: No module named 'jax2onnx'" in line for line in onnx_matrix.markdown(section))

@@ -40,6 +40,7 @@ def initialized(block):
 
 
 @pytest.mark.parametrize("hybridize", [False, True])
+@mx.util.use_np  # the bare blocks run in NumPy mode, as the book's `npx.set_np()` has it; DenseNet scopes its own
 def test_d2l_dense_block_and_transition_shapes(hybridize):
     blk, trans = initialized(DenseBlock(2, 3, 10)), initialized(transition_block(23, 10))
     if hybridize:

@@ -6,6 +6,7 @@ state dicts in both key layouts written from our PyTorch backend, whose keys are
 """
 
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -68,9 +69,10 @@ def test_formats_by_suffix_and_override():
         "keras",
         "gluon",
     ]
-    assert zoo.detect_format("weights.bin", "gluon") == "gluon"
-    with pytest.raises(zoo.ZooError, match="weights.bin"):
-        zoo.detect_format("weights.bin")
+    assert zoo.detect_format("weights.dat", "gluon") == "gluon"
+    assert zoo.detect_format("model_best.pth.tar") == zoo.detect_format("pytorch_model.bin") == "torchvision"
+    with pytest.raises(zoo.ZooError, match="weights.dat"):
+        zoo.detect_format("weights.dat")
     with pytest.raises(zoo.ZooError, match="unknown format"):
         zoo.detect_format("a.pth", "onnx")
 
@@ -191,7 +193,7 @@ def keras_logits(model, x_nchw):
     return np.asarray(model(x_nchw.transpose(0, 2, 3, 1), training=False))
 
 
-@pytest.mark.parametrize("suffix,backends", [(".h5", BACKENDS), (".weights.h5", ("torch",))])
+@pytest.mark.parametrize("suffix,backends", [(".h5", BACKENDS), (".weights.h5", ("torch",)), (".keras", ("torch",))])
 def test_keras_applications_file_converts_and_reproduces(tmp_path, suffix, backends):
     """Every backend for the legacy file; the Keras 3 file reads to the same state, so one suffices."""
     from densenet_tf import zoo as tf_zoo
@@ -234,7 +236,7 @@ def test_keras_file_of_another_model_is_refused(tmp_path):
 
 
 def gluon_zoo_model():
-    pytest.importorskip("mxnet")
+    backend_or_skip("mxnet")
     import mxnet as mx
 
     from densenet_mxnet import zoo as mx_zoo
@@ -284,7 +286,7 @@ def test_gluon_model_zoo_file_converts_and_reproduces(tmp_path):
 
 
 def test_gluon_file_with_missing_parameters(tmp_path):
-    pytest.importorskip("mxnet")
+    backend_or_skip("mxnet")  # densenet_mxnet first: it prepares NumPy 2 for mxnet
     import mxnet as mx
 
     from densenet_mxnet import zoo as mx_zoo
@@ -418,3 +420,329 @@ def test_preprocessing_matches_torchvision_constants():
     x = torch.full((1, 3, 2, 2), 255, dtype=torch.uint8)
     out = torch_zoo.preprocess_input(x)
     assert np.allclose(out[0, :, 0, 0].numpy(), (1 - np.array(zoo.IMAGENET_MEAN)) / np.array(zoo.IMAGENET_STD))
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints as people save them
+
+
+def tiny_torch_state(seed=0):
+    spec = specs.get_spec("tiny")
+    return spec, init_state(spec, seed=seed, randomize_bn=True)
+
+
+def torch_save(path, obj):
+    torch = pytest.importorskip("torch")
+
+    def tensors(value):
+        if isinstance(value, np.ndarray):
+            return torch.from_numpy(value)
+        return {k: tensors(v) for k, v in value.items()} if isinstance(value, dict) else value
+
+    torch.save(tensors(obj), path)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod."])
+def test_ddp_and_compile_prefixes_are_removed(tmp_path, capsys, prefix):
+    spec, state = tiny_torch_state()
+    torch_save(tmp_path / "ddp.pth", {prefix + key: value for key, value in state.items()})
+    assert main(["convert", str(tmp_path / "ddp.pth"), str(tmp_path / "c.safetensors")]) == 0
+    assert "'module.' prefix (DistributedDataParallel)" in capsys.readouterr().out or prefix == "_orig_mod."
+    read_spec, read = zoo.read_weights(tmp_path / "c.safetensors")
+    assert read_spec == spec and all(np.array_equal(read[k], state[k]) for k in state)
+
+
+def test_training_checkpoints_say_which_entry_was_read(tmp_path, capsys):
+    import argparse
+
+    spec, state = tiny_torch_state()
+    _, ema = tiny_torch_state(seed=1)
+    checkpoint = {  # as timm's training script saves one (its arguments as an argparse.Namespace)
+        "epoch": 3,
+        "arch": "densenet121",
+        "args": argparse.Namespace(lr=0.1, model="densenet121"),
+        "state_dict": {"module." + key: value for key, value in state.items()},
+        "optimizer": {"state": {}, "param_groups": [{"lr": 0.1}]},
+        "state_dict_ema": ema,
+    }
+    torch_save(tmp_path / "model_best.pth.tar", checkpoint)
+    assert main(["convert", str(tmp_path / "model_best.pth.tar"), str(tmp_path / "c.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "the state dict is the checkpoint's 'state_dict' entry (also there: state_dict_ema)" in out
+    assert np.array_equal(
+        zoo.read_weights(tmp_path / "c.safetensors")[1]["classifier.weight"], state["classifier.weight"]
+    )
+    torch_save(tmp_path / "ema.pth", {"model": ema, "epoch": 1})
+    assert zoo.read_file(tmp_path / "ema.pth")[2] == ["the state dict is the checkpoint's 'model' entry"]
+    torch_save(tmp_path / "none.pth", {"epoch": 1, "weights": {"a": np.zeros(2)}})
+    with pytest.raises(CheckpointError, match=r"none\.pth holds a dict \(epoch, weights\) that is neither"):
+        zoo.read_weights(tmp_path / "none.pth")
+
+
+def test_safetensors_without_our_metadata_takes_arch(tmp_path, capsys):
+    from safetensors.numpy import save_file
+
+    spec, state = tiny_torch_state()
+    path = tmp_path / "model.safetensors"  # as a model hub stores timm's weights: tensors, no spec
+    save_file(state, str(path))
+    assert main(["convert", str(path), str(tmp_path / "c.safetensors"), "--arch", "tiny"]) == 0
+    assert "no densenet-xf metadata: the architecture is inferred from the tensors" in capsys.readouterr().out
+    assert zoo.read_weights(tmp_path / "c.safetensors")[0] == spec
+    assert main(["convert", str(path), str(tmp_path / "d.safetensors"), "--arch", "tiny_d2l"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "is not tiny_d2l: its bn_size is 2, tiny_d2l's is None "
+        "(and 3 more field(s): conv_bias, in_channels, num_classes)" in err
+    )
+    assert err.count("\n") == 1 and "{" not in err  # one line, no JSON specs
+
+
+def test_arch_and_file_disagree_on_one_field():
+    spec = specs.get_spec("densenet121").replace(name="densenet-k32-6-12-24-16", num_classes=10)
+    with pytest.raises(CheckpointError, match="its num_classes is 10, densenet121's is 1000; without --arch") as info:
+        zoo.check_arch(spec, "densenet121", "timm.pth")
+    assert "more field" not in str(info.value)
+
+
+def test_deep_stem_is_said_in_words(tmp_path):
+    spec, state = tiny_torch_state()
+    rng = np.random.default_rng(0)
+    stem = {  # timm's deep stem: three 3x3 convs with BatchNorm, 3 -> 4 -> 4 -> 8 channels
+        "features.conv0.weight": rng.standard_normal((4, 3, 3, 3)),
+        "features.conv1.weight": rng.standard_normal((4, 4, 3, 3)),
+        "features.conv2.weight": rng.standard_normal((8, 4, 3, 3)),
+    }
+    for norm, width in (("norm0", 4), ("norm1", 4), ("norm2", 8)):
+        stem.update(
+            {f"features.{norm}.{leaf}": np.ones(width) for leaf in ("weight", "bias", "running_mean", "running_var")}
+        )
+    deep = {**{k: v for k, v in state.items() if not k.startswith(("features.conv0", "features.norm0"))}, **stem}
+    torch_save(tmp_path / "deep.pth", {k: v.astype(np.float32) for k, v in deep.items()})
+    with pytest.raises(CheckpointError, match=r"deep\.pth has a deep stem: 3 convolutions \(3x3, 3x3, 3x3\)"):
+        zoo.read_weights(tmp_path / "deep.pth")
+    state = dict(state, **{"features.conv0.weight": np.zeros((8, 3, 3, 3), np.float32)})
+    with pytest.raises(CheckpointError, match="stem is a 3x3 convolution with BatchNorm; densenet-xf builds"):
+        zoo.infer_spec(state, "s.pth")
+
+
+def test_a_missing_tensor_is_reported_missing():
+    _, state = tiny_torch_state()
+    del state["features.denseblock1.denselayer2.norm1.weight"]
+    with pytest.raises(
+        CheckpointError, match=r"1 missing key\(s\): features\.denseblock1\.denselayer2\.norm1\.weight$"
+    ):
+        zoo.infer_spec(state, "m.pth")
+
+
+def test_numpy_mode_params_of_our_mxnet_model_read(tmp_path):
+    backend = backend_or_skip("mxnet")
+    spec, state = tiny_torch_state()
+    model = backend.build(spec)
+    backend.load_state(model, state)
+    model.save_parameters(str(tmp_path / "ours.params"))  # NumPy mode, our structural names
+    read_spec, read, notes = zoo.read_file(tmp_path / "ours.params")
+    assert read_spec == spec and all(np.array_equal(read[k], state[k]) for k in state)
+    assert notes == ["saved in MXNet's NumPy mode with densenet_mxnet's parameter names"]
+
+
+def test_framework_reasons_are_one_plain_line():
+    error = RuntimeError(
+        'Traceback (most recent call last):\n  File "x.cc", line 3\n\x1b[91mRuntimeError: bad magic\x1b[0m\n'
+    )
+    assert zoo.reason(error) == "RuntimeError: bad magic"
+
+
+# ---------------------------------------------------------------------------------------
+# specs in metadata, validated before anything is built
+
+
+def metadata_file(path, spec_json):
+    from safetensors.numpy import save
+
+    path.write_bytes(
+        save({"x": np.zeros(1, np.float32)}, metadata={"format": "densenet-xf canonical v1", "spec": spec_json})
+    )
+    return path
+
+
+def test_metadata_spec_missing_a_field_or_of_a_wrong_type(tmp_path, capsys):
+    import json
+
+    fields = json.loads(specs.get_spec("tiny").to_json())
+    del fields["growth_rate"]
+    path = metadata_file(tmp_path / "a.safetensors", json.dumps(fields))
+    assert main(["convert", str(path), str(tmp_path / "b.pth")]) == 2
+    assert "its metadata's spec lacks the field(s): growth_rate" in capsys.readouterr().err
+    fields.update(growth_rate="4")
+    with pytest.raises(CheckpointError, match="field growth_rate is '4', not an integer"):
+        zoo.read_weights(metadata_file(tmp_path / "c.safetensors", json.dumps(fields)))
+    with pytest.raises(CheckpointError, match="is not JSON"):
+        zoo.read_weights(metadata_file(tmp_path / "d.safetensors", "{"))
+
+
+def test_a_small_file_claiming_millions_of_layers_fails_fast(tmp_path):
+    import time
+
+    spec = specs.get_spec("tiny").replace(block_config=(1_000_000,) * 4)
+    path = metadata_file(tmp_path / "huge.safetensors", spec.to_json())
+    assert path.stat().st_size < 400
+    start = time.perf_counter()
+    with pytest.raises(CheckpointError, match="claims 4 blocks of 4000000 layers in all; at most"):
+        zoo.read_weights(path)
+    assert time.perf_counter() - start < 1.0
+
+
+# ---------------------------------------------------------------------------------------
+# writers: every format alike
+
+
+WRITE_CASES = {  # suffix -> (framework, spec)
+    "safetensors": (None, specs.get_spec("tiny")),
+    "pth": ("torch", specs.get_spec("tiny")),
+    "h5": ("tf", KERAS_SPEC),
+    "weights.h5": ("tf", KERAS_SPEC),
+    "keras": ("tf", KERAS_SPEC),
+    "params": ("mxnet", GLUON_SPEC),
+}
+
+
+def unwritable_folder(tmp_path):
+    """A folder no file can be written in: read-only for a user; for root (whom modes do not stop), /sys."""
+    import os
+
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+@pytest.mark.parametrize("suffix", list(WRITE_CASES))
+def test_writers_create_missing_folders_and_refuse_unwritable_ones(tmp_path, capsys, suffix):
+    framework, spec = WRITE_CASES[suffix]
+    if framework:
+        backend_or_skip(framework)
+    src = tmp_path / "src.safetensors"
+    save_state(src, init_state(spec, seed=2), spec)
+    dst = tmp_path / "new" / "folder" / f"model.{suffix}"
+    assert main(["convert", str(src), str(dst)]) == 0
+    assert sorted(p.name for p in dst.parent.iterdir()) == [dst.name]  # nothing beside it, no temporary file
+    assert zoo.read_weights(dst)[0].replace(name=spec.name) == spec
+    capsys.readouterr()
+    target = unwritable_folder(tmp_path) / f"model.{suffix}"
+    assert main(["convert", str(src), str(target)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"densenet-xf convert: error: cannot write {target}") and err.count("\n") == 1, err
+    assert not target.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# quiet messages, as a user sees them in a terminal
+
+
+def run_cli(*argv):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return subprocess.run([sys.executable, "-m", "conformance", *argv], capture_output=True, text=True, env=env)
+
+
+@pytest.mark.slow  # two fresh processes that import TensorFlow: about 40 s on 2 busy cores
+def test_keras_conversion_prints_no_framework_logs(tmp_path):
+    backend_or_skip("tf")
+    src = tmp_path / "k.safetensors"
+    save_state(src, init_state(KERAS_SPEC), KERAS_SPEC)
+    done = run_cli("convert", str(src), str(tmp_path / "k.h5"))
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    back = run_cli("convert", str(tmp_path / "k.h5"), str(tmp_path / "back.safetensors"), "--verbose")
+    assert back.returncode == 0 and "tensorflow" in back.stderr.lower()  # --verbose shows them
+
+
+def test_a_damaged_params_file_is_one_plain_line(tmp_path):
+    backend_or_skip("mxnet")
+    path = tmp_path / "random.params"
+    path.write_bytes(np.random.default_rng(0).bytes(300))
+    done = run_cli("convert", str(path), str(tmp_path / "x.safetensors"))
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "\x1b" not in done.stderr, done.stderr
+    assert "is not a readable MXNet .params file (truncated or corrupt?): it does not start with" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------
+# Keras files by layer order: the Keras 2 builder's names
+
+
+KERAS2_NAMES = {"conv1_conv": "conv1/conv", "conv1_bn": "conv1/bn", "predictions": "fc1000"}
+
+
+def text(name):
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def keras2_file(path, model, renames=KERAS2_NAMES, reshape=None):
+    """A legacy .h5 as the Keras 2 builder named its layers (`conv1/conv`, `fc1000`): Keras 3's own
+    legacy writer, then the layers renamed in the file with h5py (the published files cannot be
+    downloaded here). `reshape` replaces one layer's first weight with a wrongly shaped one."""
+    import h5py
+    from keras.src.legacy.saving import legacy_h5_format
+
+    with h5py.File(path, "w") as f:
+        legacy_h5_format.save_weights_to_hdf5_group(f, model)
+        for old, new in renames.items():
+            group = f[old]
+            weight_names = [text(name) for name in group.attrs["weight_names"]]
+            for name in weight_names:  # weights live at LAYER/LAYER/kernel in Keras 2's files
+                f.move(f"{old}/{name}", f"{new}/{new}/{name.split('/', 1)[1]}")
+            f[new].attrs["weight_names"] = [f"{new}/{name.split('/', 1)[1]}".encode() for name in weight_names]
+            del f[old]
+        f.attrs["layer_names"] = [renames.get(text(name), text(name)).encode() for name in f.attrs["layer_names"]]
+        if reshape:
+            group = f[reshape]
+            name = text(group.attrs["weight_names"][0])
+            shape = group[name].shape
+            del group[name]
+            group[name] = np.zeros(shape[:-1] + (shape[-1] + 1,), np.float32)
+
+
+def test_keras2_named_file_reads_by_layer_order(tmp_path, capsys):
+    model = keras_zoo_model()
+    x = images(32)
+    expected = keras_logits(model, x)
+    src = tmp_path / "densenet_keras2.h5"
+    keras2_file(src, model)
+    assert main(["convert", str(src), str(tmp_path / "c.safetensors")]) == 0
+    assert "layers matched by order, as Keras loads a legacy .h5: 3 of them" in capsys.readouterr().out
+    spec, state = zoo.read_weights(tmp_path / "c.safetensors")
+    assert spec == KERAS_SPEC
+    assert_every_backend_reproduces(spec, state, x, expected, ("torch",))
+
+
+def test_keras2_named_file_names_the_first_layer_that_does_not_fit(tmp_path):
+    model = keras_zoo_model()
+    path = tmp_path / "bad.h5"
+    keras2_file(path, model, reshape="conv2_block1_1_conv")
+    with pytest.raises(CheckpointError, match=r"bad\.h5: layer 4 with weights, conv2_block1_1_conv, holds") as info:
+        zoo.read_weights(path)
+    assert "where Keras applications' " in str(info.value)
+
+
+def test_gluon_model_zoo_works_in_the_same_process_after_densenet_mxnet():
+    """densenet_mxnet keeps MXNet's NumPy mode to its own calls: Gluon's own model zoo, in legacy
+    NDArray mode, still works after it, and densenet_mxnet still works after that."""
+    backend = backend_or_skip("mxnet")
+    import mxnet as mx
+    from mxnet.gluon.model_zoo import vision
+
+    spec, state = tiny_torch_state()
+    model = backend.build(spec)
+    backend.load_state(model, state)
+    before = backend.forward(model, images(32), train=False)
+    assert not mx.util.is_np_array() and not mx.util.is_np_shape()
+    net = vision.densenet121(pretrained=False)
+    net.initialize()
+    out = net(mx.nd.zeros((1, 3, 224, 224)))  # its AvgPool2D(7) needs a 7x7 map
+    assert isinstance(out, mx.nd.NDArray) and out.shape == (1, 1000)
+    assert np.array_equal(backend.forward(model, images(32), train=False), before)

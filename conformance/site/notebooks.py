@@ -72,8 +72,9 @@ def comparison_notebook():
         nbf.new_code_cell(
             "import importlib.util\n\n"
             "import numpy as np\n\n"
-            "from conformance import checks, reference, weights\n"
+            "from conformance import reference, weights\n"
             "from conformance.backends import load_backend\n"
+            "from conformance.suite import checks\n"
             "from conformance.specs import get_spec, to_layout\n\n"
             'spec = get_spec("tiny_d2l")  # the d2l net in small: no bottleneck, conv bias\n'
             "state = weights.init_state(spec, seed=0, randomize_bn=True)\n"
