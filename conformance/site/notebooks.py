@@ -21,6 +21,11 @@ RUN_IT = (
 )
 
 
+# What a notebook does first, as the book's code does: MXNet's NumPy interface for the whole
+# process (the package scopes it to its own calls with @use_np, which the copies below leave out).
+SETUP = {"mxnet": "from mxnet import npx\n\nnpx.set_np()\n"}
+
+
 def definition_without_decorators(path: str, names: tuple[str, ...]) -> str:
     """The first of `names` that `path` defines, from its `def` or `class` line: decorators
     (Keras' registration for saving) belong to the package, not to a notebook's copy."""
@@ -46,7 +51,7 @@ def framework_notebook(backend: str):
         ),
         nbf.new_code_cell(
             "# The helpers the listings use (batch_norm, conv, ...); the cells below define the four again.\n"
-            f"from {package}.model import *  # noqa: F403"
+            f"from {package}.model import *  # noqa: F403\n" + SETUP.get(backend, "")
         ),
     ]
     for names in listing.BLOCKS:
