@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .backends import BackendUnavailable, backend_module, lacks_module, load_backend, registered_backends
@@ -71,15 +72,14 @@ ENGINES = {
 # process per device (torchrun: every rank runs the same job); the others one process.
 LAUNCHERS = {"torch": ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "{devices}")}
 # Several nodes (`train --nodes N`): PyTorch's launcher on each node joins the others at the
-# coordinator (c10d rendezvous; node 0 hosts the store, so ranks never wait on a guess).
+# coordinator (c10d rendezvous; node 0 hosts the store). The rendezvous hands out the global
+# ranks in the order the nodes arrive: node 0's processes need not be ranks 0..D-1.
 CLUSTER_LAUNCHERS = {
     "torch": (
         "-m",
         "torch.distributed.run",
         "--nnodes",
         "{nodes}",
-        "--node-rank",
-        "{node_rank}",
         "--nproc-per-node",
         "{devices}",
         "--rdzv-backend",
@@ -103,8 +103,8 @@ LAUNCHED_ENV = "DENSENET_XF_LAUNCHED"  # set in a launched process: it must not 
 JOIN_TIMEOUT_S = 120
 COLLECTIVE_TIMEOUT_S = 120
 HEARTBEAT_TIMEOUT_S = 30
-# Fault rehearsal: "RANK:STEP" makes the process of that global rank kill itself (SIGKILL)
-# after that optimiser step of its first epoch, as a machine lost mid-epoch would.
+# Fault rehearsal: "RANK:EPOCH:STEP" makes the process of that global rank kill itself
+# (SIGKILL) after that optimiser step of that epoch, as a machine lost mid-epoch would.
 KILL_ENV = "DENSENET_XF_KILL_AT"
 
 
@@ -185,10 +185,10 @@ def kill_hook():
     target = os.environ.get(KILL_ENV)
     if not target:
         return None
-    rank, step = (int(part) for part in target.split(":"))
+    rank, epoch, step = (int(part) for part in target.split(":"))
 
-    def on_step(epoch, at):
-        if process_index() == rank and at == step:
+    def on_step(at_epoch, at_step):
+        if process_index() == rank and (at_epoch, at_step) == (epoch, step):
             os.kill(os.getpid(), signal.SIGKILL)
 
     return on_step
@@ -196,6 +196,22 @@ def kill_hook():
 
 class PeerLost(RuntimeError):
     """Another process of a multi-process run stopped answering."""
+
+
+@contextmanager
+def peers_guarded(lost, rank: int):
+    """An error that `lost(error)` (the backend's test) says came from a peer gone becomes
+    PeerLost, one clear line; any other passes as it is."""
+    try:
+        yield
+    except Exception as error:
+        if not lost(error):
+            raise
+        cause = str(error).strip().splitlines()[0][:300]
+        raise PeerLost(
+            f"process {rank} lost the other processes of the run ({cause}); every completed epoch is "
+            "saved: start all nodes again with --resume"
+        ) from None
 
 
 class NoDataParallel(BackendUnavailable):

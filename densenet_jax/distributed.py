@@ -22,6 +22,7 @@ from conformance.engines import (
     JOIN_TIMEOUT_S,
     check_semantics,
     even_part,
+    peers_guarded,
     shard_of,
 )
 
@@ -48,6 +49,14 @@ def join_cluster(cluster):
         cluster.node_rank,
         initialization_timeout=JOIN_TIMEOUT_S,
         heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    )
+
+
+def peer_lost(error):
+    """Whether a computation failed because a peer is gone: gloo's closed connection, or the
+    coordination service's missed heartbeats."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and any(
+        word in str(error) for word in ("Gloo", "gloo", "heartbeat")
     )
 
 
@@ -149,12 +158,16 @@ class DataParallelTrainer(Trainer):
 
     def step_on(self, indices):
         indices = even_part(indices, self.devices)
-        with float32_mode(self.precision):
+        with float32_mode(self.precision), peers_guarded(peer_lost, jax.process_index()):
             state, loss, correct = gather_step(
                 self.current_state(), self.images, self.labels, self.shard(indices), self.dtype, self.step
             )
         self.keep(state)
         self.record_step(loss, correct, len(indices))
+
+    def fetch(self, values):
+        with peers_guarded(peer_lost, jax.process_index()):  # where a step's failure surfaces
+            return super().fetch(values)
 
     def predict(self, x):
         return np.asarray(eval_logits(self.model.module.apply, self.model.variables, self.replicate(x)))

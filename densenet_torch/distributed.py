@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conformance.engines import COLLECTIVE_TIMEOUT_S, ENGINES, PeerLost, check_semantics, even_part, shard_of
+from conformance.engines import COLLECTIVE_TIMEOUT_S, ENGINES, check_semantics, even_part, peers_guarded, shard_of
 
 from .train import Trainer, model_device, to_device
 
@@ -63,6 +63,12 @@ def join_process_group(devices, device_type):
         raise ValueError(f"{devices} devices asked for, but torchrun started {dist.get_world_size()} processes")
 
 
+def peer_lost(error):
+    """Whether a collective failed because a peer is gone: gloo's closed or reset connection
+    (a plain RuntimeError), or a collective that timed out (DistError)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
+
+
 class DataParallelTrainer(Trainer):
     """The single-device Trainer on this process's replica, its network wrapped in DDP; each
     step's global batch is split evenly over the processes and this one steps on its shard."""
@@ -98,10 +104,8 @@ class DataParallelTrainer(Trainer):
         return loss.item(), int(correct.item())
 
     def step_on(self, indices):
-        try:
+        with peers_guarded(peer_lost, self.rank):
             super().step_on(self.shard(even_part(indices, self.devices)))
-        except dist.DistError as error:  # a peer gone: its connection closed, or the collective timed out
-            raise PeerLost(f"process {self.rank} lost the other processes mid-step ({error})") from None
 
     def record_step(self, loss, correct, size):
         super().record_step(*self.global_sums(loss, correct), size * self.devices)
