@@ -38,8 +38,8 @@ ENGINES = {
         "DistributedDataParallel (gloo on CPUs, NCCL on GPUs)",
         {"cpu": ("per_shard",), "gpu": ("per_shard", "sync")},
         "rank0",
-        "torchrun --nnodes=2 --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 "
-        "-m conformance train --backend torch --devices N",
+        "densenet-xf train --backend torch --nodes 2 --node-rank I --coordinator HOST0:29500 --devices GPUS "
+        "(runs torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 on each machine)",
         "torchrun per node (c10d rendezvous at --coordinator, hosted by node 0), DDP over gloo",
     ),
     "mxnet": Engine(
@@ -63,8 +63,8 @@ ENGINES = {
         "jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)",
         {"cpu": ("sync", "per_shard"), "gpu": ("sync", "per_shard")},
         "mean",
-        "jax.distributed.initialize(coordinator_address='HOST0:1234', num_processes=2, process_id=I) "
-        "at the start of each machine's process, then the same jit over jax.devices()",
+        "densenet-xf train --backend jax --nodes 2 --node-rank I --coordinator HOST0:1234 "
+        "(calls jax.distributed.initialize('HOST0:1234', num_processes=2, process_id=I) on each machine)",
         "jax.distributed.initialize at --coordinator (node 0 hosts the service), CPU collectives over gloo",
     ),
 }
