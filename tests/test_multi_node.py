@@ -73,32 +73,32 @@ def run_nodes(backend, out, *extra, nodes=2, env=None) -> tuple[list[subprocess.
     return results, time.monotonic() - start
 
 
-def reference_epoch(run_dir, backend, epoch, devices):
+def reference_epoch(run_dir, backend, epoch, devices, bn="per_shard"):
     """The reference's steps over `epoch`'s batches from the run's checkpoint of the epoch
-    before (or the initial weights), on `devices` devices with the engine's per-shard rules."""
+    before (or the initial weights), on `devices` devices with BatchNorm semantics `bn` and the
+    engine's running-statistics rule; and the steps that differ (per-shard: the other rule;
+    sync: per-shard)."""
     spec, state, batches = loop_batches(epoch)
     if epoch > 1:
         state = weights.load_state(run_dir / f"checkpoints/epoch-{epoch - 1:03d}.safetensors", spec)
     rule, variance = engines.ENGINES[backend].running_stats, RUNNING_VAR[backend]
-    other_rule = "mean" if rule != "mean" else "rank0"
-    expected, losses = reference.data_parallel_train(
-        spec, state, batches, RECIPE.lr, devices, "per_shard", rule, variance
-    )
+    other_rule = "mean" if rule != "mean" or bn == "sync" else "rank0"
+    expected, losses = reference.data_parallel_train(spec, state, batches, RECIPE.lr, devices, bn, rule, variance)
     other, _ = reference.data_parallel_train(
         spec, state, batches, RECIPE.lr, devices, "per_shard", other_rule, variance
     )
     return spec, state, expected, other, losses
 
 
-def check_epoch(run_dir, backend, epoch, devices):
+def check_epoch(run_dir, backend, epoch, devices, bn="per_shard"):
     """The run's `epoch` took the reference's steps on `devices` devices."""
     record = json.loads((run_dir / "metrics.json").read_text())
-    spec, state, expected, other, losses = reference_epoch(run_dir, backend, epoch, devices)
+    spec, state, expected, other, losses = reference_epoch(run_dir, backend, epoch, devices, bn)
     np.testing.assert_allclose(record["epochs"][epoch - 1]["batch_losses"], losses, rtol=1e-5)
     trained = weights.load_state(run_dir / f"checkpoints/epoch-{epoch:03d}.safetensors", spec)
     errors = parallel.compare_states(state, trained, expected, other)
     assert errors["weights"][0] < checks.TOLERANCES["float32"]["sgd_update"], errors
-    if devices > 1:  # one device: both rules are the same
+    if devices > 1:  # one device: the rules and semantics are the same
         assert errors["running"][0] < checks.TOLERANCES["float32"]["running_stats_update"] < errors["running_other"]
     return record
 
@@ -166,3 +166,15 @@ def test_a_killed_node_stops_the_other_and_the_run_resumes_on_one_process(backen
     assert main(train_argv(backend, out, "--epochs", "2", "--resume")) == 0
     capfd.readouterr()
     check_epoch(out, backend, 2, devices=1)
+
+
+@needs_data
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", [b for b in WIRED if "sync" in engines.ENGINES[b].bn_semantics["cpu"]])
+def test_two_nodes_with_sync_batchnorm_take_the_reference_steps(backend, tmp_path):
+    """--sync-bn over two nodes: BatchNorm on the global batch spread over both processes."""
+    out = tmp_path / "run"
+    results, _ = run_nodes(backend, out, "--sync-bn")
+    assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
+    record = check_epoch(out, backend, 1, devices=2, bn="sync")
+    assert record["devices"] == 2 and record["bn_semantics"] == "sync"
