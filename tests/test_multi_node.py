@@ -115,6 +115,20 @@ def test_cluster_arguments_are_checked_before_anything_starts(tmp_path, capsys):
     assert "tf has no multi-process training wired (--nodes); backends that have: torch, jax" in capsys.readouterr().err
 
 
+def test_each_node_launches_its_part_of_the_cluster():
+    """PyTorch: a torchrun per node at the coordinator, node 0 hosting the rendezvous store;
+    JAX: one process per node, its rank given to the process (it joins in join_cluster)."""
+    nodes = [engines.make_cluster(2, rank, "10.0.0.1:29500", 1) for rank in range(2)]
+    assert [node.world for node in nodes] == [2, 2]
+    commands = [" ".join(engines.command("torch", 1, ["-m", "conformance"], node)) for node in nodes]
+    for rank, line in enumerate(commands):
+        assert "-m torch.distributed.run --nnodes 2 --nproc-per-node 1 --rdzv-backend c10d" in line
+        assert "--rdzv-endpoint 10.0.0.1:29500" in line and f"is_host={int(rank == 0)}," in line
+        assert f"join_timeout={engines.JOIN_TIMEOUT_S}" in line and "--max-restarts 0" in line
+    assert engines.command("jax", 1, ["-m", "conformance"], nodes[1])[1:] == ["-m", "conformance"]
+    assert engines.shard_of(list(range(8)), 1, 4) == [2, 3]
+
+
 @pytest.mark.parametrize("backend", WIRED)
 def test_a_coordinator_port_in_use_is_a_clear_error(backend, tmp_path, capsys):
     with socket.socket() as taken:
