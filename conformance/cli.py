@@ -194,18 +194,21 @@ def cmd_train(args):
         test_examples=args.test_examples,
         seed=args.seed,
     )
-    training.check_devices(recipe, args.devices, args.sync_bn)
-    if args.devices > 1 and args.backend in engines.ENGINES:  # refused here, once, before any launch
+    cluster = engines.make_cluster(args.nodes, args.node_rank, args.coordinator, args.devices)
+    devices = cluster.world  # replicas over all nodes
+    training.check_devices(recipe, devices, args.sync_bn)
+    if devices > 1 and args.backend in engines.ENGINES:  # refused here, once, before any launch
         engines.check_semantics(
             engines.ENGINES[args.backend].bn_semantics,
             "gpu" if args.device in ("gpu", "cuda") else "cpu",
             args.sync_bn,
             args.backend,
         )
-    if args.devices > 1 and not engines.launched():  # simulated devices need a fresh process
-        return engines.launch(args.backend, args.devices, ["-m", "conformance", *args.argv])
-    if args.devices > 1:
-        backend, _ = engines.prepare(args.backend, args.devices, args.device)
+    if devices > 1 and not engines.launched():  # simulated devices need a fresh process
+        engines.check_cluster(args.backend, cluster)
+        return engines.launch(args.backend, args.devices, ["-m", "conformance", *args.argv], cluster=cluster)
+    if devices > 1:
+        backend, _ = engines.prepare(args.backend, devices, args.device, cluster)
     else:
         backend = backends.load_backend(args.backend, args.device)
     if backend.device_note:
@@ -221,8 +224,9 @@ def cmd_train(args):
         progress=not args.quiet,
         precision=args.precision,
         compile=args.compile,
-        devices=args.devices,
+        devices=devices,
         sync_bn=args.sync_bn,
+        on_step=engines.kill_hook(),
     )
     last = record["epochs"][-1] if record["epochs"] else {}
     if engines.process_index() == 0:
@@ -408,7 +412,20 @@ def build_parser():
         "--devices",
         type=positive_int,
         default=1,
-        help="data-parallel over N devices (CPU devices are simulated; docs/engines.md)",
+        help="data-parallel over N devices (per node with --nodes; CPU devices are simulated; docs/distributed.md)",
+    )
+    p.add_argument(
+        "--nodes",
+        type=positive_int,
+        default=1,
+        help="data-parallel over N nodes (machines, or processes on one), each with --devices devices; "
+        "run the same command on every node with its --node-rank",
+    )
+    p.add_argument("--node-rank", type=non_negative_int, default=0, help="this node's rank, 0 to N-1 (with --nodes)")
+    p.add_argument(
+        "--coordinator",
+        metavar="HOST:PORT",
+        help="with --nodes: node 0's address and a free port on it, the same on every node",
     )
     p.add_argument(
         "--sync-bn",
@@ -569,6 +586,7 @@ def main(argv=None):
         ValueError,
         DataError,
         TrainingError,
+        engines.PeerLost,
         OSError,
     ) as error:
         message = re.sub(r"\x1b\[[0-9;?]*[ -/]*[@-~]", "", str(error))  # no terminal escape codes

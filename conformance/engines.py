@@ -1,6 +1,6 @@
 """Data-parallel engines, framework-free: what each framework's engine runs (its declared
-BatchNorm semantics and running-statistics rule), and the launcher that starts a process
-with simulated devices.
+BatchNorm semantics and running-statistics rule), the launcher that starts a process with
+simulated devices, and the cluster of several processes ("nodes") that talk over TCP.
 
 Each backend's `densenet_<fw>/distributed.py` offers DECLARED (its entry of ENGINES below),
 DTYPES, `simulate_devices(n)` and `make_trainer(...)` (docs/distributed.md). Simulated CPU
@@ -11,8 +11,11 @@ of its own, started by `launch`. The check against the reference is conformance.
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .backends import BackendUnavailable, backend_module, lacks_module, load_backend, registered_backends
@@ -26,6 +29,7 @@ class Engine:
     bn_semantics: dict  # device kind -> the BatchNorm semantics it runs (reference.BN_SEMANTICS)
     running_stats: str  # what per-shard running statistics become (reference.RUNNING_STATS_RULES)
     multi_node: str  # the command that launches it across machines
+    multi_process: str = ""  # how `train --nodes N` runs it; empty: not wired
 
 
 # What each engine runs, declared once: each backend's distributed.py reads its own entry (DECLARED).
@@ -34,8 +38,9 @@ ENGINES = {
         "DistributedDataParallel (gloo on CPUs, NCCL on GPUs)",
         {"cpu": ("per_shard",), "gpu": ("per_shard", "sync")},
         "rank0",
-        "torchrun --nnodes=2 --nproc-per-node=GPUS --rdzv-backend=c10d --rdzv-endpoint=HOST0:29500 "
-        "-m conformance train --backend torch --devices N",
+        "densenet-xf train --backend torch --nodes 2 --node-rank I --coordinator HOST0:29500 --devices GPUS "
+        "(runs torchrun --nnodes 2 --rdzv-backend c10d --rdzv-endpoint HOST0:29500 on each machine)",
+        "torchrun per node (c10d rendezvous at --coordinator, hosted by node 0), DDP over gloo",
     ),
     "mxnet": Engine(
         "gluon.Trainer(kvstore='device') over several contexts",
@@ -44,7 +49,7 @@ ENGINES = {
         "DMLC_ROLE=scheduler|server|worker DMLC_PS_ROOT_URI=HOST0 DMLC_PS_ROOT_PORT=9091 "
         "DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 python -m conformance train --backend mxnet ... "
         "(kvstore dist_sync; one process per role and machine; documented, not wired into "
-        "the trainer yet)",
+        "the trainer)",
     ),
     "tf": Engine(
         "tf.distribute.MirroredStrategy",
@@ -52,20 +57,161 @@ ENGINES = {
         "rank0",
         'TF_CONFIG=\'{"cluster": {"worker": ["HOST0:12345", "HOST1:12345"]}, '
         '"task": {"type": "worker", "index": I}}\' python -m conformance train --backend tf ... '
-        "(MultiWorkerMirroredStrategy, one process per machine)",
+        "(MultiWorkerMirroredStrategy, one process per machine; documented, not wired into the trainer)",
     ),
     "jax": Engine(
         "jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)",
         {"cpu": ("sync", "per_shard"), "gpu": ("sync", "per_shard")},
         "mean",
-        "jax.distributed.initialize(coordinator_address='HOST0:1234', num_processes=2, process_id=I) "
-        "at the start of each machine's process, then the same jit over jax.devices()",
+        "densenet-xf train --backend jax --nodes 2 --node-rank I --coordinator HOST0:1234 "
+        "(calls jax.distributed.initialize('HOST0:1234', num_processes=2, process_id=I) on each machine)",
+        "jax.distributed.initialize at --coordinator (node 0 hosts the service), CPU collectives over gloo",
     ),
 }
 # What goes between `python` and `-m module` to start one data-parallel job: PyTorch runs one
 # process per device (torchrun: every rank runs the same job); the others one process.
 LAUNCHERS = {"torch": ("-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "{devices}")}
+# Several nodes (`train --nodes N`): PyTorch's launcher on each node joins the others at the
+# coordinator (c10d rendezvous; node 0 hosts the store). The rendezvous hands out the global
+# ranks in the order the nodes arrive: node 0's processes need not be ranks 0..D-1.
+CLUSTER_LAUNCHERS = {
+    "torch": (
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "{nodes}",
+        "--nproc-per-node",
+        "{devices}",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "{host}:{port}",
+        "--rdzv-id",
+        "densenet-xf",
+        "--rdzv-conf",
+        "is_host={is_host},join_timeout={join_timeout}",
+        "--max-restarts",
+        "0",
+    )
+}
 LAUNCHED_ENV = "DENSENET_XF_LAUNCHED"  # set in a launched process: it must not launch again
+# Timeouts, chosen: a node waits at most JOIN_TIMEOUT_S for the others to arrive (a cold
+# framework import on a loaded machine takes tens of seconds); a collective whose peer is
+# gone fails at once on a closed connection, and at most COLLECTIVE_TIMEOUT_S after the
+# peer stops answering (a first step that compiles while the peer waits must fit in it);
+# JAX's coordination service declares a silent process dead after HEARTBEAT_TIMEOUT_S.
+JOIN_TIMEOUT_S = 120
+COLLECTIVE_TIMEOUT_S = 120
+HEARTBEAT_TIMEOUT_S = 30
+# Fault rehearsal: "RANK:EPOCH:STEP" makes the process of that global rank kill itself
+# (SIGKILL) after that optimiser step of that epoch, as a machine lost mid-epoch would.
+KILL_ENV = "DENSENET_XF_KILL_AT"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """Where this process stands among `nodes` nodes of `devices` devices each."""
+
+    nodes: int = 1
+    node_rank: int = 0
+    host: str = "127.0.0.1"
+    port: int = 0
+    devices: int = 1  # per node
+
+    @property
+    def world(self) -> int:
+        """The global number of replicas."""
+        return self.nodes * self.devices
+
+    @property
+    def coordinator(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def parse_coordinator(text: str) -> tuple[str, int]:
+    """HOST:PORT, or a ValueError saying what was expected."""
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"--coordinator {text!r} is not HOST:PORT (a host name or address, a port 1-65535)")
+    return host, int(port)
+
+
+def make_cluster(nodes: int, node_rank: int, coordinator: str | None, devices: int) -> Cluster:
+    """The cluster the command line asks for, or a ValueError saying what is missing."""
+    if node_rank >= nodes:
+        raise ValueError(f"--node-rank {node_rank} is not below --nodes {nodes} (ranks count from 0)")
+    if nodes == 1:
+        return Cluster(devices=devices)
+    if not coordinator:
+        raise ValueError(f"--nodes {nodes} needs --coordinator HOST:PORT (node 0's address, the same on every node)")
+    host, port = parse_coordinator(coordinator)
+    return Cluster(nodes, node_rank, host, port, devices)
+
+
+def check_cluster(name: str, cluster: Cluster) -> None:
+    """Refuse, before anything starts, a cluster the backend cannot run or node 0 cannot host."""
+    if cluster.nodes == 1:
+        return
+    engine = ENGINES.get(name)
+    if engine is None or not engine.multi_process:
+        wired = ", ".join(b for b, e in ENGINES.items() if e.multi_process)
+        raise ValueError(
+            f"{name} has no multi-process training wired (--nodes); backends that have: {wired} (docs/distributed.md)"
+        )
+    if cluster.node_rank == 0:
+        check_port_free(cluster.host, cluster.port)
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Node 0 hosts the coordinator: its port must be free."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as error:
+            raise ValueError(
+                f"the coordinator port {host}:{port} cannot be used on node 0 ({error.strerror or error}); "
+                "it is already in use or not this machine's address: choose another --coordinator"
+            ) from None
+
+
+def shard_of(batch, rank: int, world: int):
+    """Global rank `rank`'s part of a global batch: the rank-th of `world` contiguous, equal parts."""
+    size = len(batch) // world
+    return batch[rank * size : (rank + 1) * size]
+
+
+def kill_hook():
+    """on_step for training.train: SIGKILL this process at the step KILL_ENV names (None: none named)."""
+    target = os.environ.get(KILL_ENV)
+    if not target:
+        return None
+    rank, epoch, step = (int(part) for part in target.split(":"))
+
+    def on_step(at_epoch, at_step):
+        if process_index() == rank and (at_epoch, at_step) == (epoch, step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_step
+
+
+class PeerLost(RuntimeError):
+    """Another process of a multi-process run stopped answering."""
+
+
+@contextmanager
+def peers_guarded(lost, rank: int):
+    """An error that `lost(error)` (the backend's test) says came from a peer gone becomes
+    PeerLost, one clear line; any other passes as it is."""
+    try:
+        yield
+    except Exception as error:
+        if not lost(error):
+            raise
+        cause = str(error).strip().splitlines()[0][:300]
+        raise PeerLost(
+            f"process {rank} lost the other processes of the run ({cause}); every completed epoch is "
+            "saved: start all nodes again with --resume"
+        ) from None
 
 
 class NoDataParallel(BackendUnavailable):
@@ -73,7 +219,8 @@ class NoDataParallel(BackendUnavailable):
 
 
 def process_index() -> int:
-    """This process's rank (torchrun sets RANK); only process 0 writes files and prints."""
+    """This process's global rank (torchrun sets RANK, `launch` for a JAX node); only process
+    0 writes files and prints."""
     return int(os.environ.get("RANK", "0"))
 
 
@@ -115,12 +262,15 @@ def module_of(name: str):
         raise missing from error
 
 
-def prepare(name: str, devices: int, device: str = "cpu"):
-    """In a fresh process: simulate `devices` CPU devices (on the CPU), then load the backend.
+def prepare(name: str, devices: int, device: str = "cpu", cluster: Cluster | None = None):
+    """In a fresh process: simulate `devices` CPU devices (on the CPU; this node's, in a
+    cluster), join the cluster's other processes, then load the backend.
     Returns (backend, its distributed module)."""
     module = module_of(name)
     if device == "cpu":
-        module.simulate_devices(devices)
+        module.simulate_devices(cluster.devices if cluster else devices)
+    if cluster and cluster.nodes > 1:
+        module.join_cluster(cluster)
     return load_backend(name, device), module
 
 
@@ -145,19 +295,41 @@ def describe(trainer) -> dict:
     }
 
 
-def command(name: str, devices: int, module_args: list[str]) -> list[str]:
-    """`python [launcher] -m ...` for backend `name` on `devices` devices."""
-    launcher = [part.format(devices=devices) for part in LAUNCHERS.get(name, ())]
+def command(name: str, devices: int, module_args: list[str], cluster: Cluster | None = None) -> list[str]:
+    """`python [launcher] -m ...` for backend `name` on `devices` devices (this node's, in a cluster)."""
+    if cluster and cluster.nodes > 1:
+        fields = {
+            "nodes": cluster.nodes,
+            "node_rank": cluster.node_rank,
+            "devices": cluster.devices,
+            "host": cluster.host,
+            "port": cluster.port,
+            "is_host": int(cluster.node_rank == 0),
+            "join_timeout": JOIN_TIMEOUT_S,
+        }
+        launcher = [part.format(**fields) for part in CLUSTER_LAUNCHERS.get(name, ())]
+    else:
+        launcher = [part.format(devices=devices) for part in LAUNCHERS.get(name, ())]
     return [sys.executable, *launcher, *module_args]
 
 
 def launch(
-    name: str, devices: int, module_args: list[str], timeout: float | None = None, env: dict | None = None, **run_kwargs
+    name: str,
+    devices: int,
+    module_args: list[str],
+    timeout: float | None = None,
+    env: dict | None = None,
+    cluster: Cluster | None = None,
+    **run_kwargs,
 ) -> int:
     """Run `-m module_args` for backend `name` in a fresh process (or torchrun's processes),
-    in `env` (default: this process's environment)."""
+    in `env` (default: this process's environment); in a cluster, as its node `node_rank`."""
     env = {**(env or os.environ), LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    if cluster and cluster.nodes > 1 and name not in CLUSTER_LAUNCHERS:  # one process per node
+        env["RANK"] = str(cluster.node_rank)
     try:
-        return subprocess.run(command(name, devices, module_args), env=env, timeout=timeout, **run_kwargs).returncode
+        return subprocess.run(
+            command(name, devices, module_args, cluster), env=env, timeout=timeout, **run_kwargs
+        ).returncode
     except subprocess.TimeoutExpired:
         return -1

@@ -27,7 +27,7 @@ def stage_output(sown):
 
 def first_gpu():
     try:
-        return jax.devices("gpu")[0]
+        return jax.local_devices(backend="gpu")[0]  # this process's, when several run
     except RuntimeError:  # no GPU backend in this jaxlib, or no device
         return None
 
@@ -50,7 +50,7 @@ class Backend(interface.BackendBase):
         gpu = first_gpu() if device == "gpu" else None
         if device == "gpu" and gpu is None:
             self.device_note = f"JAX sees no GPU (backend {jax.default_backend()!r}); ran on the CPU"
-        self.device = gpu or jax.devices("cpu")[0]
+        self.device = gpu or jax.local_devices(backend="cpu")[0]
 
     @property
     def device_name(self):

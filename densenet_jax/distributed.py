@@ -16,7 +16,15 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from conformance.engines import ENGINES, check_semantics, even_part
+from conformance.engines import (
+    ENGINES,
+    HEARTBEAT_TIMEOUT_S,
+    JOIN_TIMEOUT_S,
+    check_semantics,
+    even_part,
+    peers_guarded,
+    shard_of,
+)
 
 from .train import Trainer, eval_logits, float32_mode, loss_and_logits, train_step
 
@@ -29,6 +37,27 @@ AXIS = "data"
 
 def simulate_devices(n):
     jax.config.update("jax_num_cpu_devices", n)
+
+
+def join_cluster(cluster):
+    """Join the other nodes' processes at the coordinator (node 0 hosts JAX's coordination
+    service there), with CPU collectives over gloo; before JAX first touches a device."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(
+        cluster.coordinator,
+        cluster.nodes,
+        cluster.node_rank,
+        initialization_timeout=JOIN_TIMEOUT_S,
+        heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_S,
+    )
+
+
+def peer_lost(error):
+    """Whether a computation failed because a peer is gone: gloo's closed connection, or the
+    coordination service's missed heartbeats."""
+    return isinstance(error, jax.errors.JaxRuntimeError) and any(
+        word in str(error) for word in ("Gloo", "gloo", "heartbeat")
+    )
 
 
 def data_mesh(devices, platform):
@@ -85,13 +114,33 @@ class DataParallelTrainer(Trainer):
         self.replicated, self.batch_sharding = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
         self.step = train_step if self.bn_semantics == "sync" else per_shard_step(mesh)
         super().__init__(model, lr, momentum, precision)
-        self.keep(jax.device_put(self.state, self.replicated))
+        self.keep(self.replicate(self.state))
+
+    def replicate(self, tree):
+        """`tree` on every device of the mesh. Over several processes each builds its own
+        devices' copies from the value it holds (the same in every process)."""
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+
+        def one(value):
+            if isinstance(value, jax.Array) and value.sharding.is_equivalent_to(self.replicated, value.ndim):
+                return value
+            if jax.dtypes.issubdtype(getattr(value, "dtype", None), jax.dtypes.prng_key):  # a typed key: its data
+                return jax.random.wrap_key_data(one(jax.random.key_data(value)), impl=jax.random.key_impl(value))
+            host = np.asarray(value)
+            return jax.make_array_from_callback(host.shape, self.replicated, lambda index: host[index])
+
+        return jax.tree.map(one, tree)
 
     def current_state(self):
-        return jax.device_put(super().current_state(), self.replicated)  # weights loaded since: replicate them
+        return self.replicate(super().current_state())  # weights loaded since: replicate them
 
     def shard(self, x):
-        return jax.device_put(x, self.batch_sharding)
+        """The global batch `x` as one array sharded over the mesh, built from this process's
+        part of it (all of it, in one process)."""
+        x = np.asarray(x)
+        local = shard_of(x, jax.process_index(), jax.process_count())
+        return jax.make_array_from_process_local_data(self.batch_sharding, local, x.shape)
 
     def train_step(self, x, y):
         if len(x) % self.devices:
@@ -104,26 +153,28 @@ class DataParallelTrainer(Trainer):
         return float(loss), int(correct)
 
     def set_data(self, images, labels):
-        self.images, self.labels = jax.device_put((images, labels), self.replicated)
+        self.images, self.labels = self.replicate((images, labels))
         self.reset_sums()
 
     def step_on(self, indices):
         indices = even_part(indices, self.devices)
-        with float32_mode(self.precision):
+        with float32_mode(self.precision), peers_guarded(peer_lost, jax.process_index()):
             state, loss, correct = gather_step(
                 self.current_state(), self.images, self.labels, self.shard(indices), self.dtype, self.step
             )
         self.keep(state)
         self.record_step(loss, correct, len(indices))
 
+    def fetch(self, values):
+        with peers_guarded(peer_lost, jax.process_index()):  # where a step's failure surfaces
+            return super().fetch(values)
+
     def predict(self, x):
-        return np.asarray(
-            eval_logits(self.model.module.apply, self.model.variables, jax.device_put(x, self.replicated))
-        )
+        return np.asarray(eval_logits(self.model.module.apply, self.model.variables, self.replicate(x)))
 
     def load_optimizer_state(self, state):
         super().load_optimizer_state(state)
-        self.state = jax.device_put(self.state, self.replicated)  # the model's variables stay the weights
+        self.state = self.replicate(self.state)  # the model's variables stay the weights
 
 
 def make_trainer(backend, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):

@@ -30,6 +30,12 @@ def simulate_devices(n):
     """Nothing to do: MXNet's CPU contexts mx.cpu(0), mx.cpu(1), ... exist already."""
 
 
+def join_cluster(cluster):
+    """Not wired: several machines would train through the dist_sync kvstore (a scheduler, a
+    server and the workers started with DMLC_* variables; docs/distributed.md)."""
+    raise ValueError("mxnet has no multi-process training wired (--nodes); see docs/distributed.md")
+
+
 def replica_contexts(devices, device_type):
     """`devices` contexts of the model's device kind: CPU contexts, or the first GPUs."""
     if device_type == "gpu" and mx.context.num_gpus() < devices:

@@ -35,6 +35,12 @@ def simulate_devices(n):
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
 
 
+def join_cluster(cluster):
+    """Not wired: several machines would train under MultiWorkerMirroredStrategy with
+    TF_CONFIG and a strategy.run loop (docs/distributed.md)."""
+    raise ValueError("tf has no multi-process training wired (--nodes); see docs/distributed.md")
+
+
 @functools.cache  # one per process: strategies made later would reuse the first one's collective keys
 def mirrored_strategy(devices, device_type):
     available = tf.config.list_logical_devices(device_type.upper())

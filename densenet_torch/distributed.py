@@ -9,13 +9,14 @@ start of every forward, so the running statistics that count are rank 0's.
 """
 
 import os
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from conformance.engines import ENGINES, check_semantics, even_part
+from conformance.engines import COLLECTIVE_TIMEOUT_S, ENGINES, check_semantics, even_part, peers_guarded, shard_of
 
 from .train import Trainer, model_device, to_device
 
@@ -28,6 +29,11 @@ PROCESS_GROUP_BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 
 def simulate_devices(n):
     """Nothing to do: torchrun starts one process per device (conformance.engines.LAUNCHERS)."""
+
+
+def join_cluster(cluster):
+    """Nothing to do: each node's torchrun joined the others at the coordinator
+    (conformance.engines.CLUSTER_LAUNCHERS); the processes find each other in join_process_group."""
 
 
 def replica_device(device_type):
@@ -52,9 +58,15 @@ def join_process_group(devices, device_type):
             "(densenet-xf train --devices N does; see conformance.engines.LAUNCHERS)"
         )
     if not dist.is_initialized():
-        dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type])
+        dist.init_process_group(PROCESS_GROUP_BACKENDS[device_type], timeout=timedelta(seconds=COLLECTIVE_TIMEOUT_S))
     if dist.get_world_size() != devices:
         raise ValueError(f"{devices} devices asked for, but torchrun started {dist.get_world_size()} processes")
+
+
+def peer_lost(error):
+    """Whether a collective failed because a peer is gone: gloo's closed or reset connection
+    (a plain RuntimeError), or a collective that timed out (DistError)."""
+    return isinstance(error, dist.DistError) or (isinstance(error, RuntimeError) and "/gloo/" in str(error))
 
 
 class DataParallelTrainer(Trainer):
@@ -77,8 +89,7 @@ class DataParallelTrainer(Trainer):
 
     def shard(self, batch):
         """This process's part of a global batch: its first axis split evenly."""
-        size = len(batch) // self.devices
-        return batch[self.rank * size : (self.rank + 1) * size]
+        return shard_of(batch, self.rank, self.devices)
 
     def global_sums(self, loss, correct):
         """The global batch's mean loss and correct count, from this shard's (one all-reduce)."""
@@ -93,7 +104,8 @@ class DataParallelTrainer(Trainer):
         return loss.item(), int(correct.item())
 
     def step_on(self, indices):
-        super().step_on(self.shard(even_part(indices, self.devices)))
+        with peers_guarded(peer_lost, self.rank):
+            super().step_on(self.shard(even_part(indices, self.devices)))
 
     def record_step(self, loss, correct, size):
         super().record_step(*self.global_sums(loss, correct), size * self.devices)
