@@ -32,7 +32,8 @@ def check_outputs(out: Path, backends_run, device="cpu", repeats=1) -> dict:
         if row["status"] == "ok":
             assert row["examples"] == 2 * 8 and row["examples_per_s"] > 0 and row["peak_bytes"] > 0
             assert math.isfinite(row["loss"]) and row["first_step_s"] > 0 and row["arithmetic"]
-            assert row["added_bytes"] >= 0 and 0 <= row["other_share"] and 0 < row["cpu_share"] <= 1.05
+            # CPU times tick at 100 Hz: over a window of a tenth of a second the share may pass 1 a little
+            assert row["added_bytes"] >= 0 and 0 <= row["other_share"] and 0 < row["cpu_share"] <= 1.5
             assert Path(row["compile_cache"]).name == "jax" and not Path(row["compile_cache"]).exists()
     for entry in result["summary"]:
         if entry["status"] == "ok" and entry["run"] != "anchor":
@@ -188,7 +189,8 @@ def test_scaling_section_runs_one_and_two_devices_on_each_engine(tmp_path):
         main(["bench", "--section", "scaling", "--backends", "torch,mxnet", *TINY, "--out", str(out), "--quiet"]) == 0
     )
     result = json.loads((out / "scaling_cpu.json").read_text())
-    assert [(r["backend"], r["mode"], r["devices"]) for r in result["rows"]] == [
+    first = [r for r in result["rows"] if "rerun_of" not in r]  # a busy machine reruns what it disturbed
+    assert [(r["backend"], r["mode"], r["devices"]) for r in first] == [
         (b, n, n) for b in ("torch", "mxnet") for n in harness.SCALING_DEVICES
     ]
     for entry in result["summary"]:

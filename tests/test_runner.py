@@ -93,8 +93,8 @@ def test_the_data_parallel_check_can_be_left_out(tmp_path, with_broken_backend, 
     """On a machine with one GPU (--no-data-parallel) the 2-device check is not started."""
     started = []
     monkeypatch.setenv(backends.EXTRA_BACKENDS_ENV, "ghost=ghost_backend")
-    monkeypatch.setattr(runner.distributed, "conformance_phase", lambda name, *args: started.append(name))
+    monkeypatch.setattr(runner.parallel, "conformance_phase", lambda name, *args: started.append(name))
     floor = {"relative_input_change": 1e-6, "gradient_change": 1e-3, "worst_key": "classifier.weight"}
-    monkeypatch.setattr(runner.checks, "gradient_sensitivity", lambda *args: floor)  # not measured here
+    monkeypatch.setattr(runner.checks, "gradient_sensitivity", lambda *args, **kwargs: floor)  # not measured here
     runner.run(tmp_path, backends=["ghost"], matrix="default", recipe="", data_parallel=data_parallel)
     assert started == (["ghost"] if data_parallel else [])

@@ -27,7 +27,8 @@ def assigned_names(node: ast.stmt) -> list[str]:
 
 
 def named_nodes(body: list[ast.stmt], prefix: str = ""):
-    """(dotted name, node) for the functions, classes and assignments of a body, recursing into classes."""
+    """(dotted name, node) for the functions, classes and assignments of a body, recursing into
+    classes, and into `with` blocks for what they define (MXNet builds its loss in NumPy mode)."""
     for node in body:
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
             yield prefix + node.name, node
@@ -36,6 +37,8 @@ def named_nodes(body: list[ast.stmt], prefix: str = ""):
         elif isinstance(node, (ast.Assign, ast.AnnAssign)):
             for name in assigned_names(node):
                 yield prefix + name, node
+        elif isinstance(node, ast.With):
+            yield from named_nodes(node.body, prefix)
 
 
 def definitions(path: str) -> dict[str, Definition]:

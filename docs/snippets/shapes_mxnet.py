@@ -1,5 +1,7 @@
 import densenet_mxnet  # first: makes MXNet 1.9 importable under NumPy 2
-from mxnet import np
+from mxnet import np, npx
+
+npx.set_np()  # MXNet's NumPy interface for this script, as the book's code turns it on
 
 from conformance.specs import get_spec, stage_shapes
 from densenet_mxnet import DenseBlock, DenseNet, transition_block
