@@ -17,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from .. import trajectory
 from ..backends import backend_names
 from ..data import check_readable
 from ..files import WriteError, merge_json, read_json
@@ -145,6 +146,13 @@ def run(
     sensitivity = reference_thread.submit(
         lambda: {f"{c.arch}@{c.size}": checks.gradient_sensitivity(c.arch, c.size, c.batch) for c in configs}
     )
+    if recipe:  # the reference's float64 trajectory, kept for the report: NumPy, while the workers run
+        reference_trajectory = reference_thread.submit(
+            trajectory.reference_runs,
+            trajectory.get_setup(trajectory.CONFORMANCE),
+            out_dir / "trajectory",
+            data_dir,
+        )
     extra = [
         "--matrix",
         json.dumps(configs),
@@ -179,6 +187,8 @@ def run(
 
     _each(list(exports), jobs, cross_phase)
 
+    if recipe:
+        reference_trajectory.result()
     result = report.build(
         out_dir,
         backends,
