@@ -294,6 +294,7 @@ def markdown(result: dict) -> str:
         zoo_section,
         lambda result: onnx.markdown(result.get("onnx")),
         conditioning_section,
+        trajectory_section,
         training_section,
     )
     return "\n".join(line for section in sections for line in section(result)) + "\n"
@@ -468,6 +469,42 @@ def conditioning_section(result: dict) -> list[str]:
     out += ["", "![errors relative to tolerances](errors.png)"]
 
     return out
+
+
+def trajectory_section(result: dict) -> list[str]:
+    """The float64 trajectories: each backend's distance to the reference and the others, and
+    the test predictions that differ."""
+    summary = result.get("trajectory")
+    if not summary:
+        return []
+    setup = summary["setup"]
+    out = [
+        "",
+        "## Training trajectories in float64",
+        "",
+        f"Every backend's trainer takes {setup['steps']} SGD steps of the {setup['arch']} net at "
+        f"{setup['size']}x{setup['size']} (batch {setup['batch_size']}, lr {setup['lr']}, without momentum and "
+        f"with {setup['momentum']}) from the canonical initial weights on the same batches; its trainable weights "
+        f"are compared every {setup['every']} steps with the NumPy reference's and the other backends' "
+        f"(largest relative difference over the run; tolerance {TRAJECTORY_TOLERANCE:.0e}, derived in "
+        "conformance/suite/report.py). `densenet-xf trajectory` runs the same for a full epoch of the quick "
+        "recipe, in float32 too (docs/training_parity.md).",
+        "",
+        "| run | backend | to the reference | to the other backends | test predictions differing |",
+        "|---|---|---|---|---|",
+    ]
+    for label, run in summary["runs"].items():
+        for name in run["backends"]:
+            out.append(
+                f"| {label} | {name} | {trajectory.worst(run, name, 'to_reference'):.1e} | "
+                f"{trajectory.worst(run, name):.1e} | {run['predictions_differing_by_backend'][name]} of "
+                f"{run['test_images']} |"
+            )
+    return out + [
+        "",
+        "A test prediction differs when a backend's class is not the one most backends give; PyTorch's running "
+        "variance is the unbiased one (the section above), which can move a prediction near a class boundary.",
+    ]
 
 
 def training_section(result: dict) -> list[str]:
