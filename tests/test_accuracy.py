@@ -85,3 +85,13 @@ def test_the_books_recipes_are_named():
     d2l, d2l2 = training.get_recipe("d2l"), training.get_recipe("d2l2")
     assert (d2l.lr, d2l.batch_size, d2l.epochs, d2l.size) == (0.1, 256, 10, 96)
     assert (d2l2.lr, d2l2.batch_size, d2l2.epochs, d2l2.size) == (0.01, 128, 10, 96)
+
+
+def test_the_quick_recipes_accuracy_rule_is_derived_from_its_seed_spread():
+    """max_spread is the studentized range's 99% quantile for four backends times the pooled
+    seed standard deviation measured by `densenet-xf accuracy` (the recipe's comment)."""
+    quick = training.get_recipe("quick")
+    assert quick.max_spread == round(training.accuracy_tolerance(training.QUICK_SEED_STD, 4), 3)
+    # more backends scatter over a wider range; a rarer false alarm needs a wider one
+    assert training.accuracy_tolerance(0.03, 2) < training.accuracy_tolerance(0.03, 4)
+    assert training.accuracy_tolerance(0.03, 4, 0.01) < training.accuracy_tolerance(0.03, 4, 0.001)
