@@ -15,10 +15,11 @@ ZOO_TOLERANCE = CROSS_TOLERANCE  # a zoo model's logits vs. a backend's on the c
 # Float64 training trajectories (conformance/trajectory.py, setup "conformance": tiny_d2l at 16x16,
 # 24 steps of batch 32, without and with momentum), each backend's trainable weights against the
 # NumPy reference's at every 4th step. Measured 2026-12-06 (2-core x86 VM): at most 1.3e-14 in
-# every backend (60 float64 epsilons after 24 steps; the d2l net's 94 steps of `densenet-xf
-# trajectory --setup quick` stay within 1.7e-13 of each other, with no growth: 5.7e-14 at the
-# last step; docs/results/trajectory.md). The tolerance sits a factor 1,000 above that, for other
-# BLAS builds and thread counts, and three orders below the smallest defects it must catch: a
+# every backend (60 float64 epsilons after 24 steps). The d2l net's 94 steps of `densenet-xf
+# trajectory --setup quick` (docs/results/trajectory.md) stay within 1.7e-13 of each other and
+# of the reference without momentum, and grow to 4.7e-13 with momentum 0.875. The tolerance sits
+# a factor 1,000 above this setup's measurement (20 above the longer run's), for other BLAS
+# builds and thread counts, and three orders below the smallest defects it must catch: a
 # learning rate of 0.1 passed as float32 moves each step by 1.5e-8 of itself, and images cast
 # to float32 before a float64 step put the weights 4.5e-8 from the reference (measured).
 TRAJECTORY_TOLERANCE = 1e-11
