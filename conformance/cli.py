@@ -19,7 +19,7 @@ import warnings
 
 import numpy as np
 
-from . import backends, engines, export, interface, specs, training, zoo
+from . import accuracy, backends, engines, export, interface, specs, training, trajectory, zoo
 from .bench import harness
 from .data import DataError
 from .interface import BackendUnavailable
@@ -261,7 +261,7 @@ def cmd_seed_spread(args):
     backend = backends.load_backend(args.backend, args.device)
     recipe = training.get_recipe(args.recipe)
     out = args.out or f"build/seed-spread/{backend.name}-{recipe.name}"
-    summary = training.seed_spread(backend, args.arch, recipe, args.seeds, out, args.data_dir)
+    summary = training.seed_spread(backend, args.arch, recipe, args.seeds, out, args.data_dir, args.progress)
     print(to_json({k: v for k, v in summary.items() if k != "recipe"}))
     return 0
 
@@ -288,6 +288,42 @@ def framework_logs_silenced(verbose: bool):
             os.dup2(saved, 2)
             os.close(saved)
             logging.disable(logging.NOTSET)
+
+
+def cmd_trajectory(args):
+    result = trajectory.run(
+        args.backends or backends.backend_names(),
+        args.setup,
+        args.out,
+        args.reference_steps,
+        args.data_dir,
+        args.publish,
+        args.runs.split(",") if args.runs else None,
+    )
+    for label, run in result["runs"].items():
+        worst = max(trajectory.worst(run, name) for name in run["backends"])
+        print(
+            f"trajectory {label}: backends within {worst:.1e} of each other; "
+            f"{run['predictions_differing']} of {run['test_images']} test predictions differ"
+        )
+    print(f"report: {args.out}/trajectory.md (and .json, .png)")
+    return 0
+
+
+def cmd_accuracy(args):
+    result = accuracy.run(
+        args.backends or backends.backend_names(),
+        args.recipe,
+        args.seeds,
+        args.out,
+        args.arch.name,
+        args.device,
+        args.data_dir,
+        args.publish,
+    )
+    print(f"accuracy: {accuracy.verdict(result)}")
+    print(f"report: {args.out}/{accuracy.files(args.device)[1]} (and .json, .png)")
+    return 0
 
 
 def cmd_convert(args):
@@ -453,7 +489,41 @@ def build_parser():
     p.add_argument("--device", type=device_type, default="cpu")
     p.add_argument("--data-dir")
     p.add_argument("--out", help="default build/seed-spread/BACKEND-RECIPE")
+    p.add_argument("--progress", action="store_true", help="a progress bar over the seeds")
     p.set_defaults(run=cmd_seed_spread)
+
+    p = sub.add_parser(
+        "trajectory",
+        help="train every backend step by step from the same weights in float64 and float32; compare the weights",
+    )
+    p.add_argument("--backends", type=backend_list_type, help="comma-separated (default: all)")
+    p.add_argument("--setup", default="quick", help="quick (the d2l net, 94 steps) or conformance (tiny, 24 steps)")
+    p.add_argument(
+        "--reference-steps", type=non_negative_int, help="steps the NumPy reference follows (default: the setup's)"
+    )
+    p.add_argument("--data-dir")
+    p.add_argument(
+        "--runs",
+        help="comma-separated, of float64-momentum-0, float64-momentum-0.875, float32-... (default: all four); "
+        "runs already in --out are kept",
+    )
+    p.add_argument("--out", default="build/trajectory")
+    p.add_argument("--publish", help="also copy trajectory.md/json/png to this directory (docs/results)")
+    p.set_defaults(run=cmd_trajectory)
+
+    p = sub.add_parser(
+        "accuracy",
+        help="train S seeds per backend: do the float32 test accuracies differ by more than seed noise?",
+    )
+    p.add_argument("--backends", type=backend_list_type, help="comma-separated (default: all)")
+    p.add_argument("--arch", type=arch_type, default=specs.get_spec("d2l"))
+    p.add_argument("--recipe", default="quick")
+    p.add_argument("--seeds", type=positive_int, default=10, help="seeds per backend, at least 2 (default 10)")
+    p.add_argument("--device", type=device_type, default="cpu")
+    p.add_argument("--data-dir")
+    p.add_argument("--out", default="build/accuracy", help="run directories and accuracy_DEVICE.md/json/png")
+    p.add_argument("--publish", help="also copy accuracy_DEVICE.md/json/png to this directory (docs/results)")
+    p.set_defaults(run=cmd_accuracy)
 
     p = sub.add_parser(
         "convert",

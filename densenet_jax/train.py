@@ -113,7 +113,7 @@ def train_step(state, X, y):
 @partial(jax.jit, donate_argnums=0, static_argnums=4, compiler_options=KEEP_REMAT)
 def gather_step(state, images, labels, indices, dtype):
     """train_step on the examples `indices` of the device-resident set, made float there."""
-    X = (images[indices].astype(jnp.float32) / 255)[..., None]
+    X = (images[indices].astype(jnp.promote_types(dtype, jnp.float32)) / 255)[..., None]  # float64 stays
     return train_step(state, X.astype(dtype), labels[indices])
 
 

@@ -74,6 +74,7 @@ def arithmetic(precision, ctx):
 class Trainer(interface.Trainer):
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         self.model, self.lr, self.precision = model, lr, precision
+        self.dtype = model.classifier.weight.dtype  # the images' in step_on: float64 trains in float64
         self.arithmetic = arithmetic(precision, model_context(model))
         self.names = list(trainable_params(model))
         self.trainer = sgd(model, lr, momentum)
@@ -97,7 +98,7 @@ class Trainer(interface.Trainer):
 
     def step_on(self, indices):
         index = np.array(indices, dtype="int64", ctx=model_context(self.model))
-        X = np.expand_dims(self.images[index].astype("float32") / 255, axis=1)
+        X = np.expand_dims(self.images[index].astype(self.dtype) / 255, axis=1)
         self.record_step(*self.step(X, self.labels[index]), len(indices))
 
     def fetch(self, values):

@@ -116,7 +116,7 @@ class Trainer(interface.Trainer):
 
     def gather_step(self, images, labels, indices):
         """step on the examples `indices` of the device-resident set, made float there."""
-        X = ops.expand_dims(ops.cast(ops.take(images, indices, axis=0), "float32") / 255, axis=-1)
+        X = ops.expand_dims(ops.cast(ops.take(images, indices, axis=0), self.model.variable_dtype) / 255, axis=-1)
         return self.step(X, ops.take(labels, indices, axis=0))
 
     def set_data(self, images, labels):

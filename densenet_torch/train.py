@@ -60,6 +60,7 @@ def float32_mode(precision):
 class Trainer(interface.Trainer):
     def __init__(self, model, lr, momentum=0.0, precision="fp32", compile=False):
         self.model, self.precision, self.device = model, precision, model_device(model)
+        self.dtype = next(model.parameters()).dtype  # the images' in step_on: float64 trains in float64
         self.optimizer = sgd(model, lr, momentum)
         self.bf16 = precision == "bf16"
         if self.bf16:
@@ -91,7 +92,7 @@ class Trainer(interface.Trainer):
 
     def step_on(self, indices):
         index = torch.from_numpy(indices).to(self.device)
-        X = self.images[index].unsqueeze(1).float() / 255
+        X = self.images[index].unsqueeze(1).to(self.dtype) / 255
         if self.bf16:
             X = X.contiguous(memory_format=torch.channels_last)
         self.record_step(*self.step(X, self.labels[index]), len(indices))

@@ -18,7 +18,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .. import reference, specs, weights
+from .. import reference, specs, trajectory, weights
 from ..backends import backend_names
 from ..data import check_readable
 from ..files import WriteError, cache_dir, merge_json, read_json, write_json
@@ -168,6 +168,13 @@ def run(
             f"{c.arch}@{c.size}": conditioning.get(f"{c.arch}@{c.size}") or cached_conditioning(c) for c in configs
         }
     )
+    if recipe:  # the reference's float64 trajectory, kept for the report: NumPy, while the workers run
+        reference_trajectory = reference_thread.submit(
+            trajectory.reference_runs,
+            trajectory.get_setup(trajectory.CONFORMANCE),
+            out_dir / "trajectory",
+            data_dir,
+        )
     extra = [
         "--matrix",
         json.dumps(configs),
@@ -204,6 +211,8 @@ def run(
 
     _each(list(exports), jobs, cross_phase)
 
+    if recipe:
+        reference_trajectory.result()
     result = report.build(
         out_dir,
         backends,

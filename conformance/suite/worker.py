@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import specs, training, weights, zoo
+from .. import specs, training, trajectory, weights, zoo
 from ..backends import load_backend
 from ..files import merge_json
 from ..interface import BackendUnavailable
@@ -186,6 +186,15 @@ def train_recipe(backend, recipe_name: str, out_dir: Path, data_dir) -> dict:
     return training.train(backend, "d2l", recipe, run_dir, data_dir, progress=False)
 
 
+def train_trajectory(backend, out_dir: Path, data_dir) -> dict:
+    """The float64 trajectory of the conformance setup (conformance/trajectory.py), with and
+    without momentum, saved for the report to compare with the other backends and the reference."""
+    start = time.perf_counter()
+    setup = trajectory.get_setup(trajectory.CONFORMANCE)
+    paths = trajectory.backend_runs(backend, setup, out_dir / "trajectory", ("float64",), data_dir)
+    return {"setup": setup.name, "files": [str(p) for p in paths], "seconds": time.perf_counter() - start}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--backend", required=True)
@@ -234,6 +243,7 @@ def main(argv=None):
             merge_json(path, {"zoo_export": zoo_export(backend, out_dir)})
             if args.recipe:
                 merge_json(path, {"training": train_recipe(backend, args.recipe, out_dir, args.data_dir)})
+                merge_json(path, {"trajectory": train_trajectory(backend, out_dir, args.data_dir)})
             merge_json(path, {"seconds_checks": time.perf_counter() - start})
         else:
             merge_json(
