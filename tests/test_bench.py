@@ -32,8 +32,9 @@ def check_outputs(out: Path, backends_run, device="cpu", repeats=1) -> dict:
         if row["status"] == "ok":
             assert row["examples"] == 2 * 8 and row["examples_per_s"] > 0 and row["peak_bytes"] > 0
             assert math.isfinite(row["loss"]) and row["first_step_s"] > 0 and row["arithmetic"]
-            # CPU times tick at 100 Hz: over a window of a tenth of a second the share may pass 1 a little
-            assert row["added_bytes"] >= 0 and 0 <= row["other_share"] and 0 < row["cpu_share"] <= 1.5
+            assert row["added_bytes"] >= 0 and 0 <= row["other_share"] and row["cpu_share"] > 0
+            # CPU times tick at 100 Hz: only a window of a second or more gives a share to the percent
+            assert row["seconds"] < 1 or row["cpu_share"] <= 1.05
             assert Path(row["compile_cache"]).name == "jax" and not Path(row["compile_cache"]).exists()
     for entry in result["summary"]:
         if entry["status"] == "ok" and entry["run"] != "anchor":
