@@ -10,8 +10,8 @@ shown too.
 
 from __future__ import annotations
 
-from ..reporting import machine_line, pyplot, run_record, save_png, versions_line
-from .report import device_words
+from ..reporting import machine_line, pyplot, save_png, versions_line
+from .report import section_record
 
 TARGET_MEMORY, TARGET_TIME = 0.5, 1.2
 MODE_LABELS = {"plain": "plain", "memory_efficient": "memory-efficient"}
@@ -68,18 +68,9 @@ def pair_up(rows, first, second, compare) -> list[dict]:
 
 
 def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
-    return {
-        **run_record(),
-        "device": device,
-        "device_words": device_words(rows, device),
-        "warmup": warmup,
-        "steps": steps,
-        "compile": compile,
-        "shapes": shapes,
+    return section_record(rows, device, shapes, warmup, steps, compile, seconds) | {
         "target": {"memory_ratio": TARGET_MEMORY, "time_ratio": TARGET_TIME},
         "summary": summarize(rows),
-        "rows": rows,
-        "seconds": seconds,
     }
 
 

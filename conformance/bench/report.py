@@ -101,7 +101,9 @@ def device_words(rows, device) -> str:
     return f"CPU: {cpu}" + (" (no GPU was usable: every backend ran on the CPU)" if device == "gpu" else "")
 
 
-def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
+def section_record(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
+    """What every bench section's result starts with: when and where it was measured, how, and
+    every measurement."""
     return {
         **run_record(),
         "device": device,
@@ -110,11 +112,16 @@ def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
         "steps": steps,
         "compile": compile,
         "shapes": shapes,
+        "rows": rows,
+        "seconds": seconds,
+    }
+
+
+def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
+    return section_record(rows, device, shapes, warmup, steps, compile, seconds) | {
         "repeats": max((r.get("repeat", 0) for r in rows if "rerun_of" not in r), default=0) + 1,
         "contention_limit": CONTENTION,
         "summary": summarize(rows, device),
-        "rows": rows,
-        "seconds": seconds,
     }
 
 

@@ -8,9 +8,9 @@ speed-up; on a machine with several GPUs it is the real scaling.
 
 from __future__ import annotations
 
-from ..reporting import machine_line, pyplot, run_record, save_png, versions_line
+from ..reporting import machine_line, pyplot, save_png, versions_line
 from .memory_report import one_line, pair_up, shape_tables
-from .report import device_words
+from .report import section_record
 
 
 def files(device) -> tuple[str, ...]:
@@ -35,17 +35,8 @@ def summarize(rows) -> list[dict]:
 
 
 def build(rows, device, shapes, warmup, steps, compile, seconds) -> dict:
-    return {
-        **run_record(),
-        "device": device,
-        "device_words": device_words(rows, device),
-        "warmup": warmup,
-        "steps": steps,
-        "compile": compile,
-        "shapes": shapes,
+    return section_record(rows, device, shapes, warmup, steps, compile, seconds) | {
         "summary": summarize(rows),
-        "rows": rows,
-        "seconds": seconds,
     }
 
 
