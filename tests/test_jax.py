@@ -191,7 +191,7 @@ def test_a_fast_trainer_leaves_exact_arithmetic_for_the_checks():
     assert jax.tree.leaves(trainer.model.variables)[0].dtype == jnp.float32  # float32 parameters
 
 
-# Memory-efficient model (issue 13): nn.remat of each dense layer with the dots policy.
+# Memory-efficient model: nn.remat of each dense layer with the dots policy.
 
 
 def deep_block_spec():

@@ -189,7 +189,7 @@ def test_dropout_is_active_only_in_training():
         assert not (a == model(x)).all()
 
 
-# --- memory_efficient (issue 13): accepted, says it does nothing, computes the plain numbers
+# --- memory_efficient: accepted, says it does nothing, computes the plain numbers
 
 
 def memory_efficient_build(backend, spec, dtype="float32"):

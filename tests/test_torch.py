@@ -84,7 +84,7 @@ def test_a_fast_trainer_switches_tf32_for_its_own_steps_only():
     assert checks.all_passed(checks.compare_with_reference(backend, spec, 13, 2, 0, ("float32",)))
 
 
-# Memory-efficient DenseNet (issue 13): the same network, its concatenations and first BN-ReLU recomputed.
+# Memory-efficient DenseNet: the same network, its concatenations and first BN-ReLU recomputed.
 
 
 def test_memory_efficient_model_passes_the_conformance_checks():
