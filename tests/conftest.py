@@ -14,6 +14,7 @@ else:
     if importlib.util.find_spec("triton") is not None:
         import triton  # noqa: F401
 
+from conformance import data
 from conformance.backends import BACKENDS, load_backend
 from conformance.interface import BackendUnavailable
 
@@ -34,3 +35,18 @@ def backend(request):
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+def resized_data(size):
+    """A module's autouse fixture: Fashion-MNIST resized to `size` once for the whole module, in
+    a private cache (assign it to a name in the test module)."""
+
+    @pytest.fixture(scope="module", autouse=True)
+    def resized_cache(tmp_path_factory):
+        patch = pytest.MonkeyPatch()
+        patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        data.load_resized(size)
+        yield
+        patch.undo()
+
+    return resized_cache

@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import resized_data
 
 from conformance import data, training, weights
 from conformance.specs import to_layout
@@ -22,15 +23,7 @@ RECIPE = Recipe("test", size=16, batch_size=32, lr=0.1, momentum=0.9, epochs=3, 
 ARCH = "tiny_d2l"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def resized_cache(tmp_path_factory):
-    """One resize of Fashion-MNIST to 16x16 for the whole module, in a private cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("XDG_CACHE_HOME", str(cache))
-    data.load_resized(RECIPE.size)
-    yield
-    patch.undo()
+resized_cache = resized_data(RECIPE.size)
 
 
 def test_short_run_learns_and_writes_every_epoch(backend, tmp_path):

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+from conftest import resized_data
 
 from conformance import data, trajectory
 from conformance.suite import report
@@ -14,15 +15,7 @@ pytestmark = pytest.mark.skipif(
 SETUP = trajectory.Setup("test", "tiny_d2l", 16, 32, 6, 0.125, 0.875, 2, 6 * 32, 100, reference_steps=6)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def resized_cache(tmp_path_factory):
-    """One resize of Fashion-MNIST to 16x16 for the whole module, in a private cache."""
-    cache = tmp_path_factory.mktemp("cache")
-    patch = pytest.MonkeyPatch()
-    patch.setenv("XDG_CACHE_HOME", str(cache))
-    data.load_resized(SETUP.size)
-    yield
-    patch.undo()
+resized_cache = resized_data(SETUP.size)
 
 
 @pytest.fixture(scope="module")
