@@ -1,3 +1,4 @@
+from conformance.files import REPOSITORY as ROOT
 from conformance.site import listing
 
 
@@ -11,3 +12,20 @@ def test_every_backend_defines_every_building_block():
         defined = listing.definitions(f"{package}/model.py")
         missing = [names for names in listing.BLOCKS if not any(n in defined for n in names)]
         assert not missing, f"{title}: {missing}"
+
+
+def test_the_training_parity_page_quotes_the_committed_accuracy_run():
+    """The page's accuracy table is the committed `densenet-xf accuracy` result, not typed apart from it."""
+    import json
+    import re
+
+    import numpy as np
+
+    result = json.loads((ROOT / "docs" / "results" / "accuracy_cpu.json").read_text())
+    page = (ROOT / "docs" / "training_parity.md").read_text()
+    for name, backend in result["backends"].items():
+        accuracies = [run["test_acc"] for run in backend["runs"]]
+        row = re.search(rf"^\| {name} \| ([0-9.]+) \| ([0-9.]+) \|", page, re.MULTILINE)
+        assert row, f"no row for {name}"
+        assert float(row.group(1)) == round(float(np.mean(accuracies)), 4)
+        assert float(row.group(2)) == round(float(np.std(accuracies, ddof=1)), 4)
