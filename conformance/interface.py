@@ -84,11 +84,17 @@ class Trainer(ABC):
         """The per-step values kept by record_step, as one NumPy array (one device transfer)."""
         return np.asarray(values)
 
+    def wait(self) -> None:
+        """Block until every step queued so far has finished on the device, the optimiser's
+        updates included, not only the losses read back (here: nothing is queued)."""
+        return None
+
     def read_sums(self) -> tuple[float, int, int, list[float]]:
         """(loss sum, correct predictions, examples seen, every step's mean loss) since the last
         read, and start again: the only point where the training loop waits for the device."""
         if not self.step_sizes:
             return 0.0, 0, 0, []
+        self.wait()
         losses = self.fetch(self.step_losses).astype(np.float64)
         corrects = self.fetch(self.step_corrects).astype(np.int64)
         sizes = np.asarray(self.step_sizes)

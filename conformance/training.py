@@ -284,59 +284,62 @@ def train(
     progress = progress and writer
     run = Run(out_dir)
     record = _start_or_resume(run, backend, spec, recipe, resume, lock=writer)
-    model = backend.build(spec)
-    if devices > 1:
-        trainer = engines.make_trainer(backend, model, recipe.lr, recipe.momentum, precision, devices, sync_bn)
-    else:
-        trainer = backend.make_trainer(model, recipe.lr, recipe.momentum, precision=precision, compile=compile)
-    record.update(precision=precision, arithmetic=trainer.arithmetic, **engines.describe(trainer))
-    done = len(record["epochs"])
-    if done:
-        backend.load_state(model, weights.load_state(run.checkpoint(done), spec))
-        trainer.load_optimizer_state(weights.load_arrays(run.optimizer(done)))
-    else:
-        backend.load_state(model, weights.init_state(spec, recipe.seed))
-    train_x, train_y, test_x, test_y = load_dataset(recipe, data_dir)
-    trainer.set_data(train_x, train_y)
+    # Float32 as float32, whatever ran before in this process (JAX's 64-bit types stay on after
+    # float64 work, and a float32 step's indices, labels and step counter would turn int64).
+    with backend.dtype_scope("float32"):
+        model = backend.build(spec)
+        if devices > 1:
+            trainer = engines.make_trainer(backend, model, recipe.lr, recipe.momentum, precision, devices, sync_bn)
+        else:
+            trainer = backend.make_trainer(model, recipe.lr, recipe.momentum, precision=precision, compile=compile)
+        record.update(precision=precision, arithmetic=trainer.arithmetic, **engines.describe(trainer))
+        done = len(record["epochs"])
+        if done:
+            backend.load_state(model, weights.load_state(run.checkpoint(done), spec))
+            trainer.load_optimizer_state(weights.load_arrays(run.optimizer(done)))
+        else:
+            backend.load_state(model, weights.init_state(spec, recipe.seed))
+        train_x, train_y, test_x, test_y = load_dataset(recipe, data_dir)
+        trainer.set_data(train_x, train_y)
 
-    for epoch in range(done + 1, recipe.epochs + 1):
-        order = data.epoch_order(len(train_x), recipe.seed, epoch)
-        starts = range(0, len(order), recipe.batch_size)  # the batches of data.batches(..., order)
-        bar = _progress(len(starts), f"{backend.name} epoch {epoch}/{recipe.epochs}", progress)
-        totals = EpochTotals(epoch, run)
-        start = time.perf_counter()
-        for step, first in enumerate(starts, start=1):
-            trainer.step_on(order[first : first + recipe.batch_size])
-            bar.update(1)
-            if step % SYNC_EVERY == 0 or step == len(starts):
-                totals.add(trainer.read_sums())
-                bar.set_postfix(loss=f"{totals.loss:.3f}", acc=f"{totals.accuracy:.3f}", refresh=False)
-            if on_step:
-                on_step(epoch, step)
-        seconds = time.perf_counter() - start
-        bar.close()
-        test_acc = evaluate_accuracy(trainer, backend, test_x, test_y)
-        record["epochs"].append(
-            {
-                "epoch": epoch,
-                "loss": totals.loss,
-                "train_acc": totals.accuracy,
-                "test_acc": test_acc,
-                "examples_per_s": totals.seen / seconds,
-                "seconds": seconds,
-                "checkpoint": str(run.checkpoint(epoch).relative_to(run.dir)),
-                "batch_losses": totals.batch_losses,
-            }
-        )
-        if writer:
-            run.commit(record, backend, model, trainer, spec)
-        if progress:
-            e = record["epochs"][-1]
-            print(
-                f"{backend.name} epoch {epoch}: loss {e['loss']:.4f}, train acc {e['train_acc']:.4f}, "
-                f"test acc {e['test_acc']:.4f}, {e['examples_per_s']:.0f} examples/s",
-                flush=True,
+        for epoch in range(done + 1, recipe.epochs + 1):
+            order = data.epoch_order(len(train_x), recipe.seed, epoch)
+            starts = range(0, len(order), recipe.batch_size)  # the batches of data.batches(..., order)
+            bar = _progress(len(starts), f"{backend.name} epoch {epoch}/{recipe.epochs}", progress)
+            totals = EpochTotals(epoch, run)
+            start = time.perf_counter()
+            for step, first in enumerate(starts, start=1):
+                trainer.step_on(order[first : first + recipe.batch_size])
+                bar.update(1)
+                if step % SYNC_EVERY == 0 or step == len(starts):
+                    totals.add(trainer.read_sums())
+                    bar.set_postfix(loss=f"{totals.loss:.3f}", acc=f"{totals.accuracy:.3f}", refresh=False)
+                if on_step:
+                    on_step(epoch, step)
+            seconds = time.perf_counter() - start
+            bar.close()
+            test_acc = evaluate_accuracy(trainer, backend, test_x, test_y)
+            record["epochs"].append(
+                {
+                    "epoch": epoch,
+                    "loss": totals.loss,
+                    "train_acc": totals.accuracy,
+                    "test_acc": test_acc,
+                    "examples_per_s": totals.seen / seconds,
+                    "seconds": seconds,
+                    "checkpoint": str(run.checkpoint(epoch).relative_to(run.dir)),
+                    "batch_losses": totals.batch_losses,
+                }
             )
+            if writer:
+                run.commit(record, backend, model, trainer, spec)
+            if progress:
+                e = record["epochs"][-1]
+                print(
+                    f"{backend.name} epoch {epoch}: loss {e['loss']:.4f}, train acc {e['train_acc']:.4f}, "
+                    f"test acc {e['test_acc']:.4f}, {e['examples_per_s']:.0f} examples/s",
+                    flush=True,
+                )
     return record
 
 

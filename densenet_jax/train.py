@@ -180,6 +180,9 @@ class Trainer(interface.Trainer):
     def fetch(self, values):
         return np.asarray(jax.device_get(values))  # jnp.stack would compile anew for each count
 
+    def wait(self):
+        jax.block_until_ready(self.state)
+
     def predict(self, x):
         return np.asarray(eval_logits(self.model.module.apply, self.model.variables, to_device(self.model, x)))
 

@@ -9,7 +9,7 @@ import contextlib
 import pickle
 
 import numpy as onp
-from mxnet import autograd, gluon, np
+from mxnet import autograd, gluon, np, npx
 from mxnet.util import np_array, np_shape, use_np
 
 from conformance import interface
@@ -103,6 +103,9 @@ class Trainer(interface.Trainer):
 
     def fetch(self, values):
         return np.stack(values).asnumpy()
+
+    def wait(self):
+        npx.waitall()  # reading the losses waits for them only, not for the updates queued after them
 
     def predict(self, x):
         with autograd.predict_mode():

@@ -198,6 +198,10 @@ class Anchor:
         variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
         return np.asarray(eval_logits(self.net.clone(training=False), variables, jax.device_put(images, self.device)))
 
+    def wait(self):
+        """Until the last update has run: the loss on its way to the host does not wait for it."""
+        jax.block_until_ready(self.state)
+
 
 class CompiledAnchor(Anchor):
     """The book's net with the whole step in one `jax.jit`."""

@@ -122,6 +122,10 @@ class Anchor:
     def logits(self, images):
         return self.net(self._inputs(images)).asnumpy()
 
+    def wait(self):
+        """Until the last update has run: the loss read back was computed before it."""
+        npx.waitall()
+
 
 def gpu_peak_bytes():
     """MXNet reports no allocator peak; None (the harness falls back to the process's RSS)."""

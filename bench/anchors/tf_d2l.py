@@ -146,6 +146,10 @@ class Anchor:
         with tf.device(self.device):
             return self.net(tf.cast(images, tf.float32)[..., None] / 255, training=False).numpy()
 
+    def wait(self):
+        """Until the last update has run: the loss read back was computed before it."""
+        tf.test.experimental.sync_devices()
+
 
 class CompiledAnchor(Anchor):
     """The book's net with its step compiled into a `tf.function` graph."""

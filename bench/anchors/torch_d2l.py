@@ -133,6 +133,11 @@ class Anchor:
         X = torch.from_numpy(images).to(self.device).unsqueeze(1).float() / 255
         return self.net(X).cpu().numpy()
 
+    def wait(self):
+        """Until the last update has run: the loss read back was computed before it."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
 
 def gpu_peak_bytes():
     """The CUDA caching allocator's peak in this process; None on the CPU."""

@@ -127,6 +127,7 @@ class AnchorRun:
         self.sizes.append(len(indices))
 
     def sync(self) -> tuple[float, int]:
+        self.anchor.wait()  # every update of the window done, not only the losses read
         loss_sum, seen = sum(float(loss) * size for loss, size in zip(self.losses, self.sizes)), sum(self.sizes)
         self.losses, self.sizes = [], []
         return loss_sum, seen
