@@ -241,9 +241,10 @@ def _prepare(spec, state, x, train, dtype=np.float64):
     return spec, state64, np.asarray(x, dtype=dtype)
 
 
-def forward(spec, state, x, train: bool = False):
-    """Logits (float64) for an NCHW batch. In train mode BatchNorm uses batch statistics."""
-    spec, state64, x = _prepare(spec, state, x, train)
+def forward(spec, state, x, train: bool = False, dtype=np.float64):
+    """Logits (float64) for an NCHW batch. In train mode BatchNorm uses batch statistics.
+    `dtype` float32 runs the same arithmetic in float32 (see loss_and_gradients)."""
+    spec, state64, x = _prepare(spec, state, x, train, dtype)
     return _Net(spec, state64, train).forward(x)
 
 
@@ -387,6 +388,7 @@ def data_parallel_sgd_step(
     running_var: str = "unbiased",
     momentum: float = BN_MOMENTUM,
     replica_running_stats: list | None = None,
+    dtype=np.float64,
 ) -> DataParallelStep:
     """One plain SGD step of data-parallel training on `devices` devices.
 
@@ -394,16 +396,17 @@ def data_parallel_sgd_step(
     step on the whole batch. bn "per_shard": each shard is normalised with its own
     statistics and the shards' gradients are averaged; the running statistics follow
     `running_stats`. `replica_running_stats` carries each replica's statistics from a
-    previous step (default: the state's, on every replica)."""
+    previous step (default: the state's, on every replica). `dtype` float32 runs the passes in
+    float32 (loss_and_gradients) and rounds the new state to float32, as a float32 step does."""
     _check_data_parallel_names(bn, running_stats)
     x_shards, y_shards = split_batch(x, devices), split_batch(labels, devices)
     replicas = replica_running_stats or [_running_only(state)] * devices
     if bn == "sync":
-        result = loss_and_gradients(spec, {**state, **replicas[0]}, x, labels, running_var)
+        result = loss_and_gradients(spec, {**state, **replicas[0]}, x, labels, running_var, dtype)
         grads, loss = result.grads, result.loss
         replicas = [update_running_stats(replicas[0], result.batch_stats, running_var, momentum)] * devices
     else:
-        passes = [loss_and_gradients(spec, state, xs, ys, running_var) for xs, ys in zip(x_shards, y_shards)]
+        passes = [loss_and_gradients(spec, state, xs, ys, running_var, dtype) for xs, ys in zip(x_shards, y_shards)]
         grads = {key: np.mean([p.grads[key] for p in passes], axis=0) for key in passes[0].grads}
         loss = float(np.mean([p.loss for p in passes]))
         replicas = _reconcile(
@@ -414,7 +417,9 @@ def data_parallel_sgd_step(
             running_stats,
         )
     new_state = {
-        key: replicas[0][key] if is_running_stat(key) else np.asarray(value, np.float64) - lr * grads[key]
+        key: np.asarray(np.asarray(replicas[0][key], dtype), np.float64)
+        if is_running_stat(key)
+        else np.asarray(np.asarray(value, dtype) - np.asarray(lr, dtype) * np.asarray(grads[key], dtype), np.float64)
         for key, value in state.items()
     }
     return DataParallelStep(new_state, loss, replicas)
@@ -430,13 +435,14 @@ def data_parallel_train(
     running_stats: str = "rank0",
     running_var: str = "unbiased",
     momentum: float = BN_MOMENTUM,
+    dtype=np.float64,
 ) -> tuple[dict, list[float]]:
     """`data_parallel_sgd_step` over (x, labels) `batches` in turn: the final state (replica
     0's view) and every step's loss."""
     losses, replicas = [], None
     for x, labels in batches:
         step = data_parallel_sgd_step(
-            spec, state, x, labels, lr, devices, bn, running_stats, running_var, momentum, replicas
+            spec, state, x, labels, lr, devices, bn, running_stats, running_var, momentum, replicas, dtype
         )
         state, replicas = step.state, step.replica_running_stats
         losses.append(step.loss)

@@ -2,11 +2,13 @@
 --devices 2`, and the training loop's own batches for replaying that run in the reference."""
 
 import json
+from functools import partial
 
 import numpy as np
 
-from conformance import data, training, weights
+from conformance import data, reference, training, weights
 from conformance.cli import main
+from conformance.suite import parallel
 
 RECIPE = training.Recipe(
     "test", size=16, batch_size=32, lr=0.1, momentum=0.0, epochs=1, train_examples=128, test_examples=32
@@ -62,3 +64,11 @@ def loop_batches(epoch=1):
         (data.to_batch(images[i]), labels[i].astype(np.int64)) for i in np.split(order, len(order) // RECIPE.batch_size)
     ]
     return spec, weights.init_state(spec, RECIPE.seed), batches
+
+
+def float32_tolerances(spec, state, batches, expected, losses, lr=RECIPE.lr, devices=2, **engine) -> dict:
+    """{check: tolerance} of the data-parallel check's float32 rows (conformance.suite.parallel),
+    derived for these steps: `engine` names bn, running_stats, running_var and momentum."""
+    train = partial(reference.data_parallel_train, spec, state, lr=lr, devices=devices, **engine)
+    derived = parallel.float32_tolerances(train, state, batches, (expected, losses))
+    return {check: tolerance for check, (tolerance, _) in derived.items()}

@@ -29,3 +29,23 @@ def test_the_training_parity_page_quotes_the_committed_accuracy_run():
         assert row, f"no row for {name}"
         assert float(row.group(1)) == round(float(np.mean(accuracies)), 4)
         assert float(row.group(2)) == round(float(np.std(accuracies, ddof=1)), 4)
+
+
+def test_the_numerics_page_shows_every_derived_row_of_the_committed_report():
+    """docs/numerics.md's table is rendered from docs/results/report.json: every float32 and
+    arithmetic-mode row, with its derivation."""
+    import json
+
+    from conformance.site import pages, results
+
+    report = json.loads((ROOT / "docs" / "results" / "report.json").read_text())
+    page = pages.expand((ROOT / "docs" / "numerics.md").read_text(), "numerics.md")
+    assert "xf:results" not in page
+    rows = [r for r in report["rows"] if r.get("dtype") in results.NUMERICS_DTYPES]
+    assert rows
+    for row in rows:
+        if row.get("derivation"):
+            assert (
+                f"| {row['config']} | {row['dtype']} | {row['check']} | {row['tolerance']:.1e} | {row['derivation']} |"
+                in page
+            )

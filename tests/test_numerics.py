@@ -132,3 +132,71 @@ def test_precision_tolerances_follow_the_unit_roundoff():
     for check in ("loss", "sgd_update"):
         assert bf16[check][0] > 10 * fp32[check][0]
         assert bf16[check][1].startswith(f"{checks.TOLERANCE_MULTIPLE} x reference on bf16-rounded")
+
+
+def test_every_float32_tolerance_is_derived_from_its_prediction():
+    spec = checks.checked_spec("tiny_d2l")
+    state = init_state(spec, 0, randomize_bn=True)
+    x, y = checks.make_batch(spec, 13, 4, 0)
+    forward = checks.float32_forward_tolerance(spec, state, x, reference.forward(spec, state, x))
+    c = checks.float32_conditioning("tiny_d2l", 13, 4)
+    tolerances = checks.tolerances("float32", c, 13, 4, forward)
+    assert set(tolerances) == {"forward_eval", "forward_train", "loss", "gradients", "sgd_update"} | {
+        "running_stats_update",
+        "zero_gradients",
+    }
+    for check, (tolerance, words) in tolerances.items():
+        assert words.startswith(f"{checks.TOLERANCE_MULTIPLE} x "), check
+        if check in c["predicted"]:
+            assert tolerance == checks.TOLERANCE_MULTIPLE * c["predicted"][check]
+    # what the derivation gives on this small net, tighter than the fixed ones it replaced
+    assert tolerances["forward_eval"][0] < 1e-5 and tolerances["forward_train"][0] < 1e-4
+    assert tolerances["loss"][0] < 1e-5 and tolerances["running_stats_update"][0] < 1e-4
+    assert c["predicted"]["loss"] >= c["loss_from_logits"] > 0
+
+
+def test_logits_off_by_a_few_parts_in_a_hundred_thousand_fail_the_derived_tolerance():
+    """5e-5 of the logits in the train-mode pass: inside the fixed 1e-4 that was, outside the
+    derivation's ~1e-5."""
+    from conftest import backend_or_skip
+
+    backend = backend_or_skip("torch")
+
+    class SlightlyOff(type(backend)):
+        def train_pass(self, model, x, y):
+            logits, loss, grads = super().train_pass(model, x, y)
+            return logits * (1 + 5e-5), loss * (1 + 5e-5), grads
+
+    wrong = SlightlyOff.__new__(SlightlyOff)
+    wrong.__dict__.update(backend.__dict__)
+    results = checks.compare_with_reference(wrong, "tiny_d2l", 13, 4, dtypes=("float32",), trainer_step=False)[
+        "float32"
+    ]
+    assert not results["forward_train"]["passed"] and not results["loss"]["passed"]
+    assert results["forward_eval"]["passed"] and results["gradients"]["passed"]
+
+
+def test_bf16_zero_gradient_bound_scales_the_float32_remainder():
+    fp32 = checks.precision_tolerances("fp32", *checks.PRECISION_CONFIG)
+    bf16 = checks.precision_tolerances("bf16", *checks.PRECISION_CONFIG)
+    remainder = checks.float32_conditioning(*checks.PRECISION_CONFIG)["float32_reference"]["zero_gradients"]
+    scale = checks.UNIT_ROUNDOFF["bf16"] / checks.UNIT_ROUNDOFF["float32"]
+    assert bf16["zero_gradients"][0] == pytest.approx(checks.TOLERANCE_MULTIPLE * remainder * scale)
+    assert fp32["zero_gradients"][0] < bf16["zero_gradients"][0] < 0.1  # the random-walk bound gave 1.0
+
+
+def test_data_parallel_float32_tolerances_are_derived():
+    from functools import partial
+
+    from conformance.suite import parallel
+
+    spec = checks.checked_spec("tiny")
+    state = init_state(spec, 0, randomize_bn=True)
+    batches = [checks.make_batch(spec, 16, 4, k) for k in range(3)]
+    train = partial(reference.data_parallel_train, spec, state, lr=0.1, devices=2, bn="per_shard")
+    single = checks.float32_conditioning("tiny", 16, 4)
+    derived = parallel.float32_tolerances(train, state, batches, train(batches), single)
+    assert set(derived) == {"sgd_update", "running_stats_update", "loss"}
+    assert all(words.startswith(f"{checks.TOLERANCE_MULTIPLE} x max(conditioning") for _, words in derived.values())
+    assert derived["sgd_update"][0] < 1e-2 and derived["running_stats_update"][0] < 1e-4  # 0.5 and 1e-4 before
+    assert derived["loss"][0] >= checks.TOLERANCE_MULTIPLE * single["loss_from_logits"]

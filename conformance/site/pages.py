@@ -15,6 +15,7 @@ and three forms without tabs, for what is the same in every framework:
     <!-- xf:stages ARCH SIZE -->       every stage's output shape and parameters, computed from the spec
     <!-- xf:results -->                accuracy and speed read from the committed docs/results/*.json
     <!-- xf:results gpu -->            one line: measured on a GPU, or "not yet run"
+    <!-- xf:results numerics -->       measured float32 and bf16 errors against their derived tolerances
 
 and every backend module gets a generated page, code/PATH.md, with numbered, linkable lines.
 """
@@ -63,7 +64,7 @@ DIRECTIVE = re.compile(r"^<!-- xf:(listing|run) ([\w]+)( markdown)? -->$", re.MU
 CODE = re.compile(r"^<!-- xf:code ([\w/.]+\.py):([\w.]+) -->$", re.MULTILINE)
 FIGURE = re.compile(r"^<!-- xf:figure (\w+) -->$", re.MULTILINE)
 STAGES = re.compile(r"^<!-- xf:stages (\w+) (\d+) -->$", re.MULTILINE)
-RESULTS = re.compile(r"^<!-- xf:results( gpu)? -->$", re.MULTILINE)
+RESULTS = re.compile(r"^<!-- xf:results(?: (gpu|numerics))? -->$", re.MULTILINE)
 LINK = re.compile(r"\]\(xf:([\w/.]+\.py):([\w.]+)\)")
 
 
@@ -146,7 +147,7 @@ def expand(markdown: str, page: str) -> str:
     markdown = CODE.sub(lambda m: render_definition(source.find(*m.groups()), page), markdown)
     markdown = FIGURE.sub(lambda m: figures.render_figure(m[1], page), markdown)
     markdown = STAGES.sub(lambda m: figures.render_stages(m[1], int(m[2])), markdown)
-    markdown = RESULTS.sub(lambda m: results.render_gpu_status() if m[1] else results.render_results(), markdown)
+    markdown = RESULTS.sub(lambda m: results.RENDER[m[1]](), markdown)
     return LINK.sub(link, DIRECTIVE.sub(directive, markdown))
 
 

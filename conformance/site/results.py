@@ -84,6 +84,47 @@ def gpu_status(report: dict | None, bench: dict | None) -> str:
     return f"measured ({', '.join(on_gpu)})" if on_gpu else NOT_YET_RUN
 
 
+# The rows of docs/numerics.md's table: float32 and the trainer arithmetic modes, whose
+# tolerances are derived (float64's are fixed, near machine precision).
+NUMERICS_DTYPES = ("float32", "fp32", "tf32", "bf16")
+
+
+def numerics_section(report: dict | None) -> list[str]:
+    """Every float32 and arithmetic-mode row of the committed report: its tolerance, the
+    derivation behind it and each backend's measured error."""
+    if report is None:
+        return ["Measured errors: " + NOT_YET_RUN + ".", ""]
+    names = list(report["backends"])
+    machine = report["machine"]
+    out = [
+        f"From `docs/results/report.json` ({report['date']}, {report['device']}: {machine['cpu']}, "
+        f"{machine['cores']} cores): the rows of `make conformance` whose tolerance is derived.",
+        "",
+        "| net | dtype or mode | check | tolerance | derivation | " + " | ".join(TABS[n] for n in names) + " |",
+        "|---" * (len(names) + 5) + "|",
+    ]
+    for row in report["rows"]:
+        measured = any("error" in r or r.get("skipped") for r in row["results"].values())
+        if row.get("dtype") not in NUMERICS_DTYPES or not measured:
+            continue
+        tolerance = f"{row['tolerance']:.1e}" if row.get("tolerance") is not None else "-"
+        cells = [numerics_cell(row["results"].get(name)) for name in names]
+        out.append(
+            f"| {row['config']} | {row['dtype']} | {row['check']} | {tolerance} | {row.get('derivation', '-')} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return out + [""]
+
+
+def numerics_cell(result: dict | None) -> str:
+    if result is None:
+        return "-"
+    if result.get("skipped"):
+        return "skipped"
+    return f"{result['error']:.1e}" + ("" if result.get("passed") else " (fails)")
+
+
 def render_gpu_status() -> str:
     return f"**GPU: {gpu_status(read('report.json'), read('bench.json'))}.**\n"
 
@@ -105,3 +146,10 @@ def render_results() -> str:
         *speed_section(bench),
     ]
     return "\n".join(lines)
+
+
+def render_numerics() -> str:
+    return "\n".join(numerics_section(read("report.json")))
+
+
+RENDER = {None: render_results, "gpu": render_gpu_status, "numerics": render_numerics}

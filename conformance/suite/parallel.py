@@ -15,7 +15,10 @@ import shutil
 import subprocess
 import sys
 import traceback
+from functools import partial
 from pathlib import Path
+
+import numpy as np
 
 from .. import reference, training
 from ..engines import ENGINES, device_kind, launch, prepare, process_index
@@ -43,6 +46,11 @@ def compare_states(old, new, expected, other) -> dict:
     return result
 
 
+def derived(tolerance: tuple[float, str]) -> dict:
+    """The derivation beside a tolerance, where it has one."""
+    return {"derivation": tolerance[1]} if tolerance[1] else {}
+
+
 def _rows(config, dtype, tolerances, errors, loss=None) -> list[dict]:
     (weights, weights_key), (running, running_key) = errors["weights"], errors["running"]
     rows = []
@@ -52,7 +60,7 @@ def _rows(config, dtype, tolerances, errors, loss=None) -> list[dict]:
                 "config": config,
                 "dtype": dtype,
                 "check": "dp loss",
-                **checks.measurement(loss[0], tolerances["loss"], value=loss[1]),
+                **checks.measurement(loss[0], tolerances["loss"][0], value=loss[1], **derived(tolerances["loss"])),
             }
         )
     prefix = "dp one step" if loss is not None else "dp few steps"
@@ -63,9 +71,10 @@ def _rows(config, dtype, tolerances, errors, loss=None) -> list[dict]:
             "check": f"{prefix} sgd_update",
             **checks.measurement(
                 weights,
-                tolerances["sgd_update"],
+                tolerances["sgd_update"][0],
                 worst_key=weights_key,
                 error_under_other_semantics=errors["weights_other"],
+                **derived(tolerances["sgd_update"]),
             ),
         }
     )
@@ -76,9 +85,10 @@ def _rows(config, dtype, tolerances, errors, loss=None) -> list[dict]:
             "check": f"{prefix} running_stats_update",
             **checks.measurement(
                 running,
-                tolerances["running_stats_update"],
+                tolerances["running_stats_update"][0],
                 worst_key=running_key,
                 error_under_other_semantics=errors["running_other"],
+                **derived(tolerances["running_stats_update"]),
             ),
         }
     )
@@ -147,8 +157,52 @@ def check(
             ]
             errors = compare_states(state, backend.export_state(model), ours, theirs)
             first = (checks.relative_error(loss, ref_losses[0]), loss) if n == 1 else None
-            rows += _rows(config, dtype, checks.TOLERANCES[dtype], errors, first)
+            if dtype == "float64":
+                tolerances = {check: (value, "") for check, value in checks.TOLERANCES[dtype].items()}
+            else:
+                train = partial(
+                    reference.data_parallel_train,
+                    spec,
+                    state,
+                    lr=lr,
+                    devices=devices,
+                    bn=sem,
+                    running_stats=declared.running_stats,
+                    running_var=backend.running_var,
+                    momentum=momentum,
+                )
+                single = checks.float32_conditioning(arch, size, batch, seed)  # on batches[0]
+                tolerances = float32_tolerances(train, state, batches[:n], (ours, ref_losses), single, seed)
+            rows += _rows(config, dtype, tolerances, errors, first)
     return rows
+
+
+def float32_tolerances(train, state, batches, base, single: dict | None = None, seed: int = 0) -> dict:
+    """{check: (tolerance, derivation)} of the float32 data-parallel rows, derived as the
+    single-device ones are (checks.float32_conditioning): TOLERANCE_MULTIPLE times the larger of
+    how far the reference's data-parallel steps move when their inputs move by one part in a
+    million, and how far they move when its arithmetic runs in float32 (the new state rounded to
+    float32). `train(batches, dtype=...)`: the reference's steps from `state`; `base`: their
+    float64 result. The loss's prediction is at least what the single-device pass on the first
+    batch (`single`: its float32_conditioning) predicts from its logits' error."""
+    base_state, base_losses = base
+    moved_batches = [(checks.moved_input(x, seed + k), y) for k, (x, y) in enumerate(batches)]
+    moved = train(moved_batches)
+    own = train([(x.astype(np.float32), y) for x, y in batches], dtype=np.float32)
+    result = {}
+    for label, check in (("weights", "sgd_update"), ("running", "running_stats_update")):
+        changes = [compare_states(state, new, base_state, base_state)[label][0] for new, _ in (moved, own)]
+        result[check] = changes
+    result["loss"] = [checks.relative_error(losses[0], base_losses[0]) for _, losses in (moved, own)]
+    if single is not None:
+        result["loss"].append(single["loss_from_logits"])
+    multiple = checks.TOLERANCE_MULTIPLE
+    tolerances = {}
+    for check, (moved_error, own_error, *from_logits) in result.items():
+        words = f"{multiple} x max(conditioning {moved_error:.1e}, reference in float32 {own_error:.1e}"
+        words += f", from the logits' prediction {from_logits[0]:.1e})" if from_logits else ")"
+        tolerances[check] = (multiple * max(moved_error, own_error, *from_logits), words)
+    return tolerances
 
 
 def launch_check(

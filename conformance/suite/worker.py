@@ -28,14 +28,7 @@ from ..files import merge_json
 from ..interface import BackendUnavailable
 from . import checks, onnx
 
-# The d2l net at the matrix's size and batch: the trainer step that exports compiles once (JAX).
-CROSS_ARCH, CROSS_SIZE, CROSS_BATCH = "d2l", 96, 4
 MEMORY_EFFICIENT_LABEL = "memory-efficient"
-
-
-def cross_batch():
-    """The fixed batch every backend steps on once, then evaluates exported weights on."""
-    return checks.make_batch(specs.get_spec(CROSS_ARCH), CROSS_SIZE, CROSS_BATCH, seed=11)
 
 
 def run_matrix(backend, matrix, conditioning=None) -> list[dict]:
@@ -122,10 +115,9 @@ def run_precisions(backend) -> list[dict]:
 def export_for_cross(backend, out_dir: Path) -> dict:
     """One SGD step from shared weights (so the export carries this backend's arithmetic),
     exported canonically, with this backend's own eval logits on the fixed batch."""
-    spec = specs.get_spec(CROSS_ARCH)
-    x, y = cross_batch()
+    spec, state, x, y = checks.cross_batch()
     model = backend.build(spec)
-    backend.load_state(model, weights.init_state(spec, seed=11, randomize_bn=True))
+    backend.load_state(model, state)
     backend.make_trainer(model, checks.LR).train_step(specs.to_layout(x, backend.layout), y)
     path = out_dir / "exports" / f"{backend.name}.safetensors"
     weights.save_state(path, backend.export_state(model), spec, {"backend": backend.name})
@@ -136,8 +128,7 @@ def export_for_cross(backend, out_dir: Path) -> dict:
 def cross_load(backend, exports: dict) -> dict:
     """Relative error of this backend's logits on each other backend's export, against the
     exporting backend's own logits."""
-    spec = specs.get_spec(CROSS_ARCH)
-    x, _ = cross_batch()
+    spec, _, x, _ = checks.cross_batch()
     errors = {}
     for source, exported in exports.items():
         model = backend.build(spec)
