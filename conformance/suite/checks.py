@@ -8,7 +8,9 @@ mean; see exact_zero_gradients) are checked apart, as an absolute bound relative
 largest gradient in the network (check zero_gradients); the relative checks cover the rest.
 
 The checks run twice. In float32, the precision people train in, the forward pass is
-well conditioned and its tolerances are tight. Its gradients are less so: a DenseNet with
+well conditioned and its tolerances are tight (derived as below, from the reference's own
+float32 error and conditioning: float32_forward_tolerance, float32_conditioning). Its
+gradients are less so: a DenseNet with
 train-mode BatchNorm is not smooth at float32 scale (a ReLU input within rounding error of
 zero switches a gradient path on or off, and batch statistics spread the change). So the
 float32 gradient and update tolerances are derived per configuration from the reference
