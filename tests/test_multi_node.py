@@ -26,7 +26,7 @@ needs_data = pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR), reason="Fash
 # What one node may take, start to end, on a loaded 2-core machine (a cold framework import
 # takes tens of seconds); a node stopped by a lost peer must end well before it.
 NODE_LIMIT_S = 300
-RUNNING_VAR = {"torch": "unbiased", "jax": "biased"}  # each backend's Backend.running_var
+RUNNING_VAR = {"torch": "unbiased", "jax": "biased", "mxnet": "biased", "tf": "biased"}  # each backend's Backend.running_var
 WIRED = [name for name, engine in engines.ENGINES.items() if engine.multi_process]
 
 
