@@ -254,27 +254,39 @@ def peer_lost_message(rank: int, cause: str) -> str:
 
 
 @contextmanager
-def peers_guarded(lost, rank: int):
+def peers_guarded(lost, rank: int, cause=None):
     """An error that `lost(error)` (the backend's test) says came from a peer gone becomes
-    PeerLost, one clear line; any other passes as it is."""
+    PeerLost, one clear line (`cause(error)`: the line of the error that says why; default
+    its first); any other passes as it is."""
     try:
         yield
     except Exception as error:
         if not lost(error):
             raise
-        raise PeerLost(peer_lost_message(rank, str(error).strip().splitlines()[0][:300])) from None
+        why = cause(error) if cause else str(error).strip().splitlines()[0]
+        raise PeerLost(peer_lost_message(rank, why[:300])) from None
 
 
 @contextmanager
-def bounded_wait(seconds: float, what: str):
+def bounded_wait(seconds: float, what: str, holds_lock: bool = False):
     """A wait that a lost peer would make endless (an engine that never fails a blocked call),
     bounded: if the block has not ended after `seconds`, the process says PeerLost's line and
-    exits with status 2 at once (os._exit: no thread can interrupt a call blocked inside a
-    framework's C++, and the framework's own shutdown would wait for the lost peer again)."""
+    ends at once, with status 2 (os._exit: no thread can interrupt a call blocked inside a
+    framework's C++, and the framework's own shutdown would wait for the lost peer again).
+    A call that `holds_lock` (Python's interpreter lock: no thread of this process runs until
+    it returns) is watched from a process of its own, which ends this one with SIGKILL."""
+    message = f"densenet-xf train: error: {peer_lost_message(process_index(), f'{what}: no answer in {seconds:.0f} s')}"
+    if holds_lock:
+        watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message])
+        try:
+            yield
+        finally:
+            watchdog.kill()
+            watchdog.wait()
+        return
 
     def give_up():
-        cause = f"{what}: no answer in {seconds:.0f} s"
-        print(f"densenet-xf train: error: {peer_lost_message(process_index(), cause)}", file=sys.stderr, flush=True)
+        print(message, file=sys.stderr, flush=True)
         os._exit(2)
 
     timer = threading.Timer(seconds, give_up)
@@ -284,6 +296,15 @@ def bounded_wait(seconds: float, what: str):
         yield
     finally:
         timer.cancel()
+
+
+# bounded_wait's watchdog process: after SECONDS, say MESSAGE and SIGKILL process PID.
+WATCHDOG = """import os, signal, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+print(message, file=sys.stderr, flush=True)
+os.kill(pid, signal.SIGKILL)
+"""
 
 
 class NoDataParallel(BackendUnavailable):
