@@ -46,6 +46,9 @@ DECLARED = ENGINES["tf"]
 DTYPES = {"sync": ("float32", "float64"), "per_shard": ("float32", "float64")}
 
 
+JOINED = []  # the cluster this process joined (join_cluster), if any
+
+
 def simulate_devices(n):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
@@ -61,6 +64,7 @@ def join_cluster(cluster):
         )
     config = {"cluster": {"worker": list(cluster.workers)}, "task": {"type": "worker", "index": cluster.node_rank}}
     os.environ["TF_CONFIG"] = json.dumps(config)
+    JOINED.append(cluster)
     # Making the strategy waits for every worker to register with worker 0's coordination
     # service (seen waiting over 10 minutes), holding Python's lock: bounded to JOIN_TIMEOUT_S.
     with bounded_wait(JOIN_TIMEOUT_S, "the other TensorFlow workers did not all come", holds_lock=True):
@@ -92,7 +96,7 @@ def lost_cause(error):
 
 @functools.cache  # one per process: strategies made later would reuse the first one's collective keys
 def mirrored_strategy(devices, device_type):
-    if "TF_CONFIG" in os.environ:  # a worker of several processes (join_cluster)
+    if JOINED:  # a worker of several processes
         strategy = multi_worker_strategy()
         if strategy.num_replicas_in_sync != devices:
             raise ValueError(f"{devices} devices asked for, but the cluster has {strategy.num_replicas_in_sync}")
@@ -124,7 +128,7 @@ class DataParallelTrainer(Trainer):
         self.bn_semantics = check_semantics(DECLARED.bn_semantics, device_type, sync_bn, "tf")
         self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         self.strategy, self.source = mirrored_strategy(devices, device_type), model
-        self.rank = self.strategy.cluster_resolver.task_id if "TF_CONFIG" in os.environ else 0
+        self.rank = JOINED[0].node_rank if JOINED else 0
         with self.strategy.scope():  # the replicas' and the optimizer's variables are mirrored
             super().__init__(replicate(model, self.bn_semantics == "sync"), lr, momentum, precision)
         self.compiled_train_step = compiled(self.distributed_step)

@@ -249,3 +249,33 @@ def test_two_nodes_with_sync_batchnorm_take_the_reference_steps(backend, tmp_pat
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     record = check_epoch(out, backend, 1, devices=2, bn="sync")
     assert record["devices"] == 2 and record["bn_semantics"] == "sync"
+
+
+@pytest.mark.parametrize("holds_lock, status", [(False, 2), (True, -9)])
+def test_a_bounded_wait_ends_the_process_with_one_line(holds_lock, status):
+    """A wait the engine would never fail (MXNet's kvstore, TensorFlow's join) ends in bounded
+    time: from a thread (exit status 2) or, for a call holding Python's lock, from a watchdog
+    process (SIGKILL); either way with PeerLost's line."""
+    code = (
+        "import time; from conformance import engines\n"
+        f"with engines.bounded_wait(1, 'the peers did not answer', holds_lock={holds_lock}):\n"
+        "    time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == status and time.monotonic() - start < 20
+    assert done.stderr.strip().splitlines() == [
+        "densenet-xf train: error: process 0 lost the other processes of the run (the peers did not answer: no "
+        "answer in 1 s); every completed epoch is saved: start all nodes again with --resume"
+    ]
+
+
+def test_a_bounded_wait_that_ends_in_time_changes_nothing():
+    with engines.bounded_wait(30, "unused", holds_lock=True), engines.bounded_wait(30, "unused"):
+        pass
