@@ -194,7 +194,7 @@ def cmd_train(args):
         test_examples=args.test_examples,
         seed=args.seed,
     )
-    cluster = engines.make_cluster(args.nodes, args.node_rank, args.coordinator, args.devices)
+    cluster = engines.make_cluster(args.nodes, args.node_rank, args.coordinator, args.devices, args.workers)
     devices = cluster.world  # replicas over all nodes
     training.check_devices(recipe, devices, args.sync_bn)
     if devices > 1 and args.backend in engines.ENGINES:  # refused here, once, before any launch
@@ -462,6 +462,12 @@ def build_parser():
         "--coordinator",
         metavar="HOST:PORT",
         help="with --nodes: node 0's address and a free port on it, the same on every node",
+    )
+    p.add_argument(
+        "--workers",
+        metavar="HOST0:PORT0,HOST1:PORT1,...",
+        help="with --nodes, for engines whose every node listens (TensorFlow): each node's address and "
+        "a free port, node 0's first (default: the coordinator's host, its port + the node's rank)",
     )
     p.add_argument(
         "--sync-bn",

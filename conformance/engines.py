@@ -15,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -43,21 +44,26 @@ ENGINES = {
         "torchrun per node (c10d rendezvous at --coordinator, hosted by node 0), DDP over gloo",
     ),
     "mxnet": Engine(
-        "gluon.Trainer(kvstore='device') over several contexts",
+        "gluon.Trainer(kvstore='device') over several contexts; across processes kvstore 'dist_sync'",
         {"cpu": ("per_shard",), "gpu": ("per_shard",)},
         "per_device",
-        "DMLC_ROLE=scheduler|server|worker DMLC_PS_ROOT_URI=HOST0 DMLC_PS_ROOT_PORT=9091 "
-        "DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2 python -m conformance train --backend mxnet ... "
-        "(kvstore dist_sync; one process per role and machine; documented, not wired into "
-        "the trainer)",
+        "densenet-xf train --backend mxnet --nodes 2 --node-rank I --coordinator HOST0:9091 "
+        "(every node runs a worker with DMLC_ROLE=worker DMLC_PS_ROOT_URI=HOST0 DMLC_PS_ROOT_PORT=9091 "
+        "DMLC_NUM_SERVER=1 DMLC_NUM_WORKER=2; node 0 also runs the scheduler and the server, "
+        "DMLC_ROLE=scheduler|server)",
+        "one worker per node on the dist_sync kvstore (ps-lite), node 0 also running its scheduler "
+        "at --coordinator and its one server",
     ),
     "tf": Engine(
-        "tf.distribute.MirroredStrategy",
+        "tf.distribute.MirroredStrategy; across processes MultiWorkerMirroredStrategy",
         {"cpu": ("per_shard", "sync"), "gpu": ("per_shard", "sync")},
         "rank0",
-        'TF_CONFIG=\'{"cluster": {"worker": ["HOST0:12345", "HOST1:12345"]}, '
-        '"task": {"type": "worker", "index": I}}\' python -m conformance train --backend tf ... '
-        "(MultiWorkerMirroredStrategy, one process per machine; documented, not wired into the trainer)",
+        "densenet-xf train --backend tf --nodes 2 --node-rank I --coordinator HOST0:12345 "
+        '--workers HOST0:12345,HOST1:12345 (sets TF_CONFIG=\'{"cluster": {"worker": '
+        '["HOST0:12345", "HOST1:12345"]}, "task": {"type": "worker", "index": I}}\' '
+        "on each machine for MultiWorkerMirroredStrategy)",
+        "MultiWorkerMirroredStrategy from TF_CONFIG (worker I at --workers' I-th address; default "
+        "the coordinator's host, port + I), ring collectives over gRPC",
     ),
     "jax": Engine(
         "jax.jit with a NamedSharding over jax.make_mesh (per-shard BatchNorm: jax.shard_map)",
@@ -94,6 +100,14 @@ CLUSTER_LAUNCHERS = {
         "0",
     )
 }
+# Engines whose every node listens at an address of its own (Cluster.workers): TensorFlow's
+# workers are each a gRPC server, named in TF_CONFIG.
+OWN_ADDRESS = {"tf"}
+# MXNet's parameter server (ps-lite): every process finds the scheduler at the coordinator
+# through DMLC_* variables; node 0 runs the scheduler and the one server beside its worker,
+# each a Python that imports mxnet with DMLC_ROLE set (the import serves that role until the
+# workers finish; MXNet's own tools/launch.py fails on Python 3.11+).
+PARAMETER_SERVERS = {"mxnet": ("-c", "import densenet_mxnet.compat")}
 LAUNCHED_ENV = "DENSENET_XF_LAUNCHED"  # set in a launched process: it must not launch again
 # Timeouts, chosen: a node waits at most JOIN_TIMEOUT_S for the others to arrive (a cold
 # framework import on a loaded machine takes tens of seconds); a collective whose peer is
@@ -103,6 +117,8 @@ LAUNCHED_ENV = "DENSENET_XF_LAUNCHED"  # set in a launched process: it must not 
 JOIN_TIMEOUT_S = 120
 COLLECTIVE_TIMEOUT_S = 120
 HEARTBEAT_TIMEOUT_S = 30
+# How long node 0 lets MXNet's scheduler and server finish after its worker has ended.
+SERVICE_GRACE_S = 10
 # Fault rehearsal: "RANK:EPOCH:STEP" makes the process of that global rank kill itself
 # (SIGKILL) after that optimiser step of that epoch, as a machine lost mid-epoch would.
 KILL_ENV = "DENSENET_XF_KILL_AT"
@@ -117,6 +133,7 @@ class Cluster:
     host: str = "127.0.0.1"
     port: int = 0
     devices: int = 1  # per node
+    workers: tuple = ()  # every node's own HOST:PORT, where the engine needs them (TensorFlow)
 
     @property
     def world(self) -> int:
@@ -136,8 +153,24 @@ def parse_coordinator(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def make_cluster(nodes: int, node_rank: int, coordinator: str | None, devices: int) -> Cluster:
-    """The cluster the command line asks for, or a ValueError saying what is missing."""
+def parse_workers(text: str, nodes: int) -> tuple:
+    """--workers HOST0:PORT0,HOST1:PORT1,...: one address per node, or a ValueError."""
+    workers = tuple(part.strip() for part in text.split(",") if part.strip())
+    if len(workers) != nodes:
+        raise ValueError(f"--workers names {len(workers)} address(es) for --nodes {nodes}: give one HOST:PORT per node")
+    for worker in workers:
+        host, _, port = worker.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"--workers: {worker!r} is not HOST:PORT (a host name or address, a port 1-65535)")
+    return workers
+
+
+def make_cluster(
+    nodes: int, node_rank: int, coordinator: str | None, devices: int, workers: str | None = None
+) -> Cluster:
+    """The cluster the command line asks for, or a ValueError saying what is missing. Every
+    node's own address (`workers`) defaults to the coordinator's host, at its port + the node's
+    rank (several nodes on one machine); node 0's is the coordinator."""
     if node_rank >= nodes:
         raise ValueError(f"--node-rank {node_rank} is not below --nodes {nodes} (ranks count from 0)")
     if nodes == 1:
@@ -145,7 +178,17 @@ def make_cluster(nodes: int, node_rank: int, coordinator: str | None, devices: i
     if not coordinator:
         raise ValueError(f"--nodes {nodes} needs --coordinator HOST:PORT (node 0's address, the same on every node)")
     host, port = parse_coordinator(coordinator)
-    return Cluster(nodes, node_rank, host, port, devices)
+    if workers:
+        addresses = parse_workers(workers, nodes)
+        if addresses[0] != f"{host}:{port}":
+            raise ValueError(
+                f"--workers starts with {addresses[0]}, but node 0's address is --coordinator {host}:{port}"
+            )
+    else:
+        addresses = tuple(f"{host}:{port + rank}" for rank in range(nodes))
+        if port + nodes - 1 > 65535:
+            raise ValueError(f"--coordinator port {port} leaves no port for each of {nodes} nodes (port + rank)")
+    return Cluster(nodes, node_rank, host, port, devices, addresses)
 
 
 def check_cluster(name: str, cluster: Cluster) -> None:
@@ -160,17 +203,22 @@ def check_cluster(name: str, cluster: Cluster) -> None:
         )
     if cluster.node_rank == 0:
         check_port_free(cluster.host, cluster.port)
+    elif name in OWN_ADDRESS:
+        host, _, port = cluster.workers[cluster.node_rank].rpartition(":")
+        check_port_free(host, int(port), f"node {cluster.node_rank}'s worker port", "--workers")
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Node 0 hosts the coordinator: its port must be free."""
+def check_port_free(host: str, port: int, what: str = "the coordinator port", option: str = "--coordinator") -> None:
+    """Node 0 hosts the coordinator (and, where OWN_ADDRESS, every node listens at its own
+    address): the port must be free."""
+    where = "on node 0" if option == "--coordinator" else "on this node"
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         try:
             probe.bind((host, port))
         except OSError as error:
             raise ValueError(
-                f"the coordinator port {host}:{port} cannot be used on node 0 ({error.strerror or error}); "
-                "it is already in use or not this machine's address: choose another --coordinator"
+                f"{what} {host}:{port} cannot be used {where} ({error.strerror or error}); "
+                f"it is already in use or not this machine's address: choose another {option}"
             ) from None
 
 
@@ -198,20 +246,65 @@ class PeerLost(RuntimeError):
     """Another process of a multi-process run stopped answering."""
 
 
+def peer_lost_message(rank: int, cause: str) -> str:
+    return (
+        f"process {rank} lost the other processes of the run ({cause}); every completed epoch is "
+        "saved: start all nodes again with --resume"
+    )
+
+
 @contextmanager
-def peers_guarded(lost, rank: int):
+def peers_guarded(lost, rank: int, cause=None):
     """An error that `lost(error)` (the backend's test) says came from a peer gone becomes
-    PeerLost, one clear line; any other passes as it is."""
+    PeerLost, one clear line (`cause(error)`: the line of the error that says why; default
+    its first); any other passes as it is."""
     try:
         yield
     except Exception as error:
         if not lost(error):
             raise
-        cause = str(error).strip().splitlines()[0][:300]
-        raise PeerLost(
-            f"process {rank} lost the other processes of the run ({cause}); every completed epoch is "
-            "saved: start all nodes again with --resume"
-        ) from None
+        why = cause(error) if cause else str(error).strip().splitlines()[0]
+        raise PeerLost(peer_lost_message(rank, why[:300])) from None
+
+
+@contextmanager
+def bounded_wait(seconds: float, what: str, holds_lock: bool = False):
+    """A wait that a lost peer would make endless (an engine that never fails a blocked call),
+    bounded: if the block has not ended after `seconds`, the process says PeerLost's line and
+    ends at once, with status 2 (os._exit: no thread can interrupt a call blocked inside a
+    framework's C++, and the framework's own shutdown would wait for the lost peer again).
+    A call that `holds_lock` (Python's interpreter lock: no thread of this process runs until
+    it returns) is watched from a process of its own, which ends this one with SIGKILL."""
+    message = f"densenet-xf train: error: {peer_lost_message(process_index(), f'{what}: no answer in {seconds:.0f} s')}"
+    if holds_lock:
+        watchdog = subprocess.Popen([sys.executable, "-c", WATCHDOG, str(os.getpid()), str(seconds), message])
+        try:
+            yield
+        finally:
+            watchdog.kill()
+            watchdog.wait()
+        return
+
+    def give_up():
+        print(message, file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(seconds, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+
+
+# bounded_wait's watchdog process: after SECONDS, say MESSAGE and SIGKILL process PID.
+WATCHDOG = """import os, signal, sys, time
+pid, seconds, message = int(sys.argv[1]), float(sys.argv[2]), sys.argv[3]
+time.sleep(seconds)
+print(message, file=sys.stderr, flush=True)
+os.kill(pid, signal.SIGKILL)
+"""
 
 
 class NoDataParallel(BackendUnavailable):
@@ -313,6 +406,17 @@ def command(name: str, devices: int, module_args: list[str], cluster: Cluster | 
     return [sys.executable, *launcher, *module_args]
 
 
+def dmlc_env(cluster: Cluster, role: str) -> dict:
+    """The DMLC_* variables of one ps-lite process (`role`: scheduler, server or worker)."""
+    return {
+        "DMLC_ROLE": role,
+        "DMLC_PS_ROOT_URI": cluster.host,
+        "DMLC_PS_ROOT_PORT": str(cluster.port),
+        "DMLC_NUM_SERVER": "1",
+        "DMLC_NUM_WORKER": str(cluster.nodes),
+    }
+
+
 def launch(
     name: str,
     devices: int,
@@ -325,11 +429,26 @@ def launch(
     """Run `-m module_args` for backend `name` in a fresh process (or torchrun's processes),
     in `env` (default: this process's environment); in a cluster, as its node `node_rank`."""
     env = {**(env or os.environ), LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1"}
+    services = []
     if cluster and cluster.nodes > 1 and name not in CLUSTER_LAUNCHERS:  # one process per node
         env["RANK"] = str(cluster.node_rank)
+    if cluster and cluster.nodes > 1 and name in PARAMETER_SERVERS:
+        env.update(dmlc_env(cluster, "worker"))
+        if cluster.node_rank == 0:
+            serve = [sys.executable, *PARAMETER_SERVERS[name]]
+            services = [
+                subprocess.Popen(serve, env={**env, **dmlc_env(cluster, role)}) for role in ("scheduler", "server")
+            ]
     try:
         return subprocess.run(
             command(name, devices, module_args, cluster), env=env, timeout=timeout, **run_kwargs
         ).returncode
     except subprocess.TimeoutExpired:
         return -1
+    finally:  # the scheduler and server end once every worker has; not when a worker was lost
+        for service in services:
+            try:
+                service.wait(timeout=SERVICE_GRACE_S)
+            except subprocess.TimeoutExpired:
+                service.kill()
+                service.wait()

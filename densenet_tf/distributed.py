@@ -13,14 +13,30 @@ CPU devices are simulated as logical devices, configured before TensorFlow initi
 Variables are mirrored only when created under `strategy.scope()`, and the backend builds the
 model outside it: the trainer builds its replicas under the scope from the model's config,
 and copies the model's variables in before every step and replica 0's out after it.
+
+Across processes (`train --nodes N`) the strategy is MultiWorkerMirroredStrategy: each
+process is a worker named in TF_CONFIG (set by join_cluster), one replica per worker on the
+CPU, and the same trainer runs on it: the replicas' ids, and so their shards, are global.
+Keras 3's `fit` fails under this strategy (keras-team/keras#20585); the trainer's own
+`strategy.run` loop does not use it.
 """
 
 import functools
+import json
+import os
 
 import tensorflow as tf
 from keras import layers, ops
 
-from conformance.engines import ENGINES, check_semantics, even_part
+from conformance.engines import (
+    COLLECTIVE_TIMEOUT_S,
+    ENGINES,
+    JOIN_TIMEOUT_S,
+    bounded_wait,
+    check_semantics,
+    even_part,
+    peers_guarded,
+)
 
 from .train import Trainer, compiled, float32_mode, gradient_step, to_tensors
 
@@ -30,19 +46,61 @@ DECLARED = ENGINES["tf"]
 DTYPES = {"sync": ("float32", "float64"), "per_shard": ("float32", "float64")}
 
 
+JOINED = []  # the cluster this process joined (join_cluster), if any
+
+
 def simulate_devices(n):
     cpu = tf.config.list_physical_devices("CPU")[0]
     tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * n)
 
 
 def join_cluster(cluster):
-    """Not wired: several machines would train under MultiWorkerMirroredStrategy with
-    TF_CONFIG and a strategy.run loop (docs/distributed.md)."""
-    raise ValueError("tf has no multi-process training wired (--nodes); see docs/distributed.md")
+    """This process as worker `node_rank` of TF_CONFIG's cluster (every node's address,
+    conformance.engines.Cluster.workers), and the MultiWorkerMirroredStrategy made now:
+    it configures TensorFlow's collectives, which it must do before TensorFlow initialises."""
+    if cluster.devices > 1 and not tf.config.list_physical_devices("GPU"):
+        raise ValueError(
+            "MultiWorkerMirroredStrategy runs one replica per worker on the CPU: use --devices 1 with --nodes"
+        )
+    config = {"cluster": {"worker": list(cluster.workers)}, "task": {"type": "worker", "index": cluster.node_rank}}
+    os.environ["TF_CONFIG"] = json.dumps(config)
+    JOINED.append(cluster)
+    # Making the strategy waits for every worker to register with worker 0's coordination
+    # service (seen waiting over 10 minutes), holding Python's lock: bounded to JOIN_TIMEOUT_S.
+    with bounded_wait(JOIN_TIMEOUT_S, "the other TensorFlow workers did not all come", holds_lock=True):
+        multi_worker_strategy()
+
+
+@functools.cache  # one per process, made by join_cluster
+def multi_worker_strategy():
+    """MultiWorkerMirroredStrategy from TF_CONFIG; a collective whose peer stopped answering
+    fails after COLLECTIVE_TIMEOUT_S (ring all-reduce over gRPC)."""
+    options = tf.distribute.experimental.CommunicationOptions(
+        implementation=tf.distribute.experimental.CommunicationImplementation.RING,
+        timeout_seconds=COLLECTIVE_TIMEOUT_S,
+    )
+    return tf.distribute.MultiWorkerMirroredStrategy(communication_options=options)
+
+
+def peer_lost(error):
+    """Whether a step failed because a peer is gone: a collective that lost its connection,
+    was aborted by the strategy's health check, or timed out."""
+    return isinstance(error, (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.CancelledError))
+
+
+def lost_cause(error):
+    """The line of a failed step's error that says why (its first is "Graph execution error:")."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    return next((line for line in lines if "aborted by" in line or "Deadline" in line), lines[0])
 
 
 @functools.cache  # one per process: strategies made later would reuse the first one's collective keys
 def mirrored_strategy(devices, device_type):
+    if JOINED:  # a worker of several processes
+        strategy = multi_worker_strategy()
+        if strategy.num_replicas_in_sync != devices:
+            raise ValueError(f"{devices} devices asked for, but the cluster has {strategy.num_replicas_in_sync}")
+        return strategy
     available = tf.config.list_logical_devices(device_type.upper())
     if len(available) < devices:
         raise ValueError(
@@ -70,6 +128,7 @@ class DataParallelTrainer(Trainer):
         self.bn_semantics = check_semantics(DECLARED.bn_semantics, device_type, sync_bn, "tf")
         self.devices, self.running_stats, self.engine = devices, DECLARED.running_stats, DECLARED.engine
         self.strategy, self.source = mirrored_strategy(devices, device_type), model
+        self.rank = JOINED[0].node_rank if JOINED else 0
         with self.strategy.scope():  # the replicas' and the optimizer's variables are mirrored
             super().__init__(replicate(model, self.bn_semantics == "sync"), lr, momentum, precision)
         self.compiled_train_step = compiled(self.distributed_step)
@@ -129,9 +188,13 @@ class DataParallelTrainer(Trainer):
 
     def step_on(self, indices):
         indices = tf.convert_to_tensor(even_part(indices, self.devices))
-        with float32_mode(self.precision):
+        with float32_mode(self.precision), peers_guarded(peer_lost, self.rank, lost_cause):
             loss, correct = self.compiled_gather_step(self.images, self.labels, self.shard(indices))
         self.record_step(loss, correct, len(indices))
+
+    def fetch(self, values):
+        with peers_guarded(peer_lost, self.rank, lost_cause):  # where a step's failure may surface
+            return super().fetch(values)
 
     def predict(self, x):
         self.pull()

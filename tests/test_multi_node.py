@@ -26,7 +26,12 @@ needs_data = pytest.mark.skipif(not data._has_all(data.SYSTEM_DIR), reason="Fash
 # What one node may take, start to end, on a loaded 2-core machine (a cold framework import
 # takes tens of seconds); a node stopped by a lost peer must end well before it.
 NODE_LIMIT_S = 300
-RUNNING_VAR = {"torch": "unbiased", "jax": "biased"}  # each backend's Backend.running_var
+RUNNING_VAR = {
+    "torch": "unbiased",
+    "jax": "biased",
+    "mxnet": "biased",
+    "tf": "biased",
+}  # each backend's Backend.running_var
 WIRED = [name for name, engine in engines.ENGINES.items() if engine.multi_process]
 
 
@@ -113,8 +118,20 @@ def test_cluster_arguments_are_checked_before_anything_starts(tmp_path, capsys):
     assert "--nodes 2 needs --coordinator HOST:PORT" in capsys.readouterr().err
     assert main([*argv, "--nodes", "2", "--coordinator", "127.0.0.1"]) == 2
     assert "is not HOST:PORT" in capsys.readouterr().err
-    assert main([*train_argv("tf", tmp_path / "tf"), "--nodes", "2", "--coordinator", "127.0.0.1:1234"]) == 2
-    assert "tf has no multi-process training wired (--nodes); backends that have: torch, jax" in capsys.readouterr().err
+    cluster = [*argv, "--nodes", "2", "--coordinator", "127.0.0.1:1234"]
+    assert main([*cluster, "--workers", "127.0.0.1:1234"]) == 2
+    assert "--workers names 1 address(es) for --nodes 2: give one HOST:PORT per node" in capsys.readouterr().err
+    assert main([*cluster, "--workers", "127.0.0.1:1234,host1"]) == 2
+    assert "--workers: 'host1' is not HOST:PORT" in capsys.readouterr().err
+    assert main([*cluster, "--workers", "10.0.0.2:1234,10.0.0.3:1234"]) == 2
+    assert "--workers starts with 10.0.0.2:1234, but node 0's address is --coordinator 127.0.0.1:1234" in (
+        capsys.readouterr().err
+    )
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_backend_has_multi_process_training():
+    assert WIRED == list(engines.ENGINES)
 
 
 def test_each_node_launches_its_part_of_the_cluster():
@@ -131,6 +148,31 @@ def test_each_node_launches_its_part_of_the_cluster():
     assert engines.shard_of(list(range(8)), 1, 4) == [2, 3]
 
 
+def test_each_worker_has_an_address_of_its_own():
+    """TensorFlow's workers each listen (TF_CONFIG names them all): by default at the
+    coordinator's host, port + rank; --workers names them across machines."""
+    assert engines.make_cluster(3, 2, "127.0.0.1:29500", 1).workers == (
+        "127.0.0.1:29500",
+        "127.0.0.1:29501",
+        "127.0.0.1:29502",
+    )
+    named = engines.make_cluster(2, 1, "10.0.0.1:12345", 1, "10.0.0.1:12345,10.0.0.2:12345")
+    assert named.workers == ("10.0.0.1:12345", "10.0.0.2:12345") and named.coordinator == "10.0.0.1:12345"
+
+
+def test_the_parameter_server_runs_on_node_0_with_the_dmlc_variables():
+    """MXNet: every node a worker, node 0 also ps-lite's scheduler (at the coordinator) and server."""
+    node = engines.make_cluster(2, 1, "10.0.0.1:9091", 1)
+    assert engines.dmlc_env(node, "worker") == {
+        "DMLC_ROLE": "worker",
+        "DMLC_PS_ROOT_URI": "10.0.0.1",
+        "DMLC_PS_ROOT_PORT": "9091",
+        "DMLC_NUM_SERVER": "1",
+        "DMLC_NUM_WORKER": "2",
+    }
+    assert engines.command("mxnet", 1, ["-m", "conformance"], node)[1:] == ["-m", "conformance"]
+
+
 @pytest.mark.parametrize("backend", WIRED)
 def test_a_coordinator_port_in_use_is_a_clear_error(backend, tmp_path, capsys):
     with socket.socket() as taken:
@@ -142,6 +184,21 @@ def test_a_coordinator_port_in_use_is_a_clear_error(backend, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"the coordinator port 127.0.0.1:{port} cannot be used on node 0" in err[0]
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("backend", sorted(engines.OWN_ADDRESS))
+def test_a_worker_port_in_use_is_a_clear_error(backend, tmp_path, capsys):
+    """Where every node listens (TensorFlow's workers), node 1 checks its own port."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        workers = f"127.0.0.1:{free_port()},127.0.0.1:{port}"
+        argv = [*train_argv(backend, tmp_path / "run"), "--nodes", "2", "--node-rank", "1"]
+        assert main([*argv, "--coordinator", workers.split(",")[0], "--workers", workers]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"node 1's worker port 127.0.0.1:{port} cannot be used on this node" in err[0]
+    assert "choose another --workers" in err[0]
 
 
 @needs_data
@@ -194,3 +251,33 @@ def test_two_nodes_with_sync_batchnorm_take_the_reference_steps(backend, tmp_pat
     assert [r.returncode for r in results] == [0, 0], [r.stderr[-2000:] for r in results]
     record = check_epoch(out, backend, 1, devices=2, bn="sync")
     assert record["devices"] == 2 and record["bn_semantics"] == "sync"
+
+
+@pytest.mark.parametrize("holds_lock, status", [(False, 2), (True, -9)])
+def test_a_bounded_wait_ends_the_process_with_one_line(holds_lock, status):
+    """A wait the engine would never fail (MXNet's kvstore, TensorFlow's join) ends in bounded
+    time: from a thread (exit status 2) or, for a call holding Python's lock, from a watchdog
+    process (SIGKILL); either way with PeerLost's line."""
+    code = (
+        "import time; from conformance import engines\n"
+        f"with engines.bounded_wait(1, 'the peers did not answer', holds_lock={holds_lock}):\n"
+        "    time.sleep(60)\n"
+    )
+    start = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode == status and time.monotonic() - start < 20
+    assert done.stderr.strip().splitlines() == [
+        "densenet-xf train: error: process 0 lost the other processes of the run (the peers did not answer: no "
+        "answer in 1 s); every completed epoch is saved: start all nodes again with --resume"
+    ]
+
+
+def test_a_bounded_wait_that_ends_in_time_changes_nothing():
+    with engines.bounded_wait(30, "unused", holds_lock=True), engines.bounded_wait(30, "unused"):
+        pass
