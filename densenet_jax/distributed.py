@@ -169,6 +169,10 @@ class DataParallelTrainer(Trainer):
         with peers_guarded(peer_lost, jax.process_index()):  # where a step's failure surfaces
             return super().fetch(values)
 
+    def wait(self):
+        with peers_guarded(peer_lost, jax.process_index()):  # where it surfaces first
+            super().wait()
+
     def predict(self, x):
         return np.asarray(eval_logits(self.model.module.apply, self.model.variables, self.replicate(x)))
 

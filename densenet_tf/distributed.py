@@ -196,6 +196,10 @@ class DataParallelTrainer(Trainer):
         with peers_guarded(peer_lost, self.rank, lost_cause):  # where a step's failure may surface
             return super().fetch(values)
 
+    def wait(self):
+        with peers_guarded(peer_lost, self.rank, lost_cause):  # where it may surface first
+            super().wait()
+
     def predict(self, x):
         self.pull()
         return super().predict(x)

@@ -134,7 +134,9 @@ class Trainer(interface.Trainer):
         return tf.stack(values).numpy()
 
     def wait(self):
-        tf.test.experimental.sync_devices()
+        # A read queues behind every step on the variable's device. (tf.test.experimental.sync_devices
+        # would do too, but fails under MultiWorkerMirroredStrategy.)
+        self.optimizer.iterations.numpy()
 
     def predict(self, x):
         return self.compiled_predict(to_tensors(x)).numpy()

@@ -110,6 +110,10 @@ class DataParallelTrainer(Trainer):
     def record_step(self, loss, correct, size):
         super().record_step(*self.global_sums(loss, correct), size * self.devices)
 
+    def wait(self):
+        with peers_guarded(peer_lost, self.rank):
+            super().wait()
+
 
 def make_trainer(backend, model, lr, momentum=0.0, precision="fp32", devices=2, sync_bn=False):
     return DataParallelTrainer(model, lr, momentum, precision, devices, sync_bn)
