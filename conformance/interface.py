@@ -84,6 +84,12 @@ class Trainer(ABC):
         """The per-step values kept by record_step, as one NumPy array (one device transfer)."""
         return np.asarray(values)
 
+    def activation_bytes(self, indices: np.ndarray) -> tuple[int, str] | None:
+        """The framework's own measure of the memory a step on the examples `indices` keeps for
+        its backward pass: (bytes, what was measured), or None where it has none. The model's
+        weights and running statistics are left as they were."""
+        return None
+
     def wait(self) -> None:
         """Block until every step queued so far has finished on the device, the optimiser's
         updates included, not only the losses read back (here: nothing is queued)."""

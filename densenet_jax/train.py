@@ -180,6 +180,13 @@ class Trainer(interface.Trainer):
     def fetch(self, values):
         return np.asarray(jax.device_get(values))  # jnp.stack would compile anew for each count
 
+    def activation_bytes(self, indices):
+        """The compiled step's temporary memory (XLA's memory_analysis), activations included."""
+        device = model_device(self.model)
+        args = self.current_state(), self.images, self.labels, jax.device_put(indices, device), self.dtype
+        compiled = gather_step.lower(*args).compile()
+        return int(compiled.memory_analysis().temp_size_in_bytes), "the compiled step's temporary memory (XLA)"
+
     def wait(self):
         jax.block_until_ready(self.state)
 

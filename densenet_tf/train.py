@@ -133,6 +133,26 @@ class Trainer(interface.Trainer):
     def fetch(self, values):
         return tf.stack(values).numpy()
 
+    def activation_bytes(self, indices):
+        """The allocator's peak above what it held, over one eager forward and backward pass
+        (GradientTape), where the device's allocator keeps statistics. The moving statistics
+        the pass updates are put back."""
+        spec = tf.DeviceSpec.from_string(self.images.device)
+        device = f"{spec.device_type}:{spec.device_index}"
+        try:
+            tf.config.experimental.reset_memory_stats(device)
+            before = tf.config.experimental.get_memory_info(device)["current"]
+        except ValueError:  # an allocator without statistics
+            return None
+        statistics = [v.numpy() for v in self.model.non_trainable_variables]
+        indices = tf.convert_to_tensor(indices)
+        X = ops.expand_dims(ops.cast(ops.take(self.images, indices, axis=0), self.model.variable_dtype) / 255, -1)
+        gradient_step(self.model, ops.cast(X, self.model.compute_dtype), ops.take(self.labels, indices, axis=0))
+        peak = tf.config.experimental.get_memory_info(device)["peak"] - before
+        for variable, value in zip(self.model.non_trainable_variables, statistics):
+            variable.assign(value)
+        return int(peak), "the allocator's peak over one eager forward and backward pass"
+
     def wait(self):
         # A read queues behind every step on the variable's device. (tf.test.experimental.sync_devices
         # would do too, but fails under MultiWorkerMirroredStrategy.)

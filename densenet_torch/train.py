@@ -103,15 +103,42 @@ class Trainer(interface.Trainer):
         self.labels = torch.tensor(labels, dtype=torch.long, device=self.device)
         self.reset_sums()
 
-    def step_on(self, indices):
+    def batch_on(self, indices):
+        """The examples `indices` of the device-resident set, made float there."""
         index = pinned(indices).to(self.device, non_blocking=True)
         X = self.images[index].unsqueeze(1).to(self.dtype) / 255
         if self.channels_last:
             X = X.contiguous(memory_format=torch.channels_last)
-        self.record_step(*self.step(X, self.labels[index]), len(indices))
+        return X, self.labels[index]
+
+    def step_on(self, indices):
+        self.record_step(*self.step(*self.batch_on(indices)), len(indices))
 
     def fetch(self, values):
         return torch.stack(values).cpu().numpy()
+
+    def activation_bytes(self, indices):
+        """What one train-mode forward saves for the backward pass (saved_tensors_hooks), the
+        parameters left out; the running statistics it moves are put back."""
+        parameters = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        saved = {}
+
+        def keep(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in parameters:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+
+        buffers = {name: b.clone() for name, b in self.model.named_buffers()}
+        self.model.train()
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=self.bf16):
+                X, y = self.batch_on(indices)
+                loss_fn(self.net(X), y)
+        with torch.no_grad():
+            for name, b in self.model.named_buffers():
+                b.copy_(buffers[name])
+        return sum(saved.values()), "tensors saved for the backward pass (torch.autograd.graph.saved_tensors_hooks)"
 
     def wait(self):
         if self.device.type == "cuda":

@@ -49,3 +49,16 @@ def test_the_numerics_page_shows_every_derived_row_of_the_committed_report():
                 f"| {row['config']} | {row['dtype']} | {row['check']} | {row['tolerance']:.1e} | {row['derivation']} |"
                 in page
             )
+
+
+def test_the_memory_page_shows_the_committed_bench_memory_run():
+    import json
+
+    from conformance.site import pages
+
+    result = json.loads((ROOT / "docs" / "results" / "memory_cpu.json").read_text())
+    page = pages.expand((ROOT / "docs" / "memory.md").read_text(), "memory.md")
+    assert "xf:results" not in page
+    for entry in result["summary"]:
+        if entry["status"] == "ok" and entry.get("activations_ratio") is not None:
+            assert f"| {entry['shape']} | {entry['activations_ratio']:.0%} | {entry['memory_ratio']:.0%} |" in page

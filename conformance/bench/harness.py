@@ -161,6 +161,7 @@ def _worker(backend, run, shape, data_path, device, warmup, steps, compile, out_
         ]
         + (["--compile"] if compile else [])
         + (["--memory-efficient"] if mode == "memory_efficient" else [])
+        + (["--activations"] if mode in MEMORY_MODES else [])
     )
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **fresh_caches(out_dir / "caches" / name)}
     with open(log, "w") as stream:

@@ -166,6 +166,11 @@ class TrainerRun:
         loss_sum, _, seen, _ = self.trainer.read_sums()
         return loss_sum, seen
 
+    def activations(self, indices) -> dict:
+        """The framework's own measure of what a step keeps for its backward pass, if it has one."""
+        measured = self.trainer.activation_bytes(indices)
+        return {} if measured is None else {"activation_bytes": measured[0], "activation_kind": measured[1]}
+
 
 def busy_jiffies() -> int:
     """The machine's CPU time spent working since boot, in clock ticks (/proc/stat)."""
@@ -305,7 +310,10 @@ def measure(args) -> dict:
     if args.device == "gpu" and not on_gpu:
         warmup, steps = min(warmup, CPU_FALLBACK_STEPS[0]), min(steps, CPU_FALLBACK_STEPS[1])
     memory = GpuMemory(load_anchor(args.backend)) if on_gpu else CpuMemory()
-    result = time_steps(run, index_batches(len(labels), args.batch, warmup + steps), max(warmup, 1), memory)
+    batches = index_batches(len(labels), args.batch, warmup + steps)
+    result = time_steps(run, batches, max(warmup, 1), memory)
+    if args.activations and isinstance(run, TrainerRun):  # after the timing, which it must not disturb
+        result.update(run.activations(batches[-1]))
     return {
         "status": "ok",
         "device": run.device_name,
@@ -337,6 +345,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--memory-efficient", action="store_true", help="build the model with memory_efficient=True")
+    parser.add_argument(
+        "--activations", action="store_true", help="also the framework's own measure of the activations kept"
+    )
     parser.add_argument(
         "--devices",
         type=int,

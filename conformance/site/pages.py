@@ -16,6 +16,7 @@ and three forms without tabs, for what is the same in every framework:
     <!-- xf:results -->                accuracy and speed read from the committed docs/results/*.json
     <!-- xf:results gpu -->            one line: measured on a GPU, or "not yet run"
     <!-- xf:results numerics -->       measured float32 and bf16 errors against their derived tolerances
+    <!-- xf:results memory -->         the memory-efficient model against the plain one, make bench's CPU run
 
 and every backend module gets a generated page, code/PATH.md, with numbered, linkable lines.
 """
@@ -64,7 +65,7 @@ DIRECTIVE = re.compile(r"^<!-- xf:(listing|run) ([\w]+)( markdown)? -->$", re.MU
 CODE = re.compile(r"^<!-- xf:code ([\w/.]+\.py):([\w.]+) -->$", re.MULTILINE)
 FIGURE = re.compile(r"^<!-- xf:figure (\w+) -->$", re.MULTILINE)
 STAGES = re.compile(r"^<!-- xf:stages (\w+) (\d+) -->$", re.MULTILINE)
-RESULTS = re.compile(r"^<!-- xf:results(?: (gpu|numerics))? -->$", re.MULTILINE)
+RESULTS = re.compile(r"^<!-- xf:results(?: (gpu|numerics|memory))? -->$", re.MULTILINE)
 LINK = re.compile(r"\]\(xf:([\w/.]+\.py):([\w.]+)\)")
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 
+from ..reporting import machine_line
 from ..training import RECIPES
 from .source import ROOT, TABS
 
@@ -125,6 +126,38 @@ def numerics_cell(result: dict | None) -> str:
     return f"{result['error']:.1e}" + ("" if result.get("passed") else " (fails)")
 
 
+def memory_section(result: dict | None) -> list[str]:
+    """The committed memory section of `make bench`: memory-efficient against plain, per framework."""
+    if result is None:
+        return ["Memory, plain against memory-efficient: " + NOT_YET_RUN + ".", ""]
+    machine = result["machine"]
+    out = [
+        f"From `docs/results/memory_{result['device']}.json` ({result['date']}, {result['device_words']}; "
+        f"{machine_line(machine)}): memory-efficient against plain, {result['warmup']} warm-up and "
+        f"{result['steps']} measured steps in a process per mode.",
+        "",
+        "| framework | shape | own measure | training adds (resident set) | time per step | target met: own measure "
+        "| resident set |",
+        "| --- | --- | ---: | ---: | ---: | --- | --- |",
+    ]
+    verdict = {True: "yes", False: "no", None: "-"}
+    for entry in result["summary"]:
+        if entry["status"] != "ok":
+            words = "no mechanism in this framework" if entry["status"] == "unsupported" else entry["status"]
+            out.append(f"| {TABS[entry['backend']]} | {entry['shape']} | {words} | | | | |")
+            continue
+        out.append(
+            f"| {TABS[entry['backend']]} | {entry['shape']} | {percent(entry.get('activations_ratio'))} "
+            f"| {percent(entry['memory_ratio'])} | {percent(entry['time_ratio'])} "
+            f"| {verdict[entry.get('target_met_own')]} | {verdict[entry['target_met']]} |"
+        )
+    return out + [""]
+
+
+def percent(value) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
 def render_gpu_status() -> str:
     return f"**GPU: {gpu_status(read('report.json'), read('bench.json'))}.**\n"
 
@@ -152,4 +185,8 @@ def render_numerics() -> str:
     return "\n".join(numerics_section(read("report.json")))
 
 
-RENDER = {None: render_results, "gpu": render_gpu_status, "numerics": render_numerics}
+def render_memory() -> str:
+    return "\n".join(memory_section(read("memory_cpu.json")))
+
+
+RENDER = {None: render_results, "gpu": render_gpu_status, "numerics": render_numerics, "memory": render_memory}
