@@ -58,6 +58,11 @@ def test_results_page_reads_the_committed_report():
         assert f"| {final['test_acc']:.3f} |" in page
     gpu = report["device"] == "gpu"
     assert ("not yet run" in page) != gpu and ("not yet run" in results.render_gpu_status()) != gpu
+    bench = json.loads((results.RESULTS / "bench.json").read_text())
+    for entry in bench["summary"]:
+        if entry["run"] == "fp32" and entry["status"] == "ok":
+            ratio = entry["vs_own_anchor"]
+            assert f"| {ratio['median']:.2f} ({ratio['min']:.2f}-{ratio['max']:.2f}) | {ratio['verdict']} |" in page
 
 
 def test_results_page_says_not_yet_run_without_result_files(monkeypatch, tmp_path):

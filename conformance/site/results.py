@@ -59,18 +59,21 @@ def speed_section(bench: dict | None) -> list[str]:
     out = [
         f"From `docs/results/bench.json` ({bench['date']}, {bench['device_words']}): each framework's trainer "
         "in float32 against the d2l book's own code for that framework (`bench/anchors/`), on the same "
-        "shape. Above 1 is faster than the book's loop.",
+        f"shape, each measured {bench['repeats']} times: median examples/s, and the ratio with the range the "
+        "repeats allow. Above 1 is faster than the book's loop; a range that includes 1 is within noise.",
         "",
-        "| framework | shape | book's loop, examples/s | ours, examples/s | ours / book's |",
-        "| --- | --- | ---: | ---: | ---: |",
+        "| framework | shape | book's loop, examples/s | ours, examples/s | ours / book's | verdict |",
+        "| --- | --- | ---: | ---: | ---: | --- |",
     ]
-    rows = {(row["backend"], row["run"], row["shape"]): row for row in bench["rows"] if row["status"] == "ok"}
-    for (backend, run, shape), row in rows.items():
-        anchor = rows.get((backend, "anchor", shape))
+    entries = {(e["backend"], e["run"], e["shape"]): e for e in bench["summary"] if e["status"] == "ok"}
+    for (backend, run, shape), entry in entries.items():
+        anchor = entries.get((backend, "anchor", shape))
         if run == "fp32" and anchor:
+            ratio = entry["vs_own_anchor"]
             out.append(
-                f"| {TABS[backend]} | {shape} | {anchor['examples_per_s']:,.0f} | {row['examples_per_s']:,.0f} "
-                f"| {row['vs_own_anchor']:.2f} |"
+                f"| {TABS[backend]} | {shape} | {anchor['examples_per_s']['median']:,.0f} "
+                f"| {entry['examples_per_s']['median']:,.0f} | {ratio['median']:.2f} "
+                f"({ratio['min']:.2f}-{ratio['max']:.2f}) | {ratio['verdict']} |"
             )
     return out + [""]
 
