@@ -52,51 +52,26 @@ def derived(tolerance: tuple[float, str]) -> dict:
 
 
 def _rows(config, dtype, tolerances, errors, loss=None) -> list[dict]:
-    (weights, weights_key), (running, running_key) = errors["weights"], errors["running"]
+    row = {"config": config, "dtype": dtype}
     rows = []
     if loss is not None:
-        rows.append(
-            {
-                "config": config,
-                "dtype": dtype,
-                "check": "dp loss",
-                **checks.measurement(loss[0], tolerances["loss"][0], value=loss[1], **derived(tolerances["loss"])),
-            }
-        )
+        measured = checks.measurement(loss[0], tolerances["loss"][0], value=loss[1], **derived(tolerances["loss"]))
+        rows.append({**row, "check": "dp loss", **measured})
     prefix = "dp one step" if loss is not None else "dp few steps"
-    rows.append(
-        {
-            "config": config,
-            "dtype": dtype,
-            "check": f"{prefix} sgd_update",
-            **checks.measurement(
-                weights,
-                tolerances["sgd_update"][0],
-                worst_key=weights_key,
-                error_under_other_semantics=errors["weights_other"],
-                **derived(tolerances["sgd_update"]),
-            ),
-        }
-    )
-    rows.append(
-        {
-            "config": config,
-            "dtype": dtype,
-            "check": f"{prefix} running_stats_update",
-            **checks.measurement(
-                running,
-                tolerances["running_stats_update"][0],
-                worst_key=running_key,
-                error_under_other_semantics=errors["running_other"],
-                **derived(tolerances["running_stats_update"]),
-            ),
-        }
-    )
-    if dtype == "float64" and loss is not None:  # float32's coarse gradient tolerance cannot tell them apart
+    for label, check in (("weights", "sgd_update"), ("running", "running_stats_update")):
+        error, key = errors[label]
+        measured = checks.measurement(
+            error,
+            tolerances[check][0],
+            worst_key=key,
+            error_under_other_semantics=errors[f"{label}_other"],
+            **derived(tolerances[check]),
+        )
+        rows.append({**row, "check": f"{prefix} {check}", **measured})
+    if dtype == "float64" and loss is not None:  # the other semantics' step, far beyond float64 rounding
         rows.append(
             {
-                "config": config,
-                "dtype": dtype,
+                **row,
                 "check": "dp tells the semantics apart",
                 "passed": bool(errors["weights_other"] > SEMANTICS_APART),
                 "value": errors["weights_other"],
